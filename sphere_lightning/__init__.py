@@ -1,0 +1,3 @@
+"""Sequential knowledge editing of language models with SPHERE, on PyTorch Lightning."""
+
+__version__ = "0.1.0"

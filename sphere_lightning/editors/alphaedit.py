@@ -1,0 +1,94 @@
+"""AlphaEdit (Fang et al., ICLR 2025): null-space constrained knowledge editing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.editors.base import LocateThenEditEditor
+
+
+def null_space_projector(covariance: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """P = Û Ûᵀ over the eigenvectors of ``covariance`` whose eigenvalue is below ``threshold``.
+
+    Returns the projector and the dimension of the null space it keeps.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    basis = eigenvectors[:, eigenvalues < threshold]
+    return (basis @ basis.T).float(), basis.shape[1]
+
+
+class AlphaEdit(LocateThenEditEditor):
+    """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + λ I)⁻¹ (transposed form of the paper's solve).
+
+    P projects onto the (approximate) null space of the preserved keys' second moment, so updates
+    leave preserved knowledge untouched; K_p K_pᵀ accumulates the keys of all earlier batches.
+
+    Args:
+        nullspace_threshold: Eigenvalues of E[k kᵀ] below this span the null space.
+        l2: λ, the L2 regulariser of the update.
+        **kwargs: Shared locate-then-edit options (layers, v* optimisation, statistics); see
+            :class:`~sphere_lightning.editors.base.LocateThenEditEditor`.
+    """
+
+    def __init__(self, nullspace_threshold: float = 2e-2, l2: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if nullspace_threshold <= 0:
+            raise ValueError("`editor.init_args.nullspace_threshold` must be > 0")
+        if l2 < 0:
+            raise ValueError("`editor.init_args.l2` must be ≥ 0")
+        self.nullspace_threshold = nullspace_threshold
+        self.l2 = l2
+        self.projectors: dict[int, torch.Tensor] | None = None
+        self.nullspace_dims: dict[int, int] = {}
+        self.key_cache: dict[int, torch.Tensor] = {}
+
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().setup(model, tokenizer)
+        if self.projectors is None:
+            self.projectors = {}
+            for layer, cov in self.second_moments(model, tokenizer).items():
+                self.projectors[layer], self.nullspace_dims[layer] = null_space_projector(
+                    cov, self.nullspace_threshold
+                )
+                self.key_cache[layer] = torch.zeros_like(cov)
+
+    def solve(
+        self, index: int, layer: int, keys: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        k = keys.T  # d_in × n
+        p = self.projectors[layer].to(k)
+        cache = self.key_cache[layer].to(k)
+        eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+        update = torch.linalg.solve(p @ (k @ k.T + cache) + self.l2 * eye, p @ k @ residual)
+        return update.T
+
+    def after_apply(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+    ) -> None:
+        """Accumulate K Kᵀ of this batch, read from the model with the updates applied."""
+        keys = self.compute_keys(model, tokenizer, requests, self.layers)
+        for layer, k in keys.items():
+            k = k.double()
+            self.key_cache[layer] = (self.key_cache[layer].double() + k.T @ k).float().cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "projectors": self.projectors,
+            "nullspace_dims": self.nullspace_dims,
+            "key_cache": self.key_cache,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.projectors = state.get("projectors")
+        self.nullspace_dims = state.get("nullspace_dims", {})
+        self.key_cache = state.get("key_cache", {})

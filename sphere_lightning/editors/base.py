@@ -1,0 +1,310 @@
+"""The editor interface, and the locate-then-edit machinery MEMIT and AlphaEdit share."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.editors.hooks import (
+    EncodedPrompt,
+    WeightSnapshot,
+    encode_with_subject,
+    gather_at_subject,
+    model_device,
+)
+from sphere_lightning.editors.statistics import GENERATED, second_moments
+from sphere_lightning.editors.targets import TargetOptions, compute_target_values
+from sphere_lightning.models.architectures import architecture_of
+
+log = logging.getLogger(__name__)
+
+_TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
+
+
+class Editor(ABC):
+    """Computes weight updates ΔW for a batch of edit requests.
+
+    ``compute_deltas`` is pure: it returns ``{parameter name: ΔW}`` with ΔW in the ``nn.Linear``
+    (out × in) convention and leaves the model exactly as it found it. The caller (the
+    LightningModule) transforms and applies the deltas, then calls ``after_apply``. Sequential state
+    (statistics, accumulated keys) lives on the instance and travels through ``state_dict``.
+    """
+
+    def __init__(self, layers: Sequence[int]) -> None:
+        if not layers:
+            raise ValueError("`layers` must name at least one layer")
+        self.layers = sorted(int(i) for i in layers)
+        self.last_metrics: dict[str, float] = {}
+
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check the layers against the model and prepare anything the editor needs."""
+        architecture_of(model).check_layers(model, self.layers, flag="editor.init_args.layers")
+
+    def edited_parameter_names(self, model: PreTrainedModel) -> list[str]:
+        """Names of the parameters this editor changes."""
+        spec = architecture_of(model)
+        return [spec.weight_name(layer) for layer in self.layers]
+
+    @abstractmethod
+    def compute_deltas(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+    ) -> dict[str, torch.Tensor]:
+        """ΔW for each edited parameter; must leave the model unchanged."""
+
+    def after_apply(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+    ) -> None:
+        """Update sequential state once the (transformed) deltas are in the model."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The editor's sequential state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        return None
+
+
+class LocateThenEditEditor(Editor):
+    """Shared machinery of MEMIT-style editors: keys k, target values v*, and the layer loop.
+
+    For each layer ℓ (bottom to top), with the updates of the lower layers in place, the residual
+    ``(v* − h) / (#layers left)`` at the target layer is written into layer ℓ's out-projection by
+    the subclass's :meth:`solve`.
+
+    Args:
+        layers: Blocks whose MLP out-projection is edited.
+        target_layer: Block after which v* is optimised; default the last of ``layers``.
+        v_num_steps: Optimisation steps of v* per request.
+        v_lr: Adam learning rate of v*.
+        v_loss_threshold: A request's v* optimisation stops once its loss is below this.
+        clamp_norm_factor: ‖v* − h‖ is clamped to this times ‖h‖.
+        kl_factor: Weight of the KL term that keeps "{subject} is a" unchanged.
+        v_weight_decay: Weight of ‖v* − h‖² / ‖h‖².
+        v_batch_size: Requests per forward pass in the v* optimisation (memory only).
+        skip_lower_layers: Replay the blocks below the target layer from a cache during the v*
+            optimisation instead of recomputing them (same result, less work).
+        num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
+        context_template_length: Length in tokens of each generated prefix.
+        stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
+            works offline), a ``.txt`` file, or a hub dataset id (``name`` or ``name:config``).
+        stats_num_samples: Number of texts for the second moments.
+        stats_max_length: Tokens per text.
+        stats_batch_size: Texts per forward pass when collecting statistics.
+        seed: Seed for generated templates and generated text.
+        cache_dir: Where statistics are cached; default ``$SPHERE_LIGHTNING_CACHE/stats``.
+        key_batch_size: Prompts per forward pass when reading keys.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 5, 6, 7),
+        target_layer: int | None = None,
+        v_num_steps: int = 25,
+        v_lr: float = 0.5,
+        v_loss_threshold: float = 5e-2,
+        clamp_norm_factor: float = 0.75,
+        kl_factor: float = 0.0625,
+        v_weight_decay: float = 0.5,
+        v_batch_size: int = 25,
+        skip_lower_layers: bool = True,
+        num_context_templates: int = 5,
+        context_template_length: int = 10,
+        stats_corpus: str = GENERATED,
+        stats_num_samples: int = 200,
+        stats_max_length: int = 128,
+        stats_batch_size: int = 16,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        key_batch_size: int = 64,
+    ) -> None:
+        super().__init__(layers)
+        for name, value in [
+            ("v_num_steps", v_num_steps),
+            ("v_batch_size", v_batch_size),
+            ("stats_num_samples", stats_num_samples),
+            ("stats_max_length", stats_max_length),
+            ("stats_batch_size", stats_batch_size),
+            ("key_batch_size", key_batch_size),
+        ]:
+            if value < 1:
+                raise ValueError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
+        if num_context_templates < 0:
+            raise ValueError("`editor.init_args.num_context_templates` must be ≥ 0")
+        self.target_layer = self.layers[-1] if target_layer is None else int(target_layer)
+        if self.target_layer < self.layers[-1]:
+            raise ValueError(
+                f"`editor.init_args.target_layer` ({self.target_layer}) must not be below the "
+                f"last edited layer ({self.layers[-1]})"
+            )
+        self.target_options = TargetOptions(
+            num_steps=v_num_steps,
+            lr=v_lr,
+            loss_threshold=v_loss_threshold,
+            clamp_norm_factor=clamp_norm_factor,
+            kl_factor=kl_factor,
+            weight_decay=v_weight_decay,
+            batch_size=v_batch_size,
+            skip_lower_layers=skip_lower_layers,
+        )
+        self.num_context_templates = num_context_templates
+        self.context_template_length = context_template_length
+        self.stats_options = {
+            "corpus": stats_corpus,
+            "num_samples": stats_num_samples,
+            "max_length": stats_max_length,
+            "batch_size": stats_batch_size,
+            "seed": seed,
+            "cache_dir": cache_dir,
+        }
+        self.seed = seed
+        self.key_batch_size = key_batch_size
+        self.context_templates: list[str] | None = None
+        self.progress = True
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check layers; generate context templates once."""
+        spec = architecture_of(model)
+        spec.check_layers(model, self.layers, flag="editor.init_args.layers")
+        spec.check_layers(model, [self.target_layer], flag="editor.init_args.target_layer")
+        if self.context_templates is None:
+            self.context_templates = self._generate_templates(model, tokenizer)
+
+    def _generate_templates(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> list[str]:
+        """``"{}"`` plus generated prefixes, as in MEMIT (sampled, top-k 5, seeded)."""
+        templates = ["{}"]
+        if self.num_context_templates == 0:
+            return templates
+        device = model_device(model)
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(self.seed)
+            for i in range(self.num_context_templates):
+                enc = tokenizer(_TEMPLATE_SEEDS[i % len(_TEMPLATE_SEEDS)], return_tensors="pt")
+                out = model.generate(
+                    **enc.to(device),
+                    do_sample=True,
+                    top_k=5,
+                    max_new_tokens=max(1, self.context_template_length - enc["input_ids"].shape[1]),
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                text = tokenizer.decode(out[0], skip_special_tokens=True)
+                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+                templates.append(text + ". {}")
+        return templates
+
+    def second_moments(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> dict[int, torch.Tensor]:
+        """``E[k kᵀ]`` per edited layer (cached on disk)."""
+        return second_moments(
+            model, tokenizer, architecture_of(model), self.layers, **self.stats_options
+        )
+
+    # -- the layer loop ----------------------------------------------------------------------
+
+    def _context_prompts(
+        self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+    ) -> list[EncodedPrompt]:
+        return [
+            encode_with_subject(tokenizer, template.format(r.prompt), r.subject)
+            for r in requests
+            for template in self.context_templates
+        ]
+
+    def compute_keys(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        layers: Sequence[int],
+    ) -> dict[int, torch.Tensor]:
+        """Key of each request at each layer, averaged over context templates: ``(n, d_in)``."""
+        spec = architecture_of(model)
+        names = [spec.mlp_out_name(layer) for layer in layers]
+        acts = gather_at_subject(
+            model,
+            tokenizer,
+            self._context_prompts(tokenizer, requests),
+            names,
+            read="input",
+            batch_size=self.key_batch_size,
+        )
+        t = len(self.context_templates)
+        return {
+            layer: acts[name].view(len(requests), t, -1).mean(1)
+            for layer, name in zip(layers, names, strict=True)
+        }
+
+    def compute_deltas(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+    ) -> dict[str, torch.Tensor]:
+        """Run the MEMIT layer loop; the subclass's :meth:`solve` turns keys into ΔW."""
+        if self.context_templates is None:
+            self.setup(model, tokenizer)
+        spec = architecture_of(model)
+        target = compute_target_values(
+            model,
+            tokenizer,
+            spec,
+            requests,
+            self.target_layer,
+            self.context_templates,
+            self.target_options,
+            progress=self.progress,
+        )
+        self.last_metrics = {
+            "v_loss": float(torch.tensor(target.losses).mean()),
+            "v_steps": float(torch.tensor(target.steps, dtype=torch.float).mean()),
+        }
+        bare = [encode_with_subject(tokenizer, r.prompt, r.subject) for r in requests]
+        block = spec.layer_name(self.target_layer)
+        deltas: dict[str, torch.Tensor] = {}
+        with WeightSnapshot(model, spec) as snapshot:
+            for i, layer in enumerate(
+                tqdm(self.layers, desc="Solving", leave=False, disable=not self.progress)
+            ):
+                keys = self.compute_keys(model, tokenizer, requests, [layer])[layer]
+                current = gather_at_subject(
+                    model, tokenizer, bare, [block], read="output", batch_size=self.key_batch_size
+                )[block]
+                residual = (target.values - current) / (len(self.layers) - i)
+                delta = self.solve(i, layer, keys.double(), residual.double()).float()
+                snapshot.add(layer, delta)
+                deltas[spec.weight_name(layer)] = delta
+        return deltas
+
+    @abstractmethod
+    def solve(
+        self, index: int, layer: int, keys: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """ΔW (out × in) that maps ``keys`` (n × d_in) to ``residual`` (n × d_out) at ``layer``.
+
+        ``index`` is the position of ``layer`` in :attr:`layers`.
+        """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"context_templates": self.context_templates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.context_templates = state.get("context_templates")

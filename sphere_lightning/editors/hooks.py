@@ -1,0 +1,164 @@
+"""Reading activations at chosen token positions, and temporary weight changes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
+
+
+class _StopForward(Exception):
+    """Raised inside a hook once everything needed has been captured."""
+
+
+@dataclass
+class EncodedPrompt:
+    """Token ids of one prompt and the position of the subject's last token in it."""
+
+    ids: list[int]
+    subject_last: int
+
+
+def encode_with_subject(
+    tokenizer: PreTrainedTokenizerBase, template: str, subject: str
+) -> EncodedPrompt:
+    """Tokenise ``template.format(subject)`` and locate the subject's last token.
+
+    The subject's last token is the last token of the tokenised text up to and including the
+    subject, as in ROME's ``subject_last`` lookup.
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"Prompt template must contain exactly one '{{}}': {template!r}")
+    prefix = template[: template.index("{}")]
+    ids = tokenizer(template.format(subject))["input_ids"]
+    subject_last = len(tokenizer(prefix + subject)["input_ids"]) - 1
+    return EncodedPrompt(list(ids), min(subject_last, len(ids) - 1))
+
+
+def encode_target(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of an answer as it follows a prompt (a leading space, no special tokens)."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"Target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``(input_ids, attention_mask)``."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def capture(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    module_names: Sequence[str],
+    read: str = "input",
+) -> dict[str, torch.Tensor]:
+    """Run the model and return each module's full input or output activation.
+
+    The forward pass stops right after the deepest requested module, so nothing above it runs.
+
+    Args:
+        read: ``"input"`` (first positional input, e.g. the key of an MLP out-projection) or
+            ``"output"`` (e.g. the residual stream after a block).
+    """
+    if read not in ("input", "output"):
+        raise ValueError(f"`read` should be 'input' or 'output', got {read!r}")
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    last = max(module_names, key=lambda n: order[n])
+    captured: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            value = args[0] if read == "input" else output
+            captured[name] = value[0] if isinstance(value, tuple) else value
+            if name == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(make_hook(n)) for n in module_names]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def gather_at_subject(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[EncodedPrompt],
+    module_names: Sequence[str],
+    *,
+    read: str = "input",
+    batch_size: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Each module's activation at each prompt's subject-last token, ``(len(prompts), dim)``."""
+    device = model_device(model)
+    results: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids, mask = pad_batch([p.ids for p in chunk], tokenizer.pad_token_id, device)
+        rows = torch.arange(len(chunk), device=device)
+        cols = torch.tensor([p.subject_last for p in chunk], device=device)
+        captured = capture(model, ids, mask, module_names, read)
+        for name in module_names:
+            results[name].append(captured[name][rows, cols].float())
+    return {name: torch.cat(values) for name, values in results.items()}
+
+
+class WeightSnapshot:
+    """Saves edited weights so temporary changes can be undone exactly."""
+
+    def __init__(self, model: PreTrainedModel, spec: ArchitectureSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.saved: dict[int, torch.Tensor] = {}
+
+    def add(self, layer: int, delta: torch.Tensor) -> None:
+        """Add ``delta`` (out × in) to the out-projection of ``layer``, saving it first."""
+        weight = linear_weight(self.model.get_submodule(self.spec.mlp_out_name(layer)))
+        if layer not in self.saved:
+            self.saved[layer] = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(delta.to(weight.dtype))
+
+    def restore(self) -> None:
+        """Copy every saved weight back."""
+        with torch.no_grad():
+            for layer, original in self.saved.items():
+                linear_weight(self.model.get_submodule(self.spec.mlp_out_name(layer))).copy_(
+                    original
+                )
+        self.saved.clear()
+
+    def __enter__(self) -> WeightSnapshot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

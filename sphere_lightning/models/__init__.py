@@ -1,0 +1,22 @@
+"""Model loading and the architecture table."""
+
+from sphere_lightning.models.architectures import (
+    ARCHITECTURES,
+    ArchitectureSpec,
+    UnknownArchitectureError,
+    architecture_of,
+    linear_weight,
+)
+from sphere_lightning.models.loading import EMBEDDED_MODELS, cache_root, load_model, prepare
+
+__all__ = [
+    "ARCHITECTURES",
+    "EMBEDDED_MODELS",
+    "ArchitectureSpec",
+    "UnknownArchitectureError",
+    "architecture_of",
+    "cache_root",
+    "linear_weight",
+    "load_model",
+    "prepare",
+]

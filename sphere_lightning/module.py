@@ -1,0 +1,272 @@
+"""The LightningModule: one training step writes one batch of edit requests into the model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from sphere_lightning.data.requests import EditBatch, EditRequest
+from sphere_lightning.editors.base import Editor
+from sphere_lightning.evaluation import METRIC_FAMILIES
+from sphere_lightning.models.architectures import architecture_of, linear_weight
+from sphere_lightning.models.loading import load_model
+
+EDIT_METRICS = ("efficacy", "generalization", "specificity")
+
+
+class NonFiniteDeltaError(RuntimeError):
+    """A ΔW contained NaN or inf; the step was stopped before any weight changed."""
+
+
+class DeltaApplier(torch.optim.Optimizer):
+    """The "optimizer" of an editing run: its ``step`` applies the module's pending ΔW.
+
+    Lightning calls ``on_before_optimizer_step`` on every callback inside the closure, before the
+    deltas are applied, which is where delta transforms (SPHERE…) rewrite ``pending_deltas``.
+    """
+
+    def __init__(self, module: EditingModule) -> None:
+        params = [module.model.get_parameter(n) for n in module.edited_parameter_names]
+        super().__init__(params, defaults={})
+        self._module = module
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch signature
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        self._module.apply_pending_deltas()
+
+
+class EditingModule(LightningModule):
+    """Sequential knowledge editing of a causal LM.
+
+    Public attributes callbacks may use: ``model``, ``tokenizer``, ``editor``,
+    ``edited_parameter_names``, ``pending_deltas`` (``{name: ΔW}``, nn.Linear out × in convention,
+    set during the step), ``step_metrics`` (scalars a transform wants logged at the step its
+    update lands on), ``original_weights`` (``{name: W₀}``, same convention),
+    :meth:`edited_weight` and :meth:`edit_scores`.
+
+    Args:
+        editor: Computes ΔW for each batch (``class_path`` of an :class:`Editor`).
+        model: ``smollm2-135m`` (embedded), a ``.gguf`` file, a local folder or a hub id.
+        dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
+        score_batch_size: Sequences per forward pass when scoring edit metrics.
+    """
+
+    def __init__(
+        self,
+        editor: Editor,
+        model: str = "smollm2-135m",
+        dtype: str = "float32",
+        score_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["editor"])
+        self.automatic_optimization = False
+        self.editor = editor
+        self.model_name = model
+        self.dtype_name = dtype
+        self.score_batch_size = score_batch_size
+        self.model = None
+        self.tokenizer = None
+        self.pending_deltas: dict[str, torch.Tensor] = {}
+        self.step_metrics: dict[str, float] = {}
+        self.original_weights: dict[str, torch.Tensor] = {}
+        self.pre_edit_metrics: dict[str, float] = {}
+        self.final_metrics: dict[str, float] = {}
+        self.phase_seconds: dict[str, float] = {}
+        self._metrics = torch.nn.ModuleDict({k: MeanMetric() for k in EDIT_METRICS})
+        self._evaluated_step = -1
+
+    # -- model -------------------------------------------------------------------------------
+
+    @override
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model, self.tokenizer = load_model(self.model_name, self.dtype_name)
+        architecture_of(self.model).check_layers(
+            self.model, self.editor.layers, flag="model.editor.init_args.layers"
+        )
+        self.original_weights = {
+            name: self.edited_weight(name).detach().clone() for name in self.edited_parameter_names
+        }
+
+    @override
+    def train(self, mode: bool = True) -> EditingModule:
+        # Editing never wants dropout: the LM stays in eval mode whatever Lightning does.
+        super().train(mode)
+        if self.model is not None:
+            self.model.eval()
+        return self
+
+    @property
+    def edited_parameter_names(self) -> list[str]:
+        """Names of the parameters the editor changes."""
+        return self.editor.edited_parameter_names(self.model)
+
+    def edited_weight(self, name: str) -> torch.Tensor:
+        """The current weight of an edited parameter, as an (out × in) view."""
+        return linear_weight(self.model.get_submodule(name.removesuffix(".weight")))
+
+    # -- editing -----------------------------------------------------------------------------
+
+    @override
+    def configure_optimizers(self) -> DeltaApplier:
+        return DeltaApplier(self)
+
+    @override
+    def on_fit_start(self) -> None:
+        start = time.perf_counter()
+        self.editor.setup(self.model, self.tokenizer)
+        self._add_time("setup", start)
+
+    @override
+    def on_train_start(self) -> None:
+        if self.global_step == 0 and not self.pre_edit_metrics:
+            start = time.perf_counter()
+            requests = self.trainer.datamodule.requests
+            scores = self.edit_scores(requests)
+            self.pre_edit_metrics = {k: float(v.nanmean()) for k, v in scores.items()}
+            self._add_time("evaluation", start)
+            rank_zero_info(
+                f"Pre-edit metrics over {len(requests)} requests: {self.pre_edit_metrics}"
+            )
+            metrics = {f"edit_pre/{k}": v for k, v in self.pre_edit_metrics.items()}
+            metrics.update({f"edit/{k}": v for k, v in self.pre_edit_metrics.items()})
+            self.log_now(metrics)
+
+    @override
+    def training_step(self, batch: EditBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        self.pending_deltas = self.editor.compute_deltas(self.model, self.tokenizer, batch.requests)
+        self._add_time("compute_deltas", start)
+        start = time.perf_counter()
+        self.optimizers().step()
+        self._add_time("transform_and_apply", start)
+        start = time.perf_counter()
+        self.editor.after_apply(self.model, self.tokenizer, batch.requests)
+        self._add_time("after_apply", start)
+        self.pending_deltas = {}
+        self.step_metrics.update({f"editor/{k}": v for k, v in self.editor.last_metrics.items()})
+        self.step_metrics["edit/num_edited"] = float(batch.positions[-1] + 1)
+        self.log_now(self.step_metrics)
+        self.step_metrics = {}
+
+    def apply_pending_deltas(self) -> None:
+        """Add every pending ΔW to its weight: all of them, or none if any is invalid."""
+        for name, delta in self.pending_deltas.items():
+            if name not in self.original_weights:
+                raise KeyError(f"ΔW for {name!r}, which is not an edited parameter")
+            weight = self.edited_weight(name)
+            if delta.shape != weight.shape:
+                raise ValueError(
+                    f"ΔW for {name} has shape {tuple(delta.shape)}, expected {tuple(weight.shape)}"
+                )
+            bad = (~torch.isfinite(delta)).sum().item()
+            if bad:
+                raise NonFiniteDeltaError(
+                    f"ΔW for {name} has {bad} non-finite value(s) (NaN/inf) at step "
+                    f"{self.global_step}; no weight was changed. Lower `editor.init_args.v_lr` or "
+                    "raise the editor's regularisation (e.g. `l2`, `mom2_update_weight`)."
+                )
+        with torch.no_grad():
+            for name, delta in self.pending_deltas.items():
+                weight = self.edited_weight(name)
+                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        """Per-request efficacy, generalization and specificity under the current weights."""
+        family = self.trainer.datamodule.metric_family
+        return METRIC_FAMILIES[family](
+            self.model, self.tokenizer, requests, batch_size=self.score_batch_size
+        )
+
+    def num_edited(self) -> int:
+        """How many requests have been written into the model so far."""
+        per_step = self.trainer.datamodule.edits_per_step
+        return min(self.global_step * per_step, len(self.trainer.datamodule.requests))
+
+    def _evaluate(self, batch: EditBatch) -> None:
+        edited = self.num_edited()
+        keep = [i for i, p in enumerate(batch.positions) if p < edited]
+        if not keep:
+            return
+        scores = self.edit_scores([batch.requests[i] for i in keep])
+        for name, values in scores.items():
+            values = values[~values.isnan()]
+            if len(values):
+                self._metrics[name].update(values)
+
+    def _log_edit_metrics(self, prefix: str) -> None:
+        if self.num_edited() == 0:
+            return
+        metrics = {f"{prefix}/num_evaluated": float(self.num_edited())}
+        for name, metric in self._metrics.items():
+            if metric.update_called:
+                metrics[f"{prefix}/{name}"] = float(metric.compute())
+            metric.reset()
+        self.final_metrics.update(metrics)
+        self.log_now(metrics)
+        self._evaluated_step = self.global_step
+
+    @override
+    def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        self._evaluate(batch)
+        self._add_time("evaluation", start)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_edit_metrics("edit")
+
+    @override
+    def test_step(self, batch: EditBatch, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_edit_metrics("edit_test")
+
+    @property
+    def evaluated_at_current_step(self) -> bool:
+        """Whether edit metrics were logged at the current ``global_step``."""
+        return self._evaluated_step == self.global_step
+
+    # -- utilities ---------------------------------------------------------------------------
+
+    def log_now(self, metrics: dict[str, float]) -> None:
+        """Send scalars to the loggers at ``global_step``, the number of applied batches.
+
+        Every editing scalar uses this x-axis: pre-edit values and baselines at step 0, the
+        state after the k-th batch at step k (``self.log`` would put a step's values one step
+        early, and is not allowed in ``on_train_start``).
+        """
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
+    def _add_time(self, phase: str, start: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["editor_state"] = self.editor.state_dict()
+        checkpoint["original_weights"] = self.original_weights
+        checkpoint["pre_edit_metrics"] = self.pre_edit_metrics
+        checkpoint["phase_seconds"] = self.phase_seconds
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.editor.load_state_dict(checkpoint.get("editor_state", {}))
+        self.original_weights = checkpoint.get("original_weights", self.original_weights)
+        self.pre_edit_metrics = checkpoint.get("pre_edit_metrics", {})
+        self.phase_seconds = checkpoint.get("phase_seconds", {})

@@ -1,0 +1,484 @@
+"""Tests for the data set readers (CounterFact ROME/EasyEdit, zsRE MEND, built-in layout)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sphere_lightning.data import readers
+from sphere_lightning.data.readers import (
+    MalformedRecordError,
+    load_requests,
+    load_requests_with_format,
+    read_builtin_format,
+    read_counterfact_easyedit,
+    read_counterfact_rome,
+    read_zsre_mend,
+    sniff_format,
+)
+from sphere_lightning.data.requests import EditRequest
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared() -> Path:
+    """The shared data folder beside the checkout (skip when absent)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def shared_file(shared: Path, relative: str) -> Path:
+    path = shared / relative
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def write_json(path: Path, records: list[Any]) -> Path:
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- sample records
+
+ROME_RECORD: dict[str, Any] = {
+    "case_id": 0,
+    "pararel_idx": 2796,
+    "requested_rewrite": {
+        "prompt": "The mother tongue of {} is",
+        "relation_id": "P103",
+        "target_new": {"str": "English", "id": "Q1860"},
+        "target_true": {"str": "French", "id": "Q150"},
+        "subject": "Danielle Darrieux",
+    },
+    "paraphrase_prompts": [
+        "Shayna does this and Yossel goes still and dies. Danielle Darrieux, a native",
+        "An album was recorded for Capitol Nashville but never released. Danielle Darrieux "
+        "spoke the language",
+    ],
+    "neighborhood_prompts": [
+        "The mother tongue of Léon Blum is",
+        "The native language of Montesquieu is",
+    ],
+    "attribute_prompts": ["J.\u00a0R.\u00a0R. Tolkien is a native speaker of"],
+    "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+}
+
+EASYEDIT_RECORD: dict[str, Any] = {
+    "case_id": 7,
+    "prompt": "The mother tongue of Danielle Darrieux is",
+    "target_new": "English",
+    "subject": "Danielle Darrieux",
+    "ground_truth": "French",
+    "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+    "locality_prompt": "Michel Rocard is a native speaker of",
+    "locality_ground_truth": "French",
+}
+
+ZSRE_RECORD: dict[str, Any] = {
+    "subject": "UniFirst",
+    "src": "What is the product made by UniFirst?",
+    "pred": "uniform",
+    "rephrase": "What will be the product of UniFirst?",
+    "alt": " unmanned aircraft",
+    "answers": ["uniform"],
+    "loc": "nq question: john goodman's character in the big lebowski",
+    "loc_ans": "Walter Sobchak",
+    "cond": "uniform >> unmanned aircraft || What is the product made by UniFirst?",
+}
+
+BUILTIN_RECORD: dict[str, Any] = {
+    "case_id": 3,
+    "relation": "city_country",
+    "subject": "Lyon",
+    "prompt": "{} is located in the country of",
+    "target_true": "France",
+    "target_new": "Italy",
+    "paraphrase_prompts": ["Lyon is a city in"],
+    "neighborhood_prompts": ["Marseille is located in the country of"],
+    "neighborhood_answers": [],
+}
+
+
+def without(record: dict[str, Any], *path: str) -> dict[str, Any]:
+    """A deep copy of ``record`` with the field at ``path`` removed."""
+    copy = json.loads(json.dumps(record))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return copy
+
+
+def with_value(record: dict[str, Any], value: Any, *path: str) -> dict[str, Any]:
+    """A deep copy of ``record`` with the field at ``path`` set to ``value``."""
+    copy = json.loads(json.dumps(record))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return copy
+
+
+# ---------------------------------------------------------------------------- shared data
+
+
+def test_counterfact_easyedit_shared_1k(shared: Path) -> None:
+    path = shared_file(shared, "counterfact/counterfact-edit-1k.json")
+    requests = read_counterfact_easyedit(path)
+    assert len(requests) == 1000
+    first = requests[0]
+    assert first == EditRequest(
+        case_id=3087,
+        subject="David Robinson",
+        prompt="{} professionally plays the sport",
+        target_new="baseball",
+        target_true="basketball",
+        paraphrase_prompts=("David Robinson's greatest weakness is",),
+        neighborhood_prompts=("Shaquille O'Neal plays",),
+        neighborhood_answers=(),
+    )
+    # The template reproduces the file's prompt exactly, for every record.
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert [r.filled_prompt for r in requests] == [r["prompt"] for r in raw]
+    assert all(not r.neighborhood_answers for r in requests)
+    # Subject at the very start of the prompt.
+    toko = read_counterfact_easyedit(shared_file(shared, "counterfact/counterfact-train.json"))[0]
+    assert (toko.subject, toko.prompt) == ("Toko Yasuda", "{}, the")
+
+
+def test_counterfact_easyedit_shared_full_splits(shared: Path) -> None:
+    edit, layout = load_requests_with_format(
+        str(shared_file(shared, "counterfact/counterfact-edit.json"))
+    )
+    assert layout == "counterfact_easyedit"
+    assert len(edit) == 10_000
+    assert edit[0].subject == "Danielle Darrieux"
+    assert edit[0].prompt == "The mother tongue of {} is"
+    assert (edit[0].target_new, edit[0].target_true) == ("English", "French")
+    assert len({r.case_id for r in edit}) == 10_000
+
+
+def test_zsre_mend_shared_portability(shared: Path) -> None:
+    path = shared_file(shared, "zsre/zsre_mend_eval_portability.json")
+    requests, layout = load_requests_with_format(str(path))
+    assert layout == "zsre_mend"
+    assert len(requests) == 1037
+    first = requests[0]
+    assert first.case_id == 0
+    assert first.subject == "IAAF Combined Events Challenge"
+    assert first.prompt == "When was the inception of {}?"
+    assert (first.target_new, first.target_true) == ("2006", "1998")
+    assert first.paraphrase_prompts == ("When was the IAAF Combined Events Challenge launched?",)
+    assert first.neighborhood_prompts == ("what is the name of the last episode of spongebob?",)
+    assert first.neighborhood_answers == ("The String",)
+    for request in requests:
+        assert not request.neighborhood_prompts[0].startswith("nq question")
+        assert request.target_new == request.target_new.strip()
+
+
+def test_zsre_mend_shared_train_has_empty_alt(shared: Path) -> None:
+    path = shared_file(shared, "zsre/zsre_mend_train-1k.json")
+    with pytest.raises(
+        MalformedRecordError,
+        match=r"zsre_mend_train-1k\.json, record 534, field 'alt': empty string",
+    ):
+        read_zsre_mend(path)
+    requests = read_zsre_mend(path, skip_malformed=True)
+    assert len(requests) == 998
+    ids = {r.case_id for r in requests}
+    assert 534 not in ids and 723 not in ids and 999 in ids
+    by_id = {r.case_id: r for r in requests}
+    assert by_id[174].target_new == "Captain Universe"  # " Captain Universe" in the file
+    assert by_id[0].target_true == "uniform"
+    assert by_id[0].prompt == "What is the product made by {}?"
+
+
+# ---------------------------------------------------------------------------- ROME layout
+
+
+def test_counterfact_rome(tmp_path: Path) -> None:
+    dict_neigh = with_value(
+        ROME_RECORD,
+        [{"prompt": "Who is the mother of X?", "target": "Y"}],
+        "neighborhood_prompts",
+    )
+    path = write_json(tmp_path / "cf.json", [ROME_RECORD, dict_neigh])
+    first, second = read_counterfact_rome(path)
+    assert first.case_id == 0
+    assert first.subject == "Danielle Darrieux"
+    assert first.prompt == "The mother tongue of {} is"
+    assert (first.target_new, first.target_true) == ("English", "French")
+    assert len(first.paraphrase_prompts) == 2
+    assert first.neighborhood_prompts[1] == "The native language of Montesquieu is"
+    assert first.neighborhood_answers == ()
+    assert second.neighborhood_prompts == ("Who is the mother of X?",)
+    assert second.neighborhood_answers == ("Y",)
+    assert load_requests(str(path)) == [first, second]
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "problem"),
+    [
+        (
+            without(ROME_RECORD, "requested_rewrite", "subject"),
+            "requested_rewrite.subject",
+            "missing",
+        ),
+        (without(ROME_RECORD, "case_id"), "case_id", "missing"),
+        (
+            with_value(ROME_RECORD, "The mother tongue of is", "requested_rewrite", "prompt"),
+            "requested_rewrite.prompt",
+            "exactly one",
+        ),
+        (
+            with_value(ROME_RECORD, "{} and {} speak", "requested_rewrite", "prompt"),
+            "requested_rewrite.prompt",
+            "exactly one",
+        ),
+        (
+            with_value(ROME_RECORD, "  ", "requested_rewrite", "target_new", "str"),
+            "requested_rewrite.target_new.str",
+            "empty string",
+        ),
+        (
+            with_value(ROME_RECORD, "one prompt", "paraphrase_prompts"),
+            "paraphrase_prompts",
+            "expected a list",
+        ),
+        (
+            with_value(ROME_RECORD, ["ok", 3], "neighborhood_prompts"),
+            "neighborhood_prompts[1]",
+            "expected a string",
+        ),
+    ],
+)
+def test_counterfact_rome_malformed(
+    tmp_path: Path, record: dict[str, Any], field: str, problem: str
+) -> None:
+    path = write_json(tmp_path / "rome-cf.json", [ROME_RECORD, record])
+    expected = re.escape(f"rome-cf.json, record 1, field '{field}'")
+    with pytest.raises(MalformedRecordError, match=expected):
+        read_counterfact_rome(path)
+    try:
+        read_counterfact_rome(path)
+    except MalformedRecordError as err:
+        assert (err.source, err.index, err.field) == ("rome-cf.json", 1, field)
+        assert problem in err.problem
+    assert len(read_counterfact_rome(path, skip_malformed=True)) == 1
+
+
+# ---------------------------------------------------------------------------- EasyEdit layout
+
+
+def test_counterfact_easyedit_lists_and_answers(tmp_path: Path) -> None:
+    listy = dict(
+        EASYEDIT_RECORD,
+        rephrase_prompt=["Danielle Darrieux speaks", "Danielle Darrieux's language is"],
+        locality_prompt=["Michel Rocard is a native speaker of", "The capital of France is"],
+        locality_ground_truth=["French", "Paris"],
+    )
+    broadcast = dict(EASYEDIT_RECORD, locality_prompt=["A speaks", "B speaks"])
+    path = write_json(tmp_path / "ee.json", [EASYEDIT_RECORD, listy, broadcast])
+    plain, lists, shared_answer = read_counterfact_easyedit(path)
+    assert plain.case_id == 7
+    assert plain.prompt == "The mother tongue of {} is"
+    assert plain.target_true == "French"
+    assert plain.paraphrase_prompts == (EASYEDIT_RECORD["rephrase_prompt"],)
+    assert plain.neighborhood_answers == ()
+    assert len(lists.paraphrase_prompts) == 2
+    assert lists.neighborhood_answers == ("French", "Paris")
+    assert shared_answer.neighborhood_prompts == ("A speaks", "B speaks")
+    assert shared_answer.neighborhood_answers == ()
+
+
+def test_counterfact_easyedit_first_occurrence(tmp_path: Path) -> None:
+    record = dict(EASYEDIT_RECORD, subject="Paris", prompt="Paris Hilton was born in Paris, in")
+    (request,) = read_counterfact_easyedit(write_json(tmp_path / "x.json", [record]))
+    assert request.prompt == "{} Hilton was born in Paris, in"
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "problem"),
+    [
+        (without(EASYEDIT_RECORD, "subject"), "subject", "missing"),
+        (dict(EASYEDIT_RECORD, subject="Édith Piaf"), "prompt", "does not occur"),
+        (dict(EASYEDIT_RECORD, target_new=""), "target_new", "empty string"),
+        (dict(EASYEDIT_RECORD, ground_truth=12), "ground_truth", "expected a string"),
+        (dict(EASYEDIT_RECORD, case_id=None), "case_id", "missing"),
+        (
+            dict(EASYEDIT_RECORD, locality_prompt=["a", "b"], locality_ground_truth=["x"] * 3),
+            "locality_ground_truth",
+            "has 3 entries",
+        ),
+        (
+            dict(EASYEDIT_RECORD, prompt="The {mother} tongue of Danielle Darrieux is"),
+            "prompt",
+            "brace",
+        ),
+    ],
+)
+def test_counterfact_easyedit_malformed(
+    tmp_path: Path, record: dict[str, Any], field: str, problem: str
+) -> None:
+    path = write_json(tmp_path / "counterfact-edit.json", [EASYEDIT_RECORD, record])
+    with pytest.raises(
+        MalformedRecordError, match=re.escape(f"counterfact-edit.json, record 1, field '{field}'")
+    ) as info:
+        read_counterfact_easyedit(path)
+    assert problem in info.value.problem
+
+
+def test_subject_missing_message(tmp_path: Path) -> None:
+    record = dict(EASYEDIT_RECORD, subject="X")
+    path = write_json(tmp_path / "counterfact-edit.json", [record])
+    with pytest.raises(
+        MalformedRecordError,
+        match=r"counterfact-edit\.json, record 0, field 'prompt': "
+        r"subject 'X' does not occur in field 'prompt'",
+    ):
+        read_counterfact_easyedit(path)
+
+
+# ---------------------------------------------------------------------------- zsRE layout
+
+
+def test_zsre_mend_record(tmp_path: Path) -> None:
+    multi = dict(ZSRE_RECORD, answers=["uniform", "workwear"], loc="nq question: who won?")
+    (request, second) = read_zsre_mend(write_json(tmp_path / "z.json", [ZSRE_RECORD, multi]))
+    assert request.case_id == 0 and second.case_id == 1
+    assert request.prompt == "What is the product made by {}?"
+    assert request.target_new == "unmanned aircraft"
+    assert request.target_true == "uniform"
+    assert request.paraphrase_prompts == ("What will be the product of UniFirst?",)
+    assert request.neighborhood_prompts == ("john goodman's character in the big lebowski?",)
+    assert request.neighborhood_answers == ("Walter Sobchak",)
+    assert second.neighborhood_prompts == ("who won?",)
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "problem"),
+    [
+        (without(ZSRE_RECORD, "alt"), "alt", "missing"),
+        (dict(ZSRE_RECORD, subject="Acme"), "src", "does not occur"),
+        (dict(ZSRE_RECORD, answers=[]), "answers", "empty list"),
+        (dict(ZSRE_RECORD, answers=[""]), "answers[0]", "empty string"),
+        (dict(ZSRE_RECORD, loc_ans=["a"]), "loc_ans", "expected a string"),
+        (dict(ZSRE_RECORD, loc="nq question: "), "loc", ""),
+    ],
+)
+def test_zsre_mend_malformed(
+    tmp_path: Path, record: dict[str, Any], field: str, problem: str
+) -> None:
+    path = tmp_path / "zsre_eval.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ZSRE_RECORD, record]) + "\n", "utf-8")
+    with pytest.raises(
+        MalformedRecordError, match=re.escape(f"zsre_eval.jsonl, record 1, field '{field}'")
+    ) as info:
+        read_zsre_mend(path)
+    assert problem in info.value.problem
+
+
+# ---------------------------------------------------------------------------- files, hub, dispatch
+
+
+def test_jsonl_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{json.dumps(ZSRE_RECORD)}\n\n{json.dumps(ZSRE_RECORD)}\n", encoding="utf-8")
+    assert [r.case_id for r in load_requests(str(path))] == [0, 1]
+
+
+def test_jsonl_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{json.dumps(ZSRE_RECORD)}\n{{oops\n", encoding="utf-8")
+    with pytest.raises(MalformedRecordError, match=r"data\.jsonl, record 1: line 2"):
+        read_zsre_mend(path)
+
+
+def test_record_not_an_object(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "odd.json", [ZSRE_RECORD, ["not", "an", "object"]])
+    with pytest.raises(MalformedRecordError, match=r"odd\.json, record 1: expected a JSON object"):
+        read_zsre_mend(path)
+
+
+@pytest.mark.parametrize("source", ["missing.json", "data/missing.jsonl", "./nothing", "a/b/c"])
+def test_missing_file(source: str) -> None:
+    with pytest.raises(FileNotFoundError, match=source.replace(".", r"\.")):
+        load_requests(source)
+
+
+def test_missing_path_object(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_counterfact_rome(tmp_path / "nope")
+
+
+def test_hub_id_goes_to_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def fake_hub(name: str, split: str) -> list[Any]:
+        calls.append((name, split))
+        return [ROME_RECORD, without(ROME_RECORD, "requested_rewrite", "subject")]
+
+    monkeypatch.setattr(readers, "_load_hub", fake_hub)
+    with pytest.raises(
+        MalformedRecordError,
+        match=r"azhx/counterfact, record 1, field 'requested_rewrite\.subject': missing",
+    ):
+        load_requests("azhx/counterfact", split="test")
+    assert calls == [("azhx/counterfact", "test")]
+    requests, layout = load_requests_with_format("counterfact", skip_malformed=True)
+    assert layout == "counterfact_rome" and len(requests) == 1
+    assert calls[-1] == ("counterfact", "train")
+
+
+def test_unknown_format() -> None:
+    with pytest.raises(ValueError, match="counterfact_easyedit") as info:
+        load_requests("builtin", format="csv")
+    for name in readers.FORMATS:
+        assert name in str(info.value)
+
+
+def test_builtin_source_and_format(tmp_path: Path) -> None:
+    builtin = load_requests("builtin")
+    assert len(builtin) >= 300
+    assert load_requests("builtin", format="builtin") == builtin
+    with pytest.raises(ValueError, match="built-in"):
+        load_requests("builtin", format="zsre_mend")
+    path = write_json(tmp_path / "mine.json", [BUILTIN_RECORD])
+    (request,) = read_builtin_format(path)
+    assert request.neighborhood_prompts == ("Marseille is located in the country of",)
+    assert load_requests(str(path)) == [request]
+
+
+def test_sniff_and_undetectable(tmp_path: Path) -> None:
+    assert sniff_format(ROME_RECORD) == "counterfact_rome"
+    assert sniff_format(EASYEDIT_RECORD) == "counterfact_easyedit"
+    assert sniff_format(ZSRE_RECORD) == "zsre_mend"
+    assert sniff_format(BUILTIN_RECORD) == "builtin"
+    assert sniff_format({"question": "q"}) is None
+    path = write_json(tmp_path / "other.json", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"other\.json: cannot detect.*'question'"):
+        load_requests(str(path))
+    with pytest.raises(ValueError, match="no records"):
+        load_requests(str(write_json(tmp_path / "empty.json", [])))
+    assert read_zsre_mend(tmp_path / "empty.json") == []
+
+
+def test_explicit_format_overrides_sniffing(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "cf.json", [EASYEDIT_RECORD])
+    with pytest.raises(MalformedRecordError, match="field 'requested_rewrite': missing"):
+        load_requests(str(path), format="counterfact_rome")
+
+
+def test_error_pickles() -> None:
+    err = MalformedRecordError("f.json", 3, "subject", "missing")
+    clone = pickle.loads(pickle.dumps(err))
+    assert str(clone) == str(err) == "f.json, record 3, field 'subject': missing"
+    assert isinstance(clone, ValueError)
