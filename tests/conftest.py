@@ -25,6 +25,10 @@ from transformers import (
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models import prepare
 
+# The tests' models are tiny: intra-op threading only adds synchronisation (on 2 cores a 128×128
+# eigendecomposition takes ~0.3 s with 2 threads and ~1 ms with one).
+torch.set_num_threads(1)
+
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
 SPECIAL_TOKENS = [PAD, EOS, UNK, BOS]
 
@@ -114,7 +118,9 @@ REQUESTS = [
 ]
 
 #: Extra words the package itself prompts with (generated templates, statistics seeds, KL).
-EXTRA_WORDS = "The Therefore Because I You In A It He She This When After Many We is a . Michael Jordan"
+EXTRA_WORDS = (
+    "The Therefore Because I You In A It He She This When After Many We is a . Michael Jordan"
+)
 
 
 def _vocabulary() -> list[str]:
@@ -222,9 +228,13 @@ def tiny_llama(_tiny_llama_master) -> LlamaForCausalLM:
 
 
 @pytest.fixture
-def tiny_model(request, tiny_gpt2, tiny_llama) -> PreTrainedModel:
-    """Indirect-parametrisable pick of ``"gpt2"`` or ``"llama"`` (default ``"llama"``)."""
-    return {"gpt2": tiny_gpt2, "llama": tiny_llama}[getattr(request, "param", "llama")]
+def tiny_model(request) -> PreTrainedModel:
+    """``tiny_gpt2`` or ``tiny_llama``, chosen by indirect parametrisation (default ``"llama"``).
+
+    Use as ``@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)``.
+    """
+    family = getattr(request, "param", "llama")
+    return request.getfixturevalue({"gpt2": "tiny_gpt2", "llama": "tiny_llama"}[family])
 
 
 @pytest.fixture(scope="session")
@@ -236,8 +246,19 @@ def make_tiny_model(tokenizer) -> Callable[[str], PreTrainedModel]:
 
 @pytest.fixture(scope="session")
 def requests() -> list[EditRequest]:
-    """Five counterfactual :class:`EditRequest`s whose words are all in the vocabulary."""
+    """Five counterfactual :class:`EditRequest`s whose words are all in the vocabulary.
+
+    Session-scoped and shared: slice or copy it, do not mutate it in place.
+    """
     return list(REQUESTS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """``$SPHERE_LIGHTNING_CACHE`` for session/module fixtures, which run before per-test ones."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPHERE_LIGHTNING_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)

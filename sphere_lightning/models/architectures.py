@@ -68,7 +68,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "gpt2": ArchitectureSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head"),
     "gptj": ArchitectureSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head"),
     "gpt_neox": ArchitectureSpec(
-        "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out"
+        "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "lm_head"
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
