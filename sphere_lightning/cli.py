@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
 
 from sphere_lightning.data.datamodule import EditDataModule
@@ -29,10 +31,15 @@ class EditingCLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None) -> EditingCLI:
     """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests call this in-process)."""
+    # The edited LM is kept in eval mode on purpose (no dropout while editing).
+    warnings.filterwarnings(
+        "ignore", message=r".*module\(s\) in eval mode at the start of training"
+    )
     return EditingCLI(
         EditingModule,
         EditDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
         args=args,
     )

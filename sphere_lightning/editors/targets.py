@@ -12,6 +12,7 @@ the loss threshold is frozen (ROME's early stop) and leaves the forward passes.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,15 +20,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import (
-    encode_target,
-    encode_with_subject,
-    model_device,
-    pad_batch,
-)
+from sphere_lightning.editors.hooks import encode_target, encode_with_subject, model_device
 from sphere_lightning.models.architectures import ArchitectureSpec
 
 KL_PROMPT = "{} is a"
@@ -47,6 +43,8 @@ class TargetOptions:
         batch_size: Requests per forward pass; bounds memory, not the result.
         skip_lower_layers: Run the blocks up to ``layer`` once and replay their output, instead of
             recomputing them on every step (they do not depend on δ).
+        reuse_prefix: Compute the key/value cache of the tokens before the subject's last token
+            once; by causality they do not depend on δ, so each step runs only the suffix.
     """
 
     num_steps: int = 25
@@ -57,6 +55,7 @@ class TargetOptions:
     weight_decay: float = 0.5
     batch_size: int = 25
     skip_lower_layers: bool = True
+    reuse_prefix: bool = True
 
 
 @dataclass
@@ -71,18 +70,27 @@ class TargetResult:
 
 @dataclass
 class _Chunk:
-    requests: list[int]
-    ids: torch.Tensor
-    mask: torch.Tensor
+    """The sequences of a few requests, aligned so every subject-last token is in column ``split``.
+
+    Sequences are left-padded to the alignment column and right-padded after it; position ids
+    follow the attention mask, so the padding changes nothing.
+    """
+
+    requests: torch.Tensor  # (R,) global request indices
+    ids: torch.Tensor  # (S, T)
+    mask: torch.Tensor  # (S, T)
+    positions: torch.Tensor  # (S, T)
+    split: int  # column of every sequence's subject-last token
     seq_request: torch.Tensor  # (S,) local request index of each sequence
-    lookup: torch.Tensor  # (S,) subject-last position of each sequence
     first_seq: torch.Tensor  # (R,) the "{}"-template sequence of each request
     kl_seq: torch.Tensor  # (R,) the KL sequence of each request
     tgt_seq: torch.Tensor  # (P,) sequence of each target token
-    tgt_pos: torch.Tensor  # (P,) position predicting it
+    tgt_col: torch.Tensor  # (P,) column predicting it
     tgt_tok: torch.Tensor  # (P,) the token
     tgt_weight: torch.Tensor  # (P,) 1 / (#tokens of its target × #templates)
-    cached: torch.Tensor | None = None
+    start: int = 0  # first column each step runs (``split`` when the prefix is cached)
+    replay_out: torch.Tensor | None = None  # block output at columns ≥ start
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     kl_init: torch.Tensor | None = None
 
 
@@ -93,8 +101,8 @@ def _build_chunk(
     templates: Sequence[str],
     device: torch.device,
 ) -> _Chunk:
-    seqs, seq_request, lookup, first_seq, kl_seq = [], [], [], [], []
-    tgt_seq, tgt_pos, tgt_tok, tgt_weight = [], [], [], []
+    seqs, lookups, seq_request, first_seq, kl_seq = [], [], [], [], []
+    targets: list[tuple[int, int, int, float]] = []  # (sequence, position, token, weight)
     for local, index in enumerate(indices):
         request = requests[index]
         target = encode_target(tokenizer, request.target_new)
@@ -102,36 +110,46 @@ def _build_chunk(
             enc = encode_with_subject(tokenizer, template.format(request.prompt), request.subject)
             if t == 0:
                 first_seq.append(len(seqs))
-            for k, token in enumerate(target):
-                tgt_seq.append(len(seqs))
-                tgt_pos.append(len(enc.ids) - 1 + k)
-                tgt_tok.append(token)
-                tgt_weight.append(1.0 / (len(target) * len(templates)))
+            weight = 1.0 / (len(target) * len(templates))
+            targets += [
+                (len(seqs), len(enc.ids) - 1 + k, tok, weight) for k, tok in enumerate(target)
+            ]
             seqs.append(enc.ids + target[:-1])
+            lookups.append(enc.subject_last)
             seq_request.append(local)
-            lookup.append(enc.subject_last)
         enc = encode_with_subject(tokenizer, KL_PROMPT, request.subject)
         kl_seq.append(len(seqs))
         seqs.append(enc.ids)
+        lookups.append(enc.subject_last)
         seq_request.append(local)
-        lookup.append(enc.subject_last)
-    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
 
-    def long(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+    split = max(lookups)
+    shifts = [split - lookup for lookup in lookups]
+    width = max(shift + len(seq) for shift, seq in zip(shifts, seqs, strict=True))
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (shift, seq) in enumerate(zip(shifts, seqs, strict=True)):
+        ids[row, shift : shift + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, shift : shift + len(seq)] = 1
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
 
+    def long(values) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.long, device=device)
+
+    seq_of = [t[0] for t in targets]
     return _Chunk(
-        requests=indices,
-        ids=ids,
-        mask=mask,
+        requests=long(indices),
+        ids=ids.to(device),
+        mask=mask.to(device),
+        positions=positions.to(device),
+        split=split,
         seq_request=long(seq_request),
-        lookup=long(lookup),
         first_seq=long(first_seq),
         kl_seq=long(kl_seq),
-        tgt_seq=long(tgt_seq),
-        tgt_pos=long(tgt_pos),
-        tgt_tok=long(tgt_tok),
-        tgt_weight=torch.tensor(tgt_weight, device=device),
+        tgt_seq=long(seq_of),
+        tgt_col=long([t[1] + shifts[seq] for t, seq in zip(targets, seq_of, strict=True)]),
+        tgt_tok=long([t[2] for t in targets]),
+        tgt_weight=torch.tensor([t[3] for t in targets], device=device),
     )
 
 
@@ -142,10 +160,10 @@ class _ReplayBelow:
     ``forward`` is shadowed on the instance (hooks still run) and restored on exit.
     """
 
-    def __init__(self, blocks: torch.nn.ModuleList, layer: int) -> None:
+    def __init__(self, blocks: torch.nn.ModuleList, layer: int, output: torch.Tensor) -> None:
         self.blocks = blocks
         self.layer = layer
-        self.output: torch.Tensor | None = None
+        self.output = output
 
     def __enter__(self) -> _ReplayBelow:
         for i in range(self.layer):
@@ -156,6 +174,14 @@ class _ReplayBelow:
     def __exit__(self, *exc) -> None:
         for i in range(self.layer + 1):
             del self.blocks[i].forward
+
+
+def _cache_from(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
+    """A fresh cache holding the prefix keys/values of the selected rows."""
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(prefix_kv):
+        cache.update(keys[rows], values[rows], index)
+    return cache
 
 
 def compute_target_values(
@@ -194,58 +220,107 @@ def compute_target_values(
         for s in range(0, n, opts.batch_size)
     ]
 
-    state: dict[str, torch.Tensor | None] = {"add": None, "rows": None, "cols": None}
+    # transformers renamed `past_key_values` to `cache` during 5.x.
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    )
 
-    def inject(module, args, output):
-        if state["add"] is None:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.index_put(
-            (state["rows"], state["cols"]), state["add"].to(hidden.dtype), accumulate=True
-        )
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def logprobs_at(chunk: _Chunk, seq_sel: torch.Tensor, ids, mask, kl_rows, tgt_rows, tgt_pos):
-        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        picked = torch.cat(
-            [hidden[kl_rows, chunk.lookup[seq_sel][kl_rows]], hidden[tgt_rows, tgt_pos]]
-        )
-        return F.log_softmax(lm_head(picked).float(), dim=-1)
-
-    # Pass 0: the residual stream h at the edit point, the initial KL distribution, and the
-    # cached output of block `layer` for replay.
-    initial = torch.zeros(n, block_dim := model.config.hidden_size, device=device)
-    replayable = opts.skip_lower_layers
-    captured: dict[str, torch.Tensor] = {}
+    # Pass 0, without δ: the residual stream h at the edit point, the initial KL distribution,
+    # the block output to replay and the prefix keys/values.
+    captured: dict[str, object] = {}
 
     def keep(module, args, output):
         captured["out"] = output
 
+    initial = torch.zeros(n, model.config.hidden_size, device=device)
+    replay = opts.skip_lower_layers
     for chunk in chunks:
         handle = block.register_forward_hook(keep)
         with torch.no_grad():
             hidden = base(
-                input_ids=chunk.ids, attention_mask=chunk.mask, use_cache=False
+                input_ids=chunk.ids,
+                attention_mask=chunk.mask,
+                position_ids=chunk.positions,
+                use_cache=False,
             ).last_hidden_state
         handle.remove()
-        out = captured["out"]
-        if isinstance(out, tuple):
-            replayable = False
-            out = out[0]
-        chunk.cached = out.detach()
-        initial[chunk.requests] = out[chunk.first_seq, chunk.lookup[chunk.first_seq]].float()
-        with torch.no_grad():
-            kl_hidden = hidden[chunk.kl_seq, chunk.lookup[chunk.kl_seq]]
-            chunk.kl_init = F.log_softmax(lm_head(kl_hidden).float(), dim=-1)
-    if not replayable:
-        for chunk in chunks:
-            chunk.cached = None
+        out = captured.pop("out")
+        if isinstance(out, tuple):  # a block type that returns more than the hidden state
+            replay, out = False, out[0]
+        initial[chunk.requests] = out[chunk.first_seq, chunk.split].float()
+        chunk.kl_init = F.log_softmax(lm_head(hidden[chunk.kl_seq, chunk.split]).float(), dim=-1)
+        if opts.reuse_prefix and chunk.split > 0:
+            chunk.start = chunk.split
+            with torch.no_grad():
+                output = base(
+                    input_ids=chunk.ids[:, : chunk.split],
+                    attention_mask=chunk.mask[:, : chunk.split],
+                    position_ids=chunk.positions[:, : chunk.split],
+                    use_cache=True,
+                )
+            cache = getattr(output, "cache", None) or output.past_key_values
+            chunk.prefix_kv = [(lay.keys, lay.values) for lay in cache.layers]
+        chunk.replay_out = out[:, chunk.start :].detach() if replay else None
 
-    delta = torch.zeros(n, block_dim, device=device, requires_grad=True)
+    state: dict[str, torch.Tensor | None] = {"add": None, "col": None}
+
+    def inject(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, state["col"]] += state["add"].to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def chunk_loss(chunk: _Chunk, local_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-request loss of the chunk's active requests, and their global indices."""
+        rows = torch.nonzero(local_active[chunk.seq_request]).squeeze(1)
+        remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
+        remap[rows] = torch.arange(len(rows), device=device)
+        start = chunk.start
+        state["add"] = delta[chunk.requests[chunk.seq_request[rows]]]
+        state["col"] = chunk.split - start
+        kwargs = {
+            "input_ids": chunk.ids[rows, start:],
+            "attention_mask": chunk.mask[rows],
+            "position_ids": chunk.positions[rows, start:],
+        }
+        if chunk.prefix_kv is not None:
+            kwargs.update({cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
+        else:
+            kwargs.update(use_cache=False)
+        if chunk.replay_out is not None:
+            with _ReplayBelow(blocks, layer, chunk.replay_out[rows]):
+                hidden = base(**kwargs).last_hidden_state
+        else:
+            hidden = base(**kwargs).last_hidden_state
+
+        active_req = local_active.nonzero().squeeze(1)
+        kl_rows = remap[chunk.kl_seq[active_req]]
+        tgt_keep = local_active[chunk.seq_request[chunk.tgt_seq]]
+        tgt_rows = remap[chunk.tgt_seq[tgt_keep]]
+        picked = torch.cat(
+            [
+                hidden[kl_rows, chunk.split - start],
+                hidden[tgt_rows, chunk.tgt_col[tgt_keep] - start],
+            ]
+        )
+        logp = F.log_softmax(lm_head(picked).float(), dim=-1)
+        kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
+        # NLL: mean over target tokens, then over templates, per request.
+        token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
+        owner = chunk.seq_request[chunk.tgt_seq[tgt_keep]]
+        nll = torch.zeros(len(chunk.requests), device=device).index_add(
+            0, owner, token_nll * chunk.tgt_weight[tgt_keep]
+        )[active_req]
+        kl = F.kl_div(kl_logp, chunk.kl_init[active_req], log_target=True, reduction="none")
+        global_ids = chunk.requests[active_req]
+        decay = delta[global_ids].norm(dim=-1) ** 2 / init_norm[global_ids] ** 2
+        return nll + opts.kl_factor * kl.sum(-1) + opts.weight_decay * decay, global_ids
+
+    delta = torch.zeros_like(initial, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=opts.lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     losses = torch.full((n,), math.inf, device=device)
-    steps = torch.zeros(n, dtype=torch.long)
+    steps = torch.zeros(n, dtype=torch.long, device=device)
     init_norm = initial.norm(dim=-1)
     handle = block.register_forward_hook(inject)
     bar = tqdm(range(opts.num_steps), desc="Optimising v*", leave=False, disable=not progress)
@@ -256,42 +331,11 @@ def compute_target_values(
                 local_active = active[chunk.requests]
                 if not local_active.any():
                     continue
-                seq_sel = torch.nonzero(local_active[chunk.seq_request]).squeeze(1)
-                remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
-                remap[seq_sel] = torch.arange(len(seq_sel), device=device)
-                ids, mask = chunk.ids[seq_sel], chunk.mask[seq_sel]
-                req_global = torch.tensor(chunk.requests, device=device)[chunk.seq_request[seq_sel]]
-                state["rows"] = torch.arange(len(seq_sel), device=device)
-                state["cols"] = chunk.lookup[seq_sel]
-                state["add"] = delta[req_global]
-                kl_keep = local_active.nonzero().squeeze(1)
-                kl_rows = remap[chunk.kl_seq[kl_keep]]
-                tgt_keep = local_active[chunk.seq_request[chunk.tgt_seq]]
-                tgt_rows = remap[chunk.tgt_seq[tgt_keep]]
-                tgt_pos = chunk.tgt_pos[tgt_keep]
-                if chunk.cached is not None:
-                    with _ReplayBelow(blocks, layer) as replay:
-                        replay.output = chunk.cached[seq_sel]
-                        logp = logprobs_at(chunk, seq_sel, ids, mask, kl_rows, tgt_rows, tgt_pos)
-                else:
-                    logp = logprobs_at(chunk, seq_sel, ids, mask, kl_rows, tgt_rows, tgt_pos)
-                kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
-                global_ids = torch.tensor(chunk.requests, device=device)[kl_keep]
-                # NLL: mean over target tokens, then over templates, per request.
-                token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
-                token_req = chunk.seq_request[chunk.tgt_seq[tgt_keep]]
-                nll = torch.zeros(len(chunk.requests), device=device).index_add(
-                    0, token_req, token_nll * chunk.tgt_weight[tgt_keep]
-                )[kl_keep]
-                kl = F.kl_div(
-                    kl_logp, chunk.kl_init[kl_keep], log_target=True, reduction="none"
-                ).sum(-1)
-                decay = delta[global_ids].norm(dim=-1) ** 2 / init_norm[global_ids] ** 2
-                loss = nll + opts.kl_factor * kl + opts.weight_decay * decay
+                loss, global_ids = chunk_loss(chunk, local_active)
                 losses[global_ids] = loss.detach()
-                steps[global_ids.cpu()] = step
+                steps[global_ids] = step
                 loss.sum().backward()
-            state["add"] = None
+            # ROME's early stop: a request whose loss is below the threshold keeps its δ.
             active &= losses >= opts.loss_threshold
             bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))
             if step == opts.num_steps - 1 or not active.any():

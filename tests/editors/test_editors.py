@@ -410,8 +410,11 @@ def _target_values(model, tokenizer, requests, **options):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_skipping_lower_layers_is_the_same_mathematics(
-    family, make_tiny_model, tokenizer, requests
+@pytest.mark.parametrize(
+    ("skip_lower_layers", "reuse_prefix"), [(True, False), (False, True), (True, True)]
+)
+def test_fast_paths_are_the_same_mathematics(
+    family, skip_lower_layers, reuse_prefix, make_tiny_model, tokenizer, requests
 ):
     model = make_tiny_model(family)
     spec = architecture_of(model)
@@ -419,15 +422,24 @@ def test_skipping_lower_layers_is_the_same_mathematics(
     calls = []
     handle = lower_mlp.register_forward_hook(lambda *args: calls.append(1))
     try:
-        fast = _target_values(model, tokenizer, requests[:2], skip_lower_layers=True)
+        fast = _target_values(
+            model,
+            tokenizer,
+            requests[:2],
+            skip_lower_layers=skip_lower_layers,
+            reuse_prefix=reuse_prefix,
+        )
         fast_calls = len(calls)
-        slow = _target_values(model, tokenizer, requests[:2], skip_lower_layers=False)
+        slow = _target_values(
+            model, tokenizer, requests[:2], skip_lower_layers=False, reuse_prefix=False
+        )
         slow_calls = len(calls) - fast_calls
     finally:
         handle.remove()
-    # The fast path really replays block 0..2 (it ran once, in the first pass).
-    assert fast_calls == 1
-    assert slow_calls > fast_calls
+    if skip_lower_layers:
+        # Blocks 0..2 ran only in the first pass (and the prefix pass), never per step.
+        assert fast_calls == 1 + int(reuse_prefix)
+        assert slow_calls > fast_calls
     torch.testing.assert_close(fast.initial, slow.initial, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.values, slow.values, rtol=0, atol=1e-4)
     assert fast.losses == pytest.approx(slow.losses, abs=1e-4)
