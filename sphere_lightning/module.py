@@ -126,7 +126,7 @@ class EditingModule(LightningModule):
     def on_fit_start(self) -> None:
         start = time.perf_counter()
         self.editor.setup(self.model, self.tokenizer)
-        self._add_time("setup", start)
+        self._add_time("setup", start, log=False)
 
     @override
     def on_train_start(self) -> None:
@@ -135,7 +135,7 @@ class EditingModule(LightningModule):
             requests = self.trainer.datamodule.requests
             scores = self.edit_scores(requests)
             self.pre_edit_metrics = {k: float(v.nanmean()) for k, v in scores.items()}
-            self._add_time("evaluation", start)
+            self._add_time("evaluation", start, log=False)
             rank_zero_info(
                 f"Pre-edit metrics over {len(requests)} requests: {self.pre_edit_metrics}"
             )
@@ -156,6 +156,7 @@ class EditingModule(LightningModule):
         self._add_time("after_apply", start)
         self.pending_deltas = {}
         self.step_metrics.update({f"editor/{k}": v for k, v in self.editor.last_metrics.items()})
+        self.step_metrics.update({f"time/{k}": v for k, v in self.editor.last_timings.items()})
         self.step_metrics["edit/num_edited"] = float(batch.positions[-1] + 1)
         self.log_now(self.step_metrics)
         self.step_metrics = {}
@@ -223,7 +224,7 @@ class EditingModule(LightningModule):
     def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         self._evaluate(batch)
-        self._add_time("evaluation", start)
+        self._add_time("evaluation", start, log=False)
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -254,8 +255,12 @@ class EditingModule(LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
 
-    def _add_time(self, phase: str, start: float) -> None:
-        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+    def _add_time(self, phase: str, start: float, log: bool = True) -> None:
+        """Add wall time to ``phase_seconds`` (and, if ``log``, to this step's scalars)."""
+        seconds = time.perf_counter() - start
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
+        if log:
+            self.step_metrics[f"time/{phase}"] = seconds
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,8 @@ class Editor(ABC):
             raise ValueError("`layers` must name at least one layer")
         self.layers = sorted(int(i) for i in layers)
         self.last_metrics: dict[str, float] = {}
+        #: Seconds spent per phase in the last ``compute_deltas`` call.
+        self.last_timings: dict[str, float] = {}
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check the layers against the model and prepare anything the editor needs."""
@@ -98,6 +101,8 @@ class LocateThenEditEditor(Editor):
         v_batch_size: Requests per forward pass in the v* optimisation (memory only).
         skip_lower_layers: Replay the blocks below the target layer from a cache during the v*
             optimisation instead of recomputing them (same result, less work).
+        reuse_prefix: Compute the key/value cache of the prompt tokens before the subject's last
+            token once per batch; by causality they do not depend on v* (same result, less work).
         num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
         context_template_length: Length in tokens of each generated prefix.
         stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
@@ -122,6 +127,7 @@ class LocateThenEditEditor(Editor):
         v_weight_decay: float = 0.5,
         v_batch_size: int = 25,
         skip_lower_layers: bool = True,
+        reuse_prefix: bool = True,
         num_context_templates: int = 5,
         context_template_length: int = 10,
         stats_corpus: str = GENERATED,
@@ -160,6 +166,7 @@ class LocateThenEditEditor(Editor):
             weight_decay=v_weight_decay,
             batch_size=v_batch_size,
             skip_lower_layers=skip_lower_layers,
+            reuse_prefix=reuse_prefix,
         )
         self.num_context_templates = num_context_templates
         self.context_template_length = context_template_length
@@ -263,6 +270,8 @@ class LocateThenEditEditor(Editor):
         if self.context_templates is None:
             self.setup(model, tokenizer)
         spec = architecture_of(model)
+        timings = {"v_star": 0.0, "keys": 0.0, "solve": 0.0}
+        start = time.perf_counter()
         target = compute_target_values(
             model,
             tokenizer,
@@ -273,6 +282,7 @@ class LocateThenEditEditor(Editor):
             self.target_options,
             progress=self.progress,
         )
+        timings["v_star"] = time.perf_counter() - start
         self.last_metrics = {
             "v_loss": float(torch.tensor(target.losses).mean()),
             "v_steps": float(torch.tensor(target.steps, dtype=torch.float).mean()),
@@ -284,14 +294,19 @@ class LocateThenEditEditor(Editor):
             for i, layer in enumerate(
                 tqdm(self.layers, desc="Solving", leave=False, disable=not self.progress)
             ):
+                start = time.perf_counter()
                 keys = self.compute_keys(model, tokenizer, requests, [layer])[layer]
                 current = gather_at_subject(
                     model, tokenizer, bare, [block], read="output", batch_size=self.key_batch_size
                 )[block]
+                timings["keys"] += time.perf_counter() - start
+                start = time.perf_counter()
                 residual = (target.values - current) / (len(self.layers) - i)
                 delta = self.solve(i, layer, keys.double(), residual.double()).float()
+                timings["solve"] += time.perf_counter() - start
                 snapshot.add(layer, delta)
                 deltas[spec.weight_name(layer)] = delta
+        self.last_timings = timings
         return deltas
 
     @abstractmethod

@@ -6,6 +6,9 @@ of ``C = Ŵᵀ Ŵ / n``; SPHERE removes a fraction ``α`` of an update's compone
 ``ΔW P⊥`` with ``P⊥ = I - α U Uᵀ``.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -15,6 +18,29 @@ __all__ = [
     "project_delta",
     "sparse_space_projector",
 ]
+
+
+# Rows per block of the symmetric Gram product (see `_symmetric_gram`).
+_GRAM_BLOCK = 1024
+
+
+@contextmanager
+def _full_precision_float32_matmul() -> Iterator[None]:
+    """Run float32 matmuls in true float32 inside the block (no TF32 / bf16 shortcuts).
+
+    ``torch.set_float32_matmul_precision("high")`` (common with Lightning on GPUs) lets float32
+    products run at ~1e-3 relative accuracy, which the float32 paths here cannot tolerate. The
+    previous setting is restored on exit; nothing is touched when it is already ``"highest"``.
+    """
+    previous = torch.get_float32_matmul_precision()
+    if previous == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _check_weight(weight: Tensor) -> None:
@@ -48,11 +74,47 @@ def normalize_rows(weight: Tensor, eps: float = 1e-12) -> Tensor:
     return weight / norms.clamp_min(eps)
 
 
-def _principal_basis(weight: Tensor, cumulative_ratio: float, dtype: torch.dtype) -> Tensor:
+def _resolve_dtype(dtype: torch.dtype | None, *inputs: torch.dtype) -> torch.dtype:
+    """``dtype`` if given, else the automatic choice: float32, or wider if an input is wider."""
+    if dtype is not None:
+        _check_dtype(dtype)
+        return dtype
+    resolved = torch.float32
+    for other in inputs:
+        resolved = torch.promote_types(resolved, other)
+    return resolved
+
+
+def _symmetric_gram(x: Tensor, block_size: int = _GRAM_BLOCK) -> Tensor:
+    """``x @ xᵀ`` (``m x m``) from the blocks on and above the diagonal, mirrored below.
+
+    Same result as the plain product up to rounding, at about ``(1 + 1/blocks) / 2`` of its
+    flops. ``x`` may be a transposed (non-contiguous) view.
+    """
+    m = x.shape[0]
+    if m <= block_size:
+        return x @ x.mT
+    gram = x.new_empty(m, m)
+    for start in range(0, m, block_size):
+        stop = min(start + block_size, m)
+        rows = x[start:stop] @ x[start:].mT  # (stop - start) x (m - start)
+        gram[start:stop, start:] = rows
+        gram[stop:, start:stop] = rows[:, stop - start :].mT
+    return gram
+
+
+def _principal_basis(
+    weight: Tensor,
+    cumulative_ratio: float,
+    dtype: torch.dtype,
+    fallback: torch.dtype | None = None,
+) -> Tensor:
     """Top-``r`` eigenvectors of ``C = Ŵᵀ Ŵ / n`` in ``dtype``, shape ``(d, r)``.
 
     ``weight`` must already be validated. ``r = 0`` for ``cumulative_ratio == 0`` or an all-zero
-    weight.
+    weight. With ``fallback`` set, a cutoff that lands below the numerical rank resolvable in
+    ``dtype`` (so that the rank cap, not the ratio, would decide ``r``) is recomputed in
+    ``fallback``.
     """
     # The projector is a constant of the weight: no gradient flows through the eigensolver.
     w_hat = normalize_rows(weight.detach().to(dtype))
@@ -62,41 +124,53 @@ def _principal_basis(weight: Tensor, cumulative_ratio: float, dtype: torch.dtype
         return empty
     # trace(C) = mean squared row norm: 1 except for zero rows. Using it (not the sum of the
     # computed eigenvalues) keeps the cutoff exact on the n < d path, where only n of the d
-    # eigenvalues are computed.
-    total = w_hat.square().sum() / n
+    # eigenvalues are computed. Accumulated in float64 whatever ``dtype`` is, like the ratios.
+    row_norms = torch.linalg.vector_norm(w_hat, dim=1).to(torch.float64)
+    total = row_norms.square().sum() / n
     if total <= 0:
         return empty
 
+    # Nonzero eigenvalues of Ŵ Ŵᵀ / n equal those of Ŵᵀ Ŵ / n: decompose the smaller one.
     small_gram = n < d
-    if small_gram:
-        # Nonzero eigenvalues of Ŵ Ŵᵀ / n equal those of Ŵᵀ Ŵ / n; n x n is the cheaper problem.
-        evals, evecs = torch.linalg.eigh(w_hat @ w_hat.mT / n)
-    else:
-        evals, evecs = torch.linalg.eigh(w_hat.mT @ w_hat / n)
-    evals, evecs = evals.flip(0), evecs.flip(1)  # eigh returns ascending order
+    gram = _symmetric_gram(w_hat if small_gram else w_hat.mT).div_(n)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending order
+    del gram
+    desc = evals.flip(0)
 
     # Eigenvalues below this are rounding noise of a PSD matrix; their eigenvectors (and, on the
     # Gram path, u_k = Ŵᵀ v_k / sqrt(n λ_k)) are meaningless, so r never goes past this rank.
-    tol = evals[0].clamp_min(0) * max(n, d) * torch.finfo(dtype).eps
-    rank = int((evals > tol).sum())
-    ratios = torch.cumsum(evals.clamp_min(0), dim=0) / total
-    r = 1 + int((ratios <= cumulative_ratio).sum())
-    r = min(r, d, rank)
+    tol = desc[0].clamp_min(0) * max(n, d) * torch.finfo(dtype).eps
+    rank = int((desc > tol).sum())
+    ratios = torch.cumsum(desc.to(torch.float64).clamp_min(0), dim=0) / total
+    wanted = min(1 + int((ratios <= cumulative_ratio).sum()), d)
+    if rank < wanted and fallback is not None and fallback != dtype:
+        return _principal_basis(weight, cumulative_ratio, fallback)
+    r = min(wanted, rank)
     if r == 0:
         return empty
 
+    top = evecs[:, evecs.shape[1] - r :].flip(1)  # descending order, a copy of r columns
+    del evecs
     if not small_gram:
-        return evecs[:, :r]
+        return top
     # u_k ∝ Ŵᵀ v_k. A sign-fixed QR gives exactly Ŵᵀ v_k / sqrt(n λ_k) in exact arithmetic, but
     # stays orthonormal in floating point even when λ_k is small, so P⊥ remains a true projector.
-    q, rr = torch.linalg.qr(w_hat.mT @ evecs[:, :r])
+    q, rr = torch.linalg.qr(w_hat.mT @ top)
     signs = torch.sign(torch.diagonal(rr))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q * signs
 
 
+def _basis_for(weight: Tensor, cumulative_ratio: float, dtype: torch.dtype | None) -> Tensor:
+    """:func:`_principal_basis` with the dtype rule of the public functions."""
+    resolved = _resolve_dtype(dtype, weight.dtype)
+    fallback = torch.float64 if dtype is None else None
+    with _full_precision_float32_matmul():
+        return _principal_basis(weight, cumulative_ratio, resolved, fallback)
+
+
 def principal_directions(
-    weight: Tensor, cumulative_ratio: float, *, dtype: torch.dtype = torch.float64
+    weight: Tensor, cumulative_ratio: float, *, dtype: torch.dtype | None = None
 ) -> Tensor:
     """Orthonormal basis ``U`` (``d x r``) of the principal hyperspherical space of ``weight``.
 
@@ -108,11 +182,13 @@ def principal_directions(
 
     The decomposition runs in ``dtype`` (on the ``n x n`` Gram matrix when ``n < d``); the result
     has the dtype and device of ``weight``. Column signs are arbitrary; ``U Uᵀ`` is what matters.
+    ``dtype=None`` (the default) picks float32, or float64 for a float64 ``weight``, and redoes
+    the decomposition in float64 when the float32 spectrum cannot resolve the cutoff (see the
+    module docstring).
     """
     _check_weight(weight)
     _check_unit_interval("cumulative_ratio", cumulative_ratio)
-    _check_dtype(dtype)
-    return _principal_basis(weight, cumulative_ratio, dtype).to(weight.dtype)
+    return _basis_for(weight, cumulative_ratio, dtype).to(weight.dtype)
 
 
 def sparse_space_projector(
@@ -120,23 +196,23 @@ def sparse_space_projector(
     cumulative_ratio: float,
     suppression: float,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Explicit ``d x d`` projector ``P⊥ = I - α U Uᵀ`` with ``α = suppression``.
 
-    ``U`` is :func:`principal_directions` ``(weight, cumulative_ratio)``. Meant for small layers and
-    inspection; :func:`project_delta` applies the same map without forming ``P⊥``. Returned in the
-    dtype and device of ``weight``.
+    ``U`` is :func:`principal_directions` ``(weight, cumulative_ratio, dtype=dtype)``. Meant for
+    small layers and inspection; :func:`project_delta` applies the same map without forming
+    ``P⊥``. Returned in the dtype and device of ``weight``.
     """
     _check_weight(weight)
     _check_unit_interval("cumulative_ratio", cumulative_ratio)
     _check_unit_interval("suppression", suppression)
-    _check_dtype(dtype)
+    resolved = _resolve_dtype(dtype, weight.dtype)
     d = weight.shape[1]
-    eye = torch.eye(d, dtype=dtype, device=weight.device)
+    eye = torch.eye(d, dtype=resolved, device=weight.device)
     if suppression == 0.0:
         return eye.to(weight.dtype)
-    basis = _principal_basis(weight, cumulative_ratio, dtype)
+    basis = _basis_for(weight, cumulative_ratio, dtype).to(resolved)
     return (eye - suppression * (basis @ basis.mT)).to(weight.dtype)
 
 
@@ -146,7 +222,7 @@ def project_delta(
     cumulative_ratio: float,
     suppression: float,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, int]:
     """Project an update onto the sparse space of ``weight``: ``(ΔW P⊥, r)``.
 
@@ -154,7 +230,9 @@ def project_delta(
     ``α = suppression``, never forming the ``d x d`` projector. ``delta`` must have the shape of
     ``weight`` (``n x d``). ``r`` is the number of principal directions used; when it is 0 (which
     ``suppression == 0`` or ``cumulative_ratio == 0`` force) the result is an unchanged copy of
-    ``delta``. The arithmetic runs in ``dtype``; the result has ``delta``'s dtype and device.
+    ``delta``. The decomposition and the arithmetic run in ``dtype``; with ``dtype=None`` the
+    decomposition follows :func:`principal_directions` and the arithmetic runs in float32, or
+    float64 if ``delta`` or ``weight`` is float64. The result has ``delta``'s dtype and device.
     Gradients flow through ``delta`` but not through ``weight``.
     """
     _check_weight(weight)
@@ -165,14 +243,16 @@ def project_delta(
         )
     _check_unit_interval("cumulative_ratio", cumulative_ratio)
     _check_unit_interval("suppression", suppression)
-    _check_dtype(dtype)
+    work = _resolve_dtype(dtype, weight.dtype, delta.dtype)
     if suppression == 0.0 or cumulative_ratio == 0.0:
         return delta.clone(), 0
-    basis = _principal_basis(weight, cumulative_ratio, dtype)
+    basis = _basis_for(weight, cumulative_ratio, dtype)
     r = basis.shape[1]
     if r == 0:
         return delta.clone(), 0
-    basis = basis.to(delta.device)
-    delta_c = delta.to(dtype)
-    projected = delta_c - suppression * ((delta_c @ basis) @ basis.mT)
+    basis = basis.to(device=delta.device, dtype=work)
+    delta_c = delta.to(work)
+    # ΔW - α (ΔW U) Uᵀ in one fused call: no n x d temporary besides the result.
+    with _full_precision_float32_matmul():
+        projected = torch.addmm(delta_c, delta_c @ basis, basis.mT, alpha=-suppression)
     return projected.to(delta.dtype), r
