@@ -42,19 +42,21 @@ def hyperspherical_energy(
     Distances come from the Gram matrix (``‖ŵ_i - ŵ_j‖² = 2 - 2 ŵ_i·ŵ_j``), one
     ``chunk_size x chunk_size`` block at a time and only for blocks on or above the diagonal
     (off-diagonal blocks count twice), so the extra memory is the normalised weight in
-    ``gram_dtype`` plus a few ``chunk_size²`` blocks. Norms, distances, ``f_s`` and the sum are
-    float64 whatever ``gram_dtype`` is.
+    ``gram_dtype`` plus a few ``chunk_size²`` float64 blocks. Norms, distances, ``f_s`` and the
+    sum are float64 whatever ``gram_dtype`` is.
 
     ``gram_dtype`` is the precision of the Gram products: float32 (the default, except for a
-    float64 ``weight``) or float64. In float32 a block is converted to float64 before anything
-    else, and pairs closer than 60° (``‖ŵ_i - ŵ_j‖² < 1``) are recomputed from float64 rows, so
-    near-duplicate neurons, where ``2 - 2 ŵ_i·ŵ_j`` cancels, are as exact as with float64; the
-    other terms carry a relative error of order ``s·1e-7``. ``gram_dtype=torch.float64`` is the
-    all-float64 computation.
+    float64 ``weight``) or float64. A float32 block is converted to float64 before anything else,
+    and its pairs closer than 60° (``‖ŵ_i - ŵ_j‖² < 1``) are recomputed from float64 rows; the
+    other terms carry a relative error of order ``s·1e-7`` at most (1e-11 to 1e-10 on the sums
+    measured). If recomputation covers a large share of the pairs (many near-parallel neurons),
+    the remaining blocks switch to float64 products. With either dtype, pairs closer than ~0.06°
+    (``‖ŵ_i - ŵ_j‖² < 1e-6``), where ``2 - 2 ŵ_i·ŵ_j`` cancels even in float64, take
+    ``‖ŵ_i - ŵ_j‖²`` directly from the float64 rows, so near-duplicate neurons are exact to
+    rounding. (Many exact duplicates make this slow: each such pair is a separate dot product.)
 
     Distances are clamped below at ``eps``: duplicate (or near-duplicate) neurons add the finite
-    ``f_s(eps)`` instead of ``inf``, which also absorbs the float64 rounding of ``2 - 2 ŵ_i·ŵ_j``
-    near zero. All-zero rows have no direction and are left out of the sum.
+    ``f_s(eps)`` instead of ``inf``. All-zero rows have no direction and are left out of the sum.
 
     Returns a float64 scalar tensor on ``weight``'s device (0 for fewer than two neurons).
     """
@@ -96,12 +98,17 @@ def hyperspherical_energy(
         return weight[index].to(torch.float64) / norms[index, None]
 
     w_hat = weight.new_empty(n, d, dtype=gram_dtype)
+    # float32 rows are scaled in float32 (a rounding or two; the products add more), unless a
+    # norm is so extreme that its reciprocal would not fit float32.
+    exact_scaling = gram_dtype == torch.float64 or not (
+        bool(norms.amin() > 2.0**-100) and bool(norms.amax() < 2.0**100)
+    )
     inv_norms = norms.reciprocal().to(gram_dtype)
     for start in range(0, n, chunk_size):
         block = slice(start, start + chunk_size)
-        if gram_dtype == torch.float64:
+        if exact_scaling:
             w_hat[block] = unit_rows(block)
-        else:  # A rounding or two at float32 level; the products add more.
+        else:
             torch.mul(weight[block].to(gram_dtype), inv_norms[block, None], out=w_hat[block])
 
     def unit_rows64(block: slice) -> Tensor:

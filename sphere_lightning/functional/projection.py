@@ -4,6 +4,18 @@ A weight ``W`` of shape ``(n, d)`` is read as ``n`` neurons (rows, ``nn.Linear``
 ``out x in``). With normalised neurons ``Ŵ`` the principal space is spanned by the top eigenvectors
 of ``C = Ŵᵀ Ŵ / n``; SPHERE removes a fraction ``α`` of an update's component in that space:
 ``ΔW P⊥`` with ``P⊥ = I - α U Uᵀ``.
+
+Speed and precision. The eigenproblem is solved on the smaller of ``C`` (``d x d``) and the Gram
+matrix ``Ŵ Ŵᵀ / n`` (``n x n``, same nonzero eigenvalues; ``u_k ∝ Ŵᵀ v_k``), formed from the
+blocks on and above its diagonal. ``trace(C)`` is the mean squared row norm, so the
+cumulative-ratio cutoff needs no eigenvalue beyond the ones computed; ratios are accumulated in
+float64. With ``dtype=None`` (the default) this runs in float32, or in float64 when the weight is
+float64. float32 is enough: on power-law spectra (the benchmark shapes up to 4096 x 14336 and the
+tests) the projected ΔW differs from the float64 result by a few 1e-6 of its largest entry at
+most, against a 1e-4 target. Where the cutoff lands below what float32 resolves (the rank cap,
+not the ratio, would set ``r``), the default recomputes in float64. The one remaining float32
+effect is the cutoff itself: if ``β`` falls within ~1e-7 of a cumulative ratio, ``r`` may differ
+by one from the float64 result. Pass ``dtype=torch.float64`` for the float64 computation.
 """
 
 from collections.abc import Iterator
@@ -144,6 +156,7 @@ def _principal_basis(
     ratios = torch.cumsum(desc.to(torch.float64).clamp_min(0), dim=0) / total
     wanted = min(1 + int((ratios <= cumulative_ratio).sum()), d)
     if rank < wanted and fallback is not None and fallback != dtype:
+        del w_hat, evecs  # free before the second decomposition
         return _principal_basis(weight, cumulative_ratio, fallback)
     r = min(wanted, rank)
     if r == 0:

@@ -180,3 +180,12 @@ def test_float32_matmul_precision_setting_is_restored():
     finally:
         torch.set_float32_matmul_precision(previous)
     assert torch.equal(energy, expected)
+
+
+def test_extreme_row_norms_stay_finite():
+    # Reciprocals of these norms overflow (or underflow) float32; rows are then scaled in float64.
+    weight = random_weight(40, 24, seed=6)
+    expected = hyperspherical_energy(weight, 1.0, gram_dtype=torch.float64)
+    for scale in (1e-36, 1e36):
+        energy = hyperspherical_energy(weight * scale, 1.0)
+        assert energy.item() == pytest.approx(expected.item(), rel=1e-6)
