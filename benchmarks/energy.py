@@ -9,10 +9,11 @@ A quick subset:
     python benchmarks/energy.py --sizes 1024,4096
 
 Every case runs in a fresh subprocess that loads the weight from a file (generated once per
-size). Peak memory is the growth of ``ru_maxrss`` during the first run over the RSS just before it,
-with the kernel's peak counter reset to the current RSS after loading (``/proc/self/clear_refs``),
-so it counts what the computation itself allocates, output included. Timings are medians of
-``--repeats`` runs (``--naive-repeats`` for the baseline) after a small warm-up.
+size). Peak memory is the growth of the process's peak RSS (``VmHWM``, the counter behind
+``ru_maxrss``) during the first run over the RSS just before it, the peak having been reset to the
+current RSS after loading (``/proc/self/clear_refs``), so it counts what the computation
+itself allocates, output included. Timings are medians of ``--repeats`` runs
+(``--naive-repeats`` for the baseline) after a small warm-up.
 
 * ``naive``: the obvious implementation in float64: normalise the rows, the full ``n x n`` Gram
   matrix, ``2 - 2 G`` clamped at ``eps²``, ``f_s``, zero the diagonal, sum. Skipped (and marked so)
@@ -76,6 +77,15 @@ def run_method(method: str, weight: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def maxrss_bytes() -> int:
+    """Peak RSS of this process: ``VmHWM`` (the counter ``reset_peak_rss`` resets), else
+    ``ru_maxrss``, which on Linux also keeps the peak seen by threads that exited before a reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -1,6 +1,7 @@
 """SPHERE projector: ``project_delta`` against a plain ``d x d`` eigh of ``C = Ŵᵀ Ŵ / n``.
 
-Reproduce (all four shapes; the plain 14336- and 18944-wide eighs take several minutes each):
+Reproduce (all four shapes, ~15 min on 2 cores; the plain 14336- and 18944-wide eighs are most
+of it):
 
     python benchmarks/projector.py
 
@@ -9,10 +10,11 @@ A quick subset:
     python benchmarks/projector.py --shapes 576x1536,6400x1600
 
 Every case runs in a fresh subprocess that loads the inputs from a file (generated once per
-size). Peak memory is the growth of ``ru_maxrss`` during the first run over the RSS just before it,
-with the kernel's peak counter reset to the current RSS after loading (``/proc/self/clear_refs``),
-so it counts what the computation itself allocates, output included. Timings are medians of
-``--repeats`` runs (``--plain-repeats`` for the baseline) after a small warm-up.
+size). Peak memory is the growth of the process's peak RSS (``VmHWM``, the counter behind
+``ru_maxrss``) during the first run over the RSS just before it, the peak having been reset to the
+current RSS after loading (``/proc/self/clear_refs``), so it counts what the computation
+itself allocates, output included. Timings are medians of ``--repeats`` runs
+(``--plain-repeats`` for the baseline) after a small warm-up.
 
 * ``plain``: the formula as written, in float32 (the dtype the accuracy is compared in): row
   normalise, ``C = Ŵᵀ Ŵ / n`` (``d x d``), ``torch.linalg.eigh``, cumulative-ratio cutoff over the
@@ -98,6 +100,15 @@ def run_method(method: str, delta, weight, beta: float, alpha: float):
 
 
 def maxrss_bytes() -> int:
+    """Peak RSS of this process: ``VmHWM`` (the counter ``reset_peak_rss`` resets), else
+    ``ru_maxrss``, which on Linux also keeps the peak seen by threads that exited before a reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

@@ -160,7 +160,7 @@ def test_float32_products_match_float64_path(name, s, chunk_size):
     assert energy.item() == pytest.approx(expected.item(), rel=1e-8)
 
 
-def test_float64_path_matches_naive_loop_on_structured_weights():
+def test_both_paths_match_naive_loop_on_structured_weights():
     weight = structured_weights()["scattered_duplicates"][:120]
     for s in (0.0, 1.0, 2.0):
         expected = naive_energy(weight, s)
