@@ -209,14 +209,12 @@ def compute_target_values(
     lm_head = model.get_output_embeddings()
     base = model.base_model
     n = len(requests)
+    # Requests whose prompts have the same shape share a chunk, so little compute goes to
+    # padding; each request's optimisation is independent of which chunk it is in.
+    shapes = [encode_with_subject(tokenizer, r.prompt, r.subject) for r in requests]
+    order = sorted(range(n), key=lambda i: (shapes[i].subject_last, len(shapes[i].ids)))
     chunks = [
-        _build_chunk(
-            tokenizer,
-            requests,
-            list(range(s, min(s + opts.batch_size, n))),
-            context_templates,
-            device,
-        )
+        _build_chunk(tokenizer, requests, order[s : s + opts.batch_size], context_templates, device)
         for s in range(0, n, opts.batch_size)
     ]
 
