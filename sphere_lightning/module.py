@@ -80,7 +80,6 @@ class EditingModule(LightningModule):
         self.step_metrics: dict[str, float] = {}
         self.original_weights: dict[str, torch.Tensor] = {}
         self.pre_edit_metrics: dict[str, float] = {}
-        self.final_metrics: dict[str, float] = {}
         self.phase_seconds: dict[str, float] = {}
         self._metrics = torch.nn.ModuleDict({k: MeanMetric() for k in EDIT_METRICS})
         self._evaluated_step = -1
@@ -216,7 +215,6 @@ class EditingModule(LightningModule):
             if metric.update_called:
                 metrics[f"{prefix}/{name}"] = float(metric.compute())
             metric.reset()
-        self.final_metrics.update(metrics)
         self.log_now(metrics)
         self._evaluated_step = self.global_step
 

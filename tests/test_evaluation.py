@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.evaluation import counterfact_scores, score_continuations, zsre_scores
 
 
@@ -43,17 +44,9 @@ def test_counterfact_scores_follow_the_definitions(tiny_gpt2, tokenizer, request
         assert abs(scores["specificity"][i].item() - sum(wins) / len(wins)) < 1e-6
 
 
-def test_zsre_scores_use_neighborhood_answers(tiny_llama, tokenizer):
-    request = EditRequest(
-        case_id=0,
-        subject="Toyota",
-        prompt="{} was founded in the country of",
-        target_new="Germany",
-        target_true="Japan",
-        paraphrase_prompts=("The company Toyota was founded in",),
-        neighborhood_prompts=("Honda was founded in the country of",),
-        neighborhood_answers=("Japan",),
-    )
+def test_zsre_scores_use_neighborhood_answers(tiny_llama, tokenizer, requests):
+    # The Toyota request of the shared fixture, with an explicit neighborhood answer.
+    request = dataclasses.replace(requests[2], neighborhood_answers=("Japan",))
     scores = zsre_scores(tiny_llama, tokenizer, [request])
     _, expected = _naive(tiny_llama, tokenizer, "Honda was founded in the country of", "Japan")
     assert scores["specificity"][0].item() == expected
