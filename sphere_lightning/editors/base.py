@@ -97,7 +97,7 @@ class LocateThenEditEditor(Editor):
         v_loss_threshold: A request's v* optimisation stops once its loss is below this.
         clamp_norm_factor: ‖v* − h‖ is clamped to this times ‖h‖.
         kl_factor: Weight of the KL term that keeps "{subject} is a" unchanged.
-        v_weight_decay: Weight of ‖v* − h‖² / ‖h‖².
+        v_weight_decay: Weight of ‖v* − h‖ / ‖h‖² (ROME/MEMIT's formula).
         v_batch_size: Requests per forward pass in the v* optimisation (memory only).
         skip_lower_layers: Replay the blocks below the target layer from a cache during the v*
             optimisation instead of recomputing them (same result, less work).

@@ -3,7 +3,8 @@
 This is ROME/MEMIT's ``compute_z`` written once for every locate-then-edit editor. A vector δ_j
 added to the residual stream after block ``layer`` at the subject's last token is optimised so the
 model predicts ``target_new`` after every context-prefixed prompt, with a KL term that keeps the
-subject's "{} is a" distribution and a weight decay on ‖δ‖; v*_j = h_j + δ_j.
+subject's "{} is a" distribution, KL(current ‖ initial), and a weight decay ‖δ‖ / ‖h‖²; the
+loss of each request is exactly the one of ROME/MEMIT's reference code. v*_j = h_j + δ_j.
 
 All requests of a batch are optimised together. Their losses are independent sums, and Adam acts
 element-wise, so this is the same optimisation as one request at a time; a request that reaches
@@ -39,7 +40,7 @@ class TargetOptions:
         loss_threshold: A request stops once its loss falls below this.
         clamp_norm_factor: ‖δ‖ is clamped to this times ‖h‖ [clamp_norm_factor].
         kl_factor: Weight of the KL term on "{subject} is a" [kl_factor].
-        weight_decay: Weight of ‖δ‖²/‖h‖² [v_weight_decay].
+        weight_decay: Weight of ‖δ‖ / ‖h‖², as in ROME/MEMIT's code [v_weight_decay].
         batch_size: Requests per forward pass; bounds memory, not the result.
         skip_lower_layers: Run the blocks up to ``layer`` once and replay their output, instead of
             recomputing them on every step (they do not depend on δ).
@@ -309,9 +310,11 @@ def compute_target_values(
         nll = torch.zeros(len(chunk.requests), device=device).index_add(
             0, owner, token_nll * chunk.tgt_weight[tgt_keep]
         )[active_req]
-        kl = F.kl_div(kl_logp, chunk.kl_init[active_req], log_target=True, reduction="none")
+        # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
+        kl = F.kl_div(chunk.kl_init[active_req], kl_logp, log_target=True, reduction="none")
         global_ids = chunk.requests[active_req]
-        decay = delta[global_ids].norm(dim=-1) ** 2 / init_norm[global_ids] ** 2
+        # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
+        decay = delta[global_ids].norm(dim=-1) / init_norm[global_ids] ** 2
         return nll + opts.kl_factor * kl.sum(-1) + opts.weight_decay * decay, global_ids
 
     delta = torch.zeros_like(initial, requires_grad=True)
