@@ -118,18 +118,30 @@ def gather_at_subject(
     read: str = "input",
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
-    """Each module's activation at each prompt's subject-last token, ``(len(prompts), dim)``."""
+    """Each module's activation at each prompt's subject-last token, ``(len(prompts), dim)``.
+
+    By causality nothing after the subject's last token changes these activations, so each
+    prompt runs only up to it, and prompts of similar length share a forward pass.
+    """
     device = model_device(model)
-    results: dict[str, list[torch.Tensor]] = {name: [] for name in module_names}
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].subject_last)
+    results: dict[str, torch.Tensor] = {}
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = pad_batch([p.ids for p in chunk], tokenizer.pad_token_id, device)
+        index = order[start : start + batch_size]
+        chunk = [prompts[i] for i in index]
+        ids, mask = pad_batch(
+            [p.ids[: p.subject_last + 1] for p in chunk], tokenizer.pad_token_id, device
+        )
         rows = torch.arange(len(chunk), device=device)
         cols = torch.tensor([p.subject_last for p in chunk], device=device)
         captured = capture(model, ids, mask, module_names, read)
+        where = torch.tensor(index, device=device)
         for name in module_names:
-            results[name].append(captured[name][rows, cols].float())
-    return {name: torch.cat(values) for name, values in results.items()}
+            value = captured[name][rows, cols].float()
+            if name not in results:
+                results[name] = value.new_empty(len(prompts), value.shape[-1])
+            results[name][where] = value
+    return results
 
 
 class WeightSnapshot:

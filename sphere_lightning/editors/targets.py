@@ -70,85 +70,101 @@ class TargetResult:
 
 
 @dataclass
+class _Sequence:
+    """One prompt of one request: its tokens, the subject's last token and its target tokens."""
+
+    request: int  # global request index
+    ids: list[int]
+    lookup: int  # index of the subject's last token
+    role: str  # "first" (the bare prompt, whose h is v*'s origin), "context" or "kl"
+    targets: list[tuple[int, int, float]]  # (position predicting it, token, weight)
+
+    @property
+    def suffix(self) -> int:
+        """Tokens from the subject's last one to the end: what every step has to run."""
+        return len(self.ids) - self.lookup
+
+
+@dataclass
 class _Chunk:
-    """The sequences of a few requests, aligned so every subject-last token is in column ``split``.
+    """Sequences run in one forward pass, aligned so every subject-last token is in ``split``.
 
     Sequences are left-padded to the alignment column and right-padded after it; position ids
-    follow the attention mask, so the padding changes nothing.
+    follow the attention mask, so the padding changes nothing. A chunk holds sequences, not
+    requests: a request's prompts may sit in different chunks (its loss is a sum over them).
     """
 
-    requests: torch.Tensor  # (R,) global request indices
+    seq_request: torch.Tensor  # (S,) global request index of each sequence
     ids: torch.Tensor  # (S, T)
     mask: torch.Tensor  # (S, T)
     positions: torch.Tensor  # (S, T)
     split: int  # column of every sequence's subject-last token
-    seq_request: torch.Tensor  # (S,) local request index of each sequence
-    first_seq: torch.Tensor  # (R,) the "{}"-template sequence of each request
-    kl_seq: torch.Tensor  # (R,) the KL sequence of each request
-    tgt_seq: torch.Tensor  # (P,) sequence of each target token
+    ends: torch.Tensor  # (S,) one past each sequence's last column
+    h_rows: torch.Tensor  # (H,) rows of "first" sequences (where h is read)
+    kl_rows: torch.Tensor  # (K,) rows of KL sequences
+    tgt_row: torch.Tensor  # (P,) row of each target token
     tgt_col: torch.Tensor  # (P,) column predicting it
     tgt_tok: torch.Tensor  # (P,) the token
     tgt_weight: torch.Tensor  # (P,) 1 / (#tokens of its target × #templates)
     start: int = 0  # first column each step runs (``split`` when the prefix is cached)
     replay_out: torch.Tensor | None = None  # block output at columns ≥ start
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    kl_init: torch.Tensor | None = None
+    kl_init: torch.Tensor | None = None  # (K, V) log-probabilities before the edit
+
+
+def _sequences(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+) -> list[_Sequence]:
+    seqs = []
+    for index, request in enumerate(requests):
+        target = encode_target(tokenizer, request.target_new)
+        weight = 1.0 / (len(target) * len(templates))
+        for t, template in enumerate(templates):
+            enc = encode_with_subject(tokenizer, template.format(request.prompt), request.subject)
+            targets = [(len(enc.ids) - 1 + k, tok, weight) for k, tok in enumerate(target)]
+            role = "first" if t == 0 else "context"
+            seqs.append(_Sequence(index, enc.ids + target[:-1], enc.subject_last, role, targets))
+        # The KL term reads the subject's last token, so by causality the tokens after it
+        # (" is a") change nothing and are not run.
+        enc = encode_with_subject(tokenizer, KL_PROMPT, request.subject)
+        seqs.append(_Sequence(index, enc.ids[: enc.subject_last + 1], enc.subject_last, "kl", []))
+    return seqs
 
 
 def _build_chunk(
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[EditRequest],
-    indices: list[int],
-    templates: Sequence[str],
-    device: torch.device,
+    tokenizer: PreTrainedTokenizerBase, seqs: Sequence[_Sequence], device: torch.device
 ) -> _Chunk:
-    seqs, lookups, seq_request, first_seq, kl_seq = [], [], [], [], []
-    targets: list[tuple[int, int, int, float]] = []  # (sequence, position, token, weight)
-    for local, index in enumerate(indices):
-        request = requests[index]
-        target = encode_target(tokenizer, request.target_new)
-        for t, template in enumerate(templates):
-            enc = encode_with_subject(tokenizer, template.format(request.prompt), request.subject)
-            if t == 0:
-                first_seq.append(len(seqs))
-            weight = 1.0 / (len(target) * len(templates))
-            targets += [
-                (len(seqs), len(enc.ids) - 1 + k, tok, weight) for k, tok in enumerate(target)
-            ]
-            seqs.append(enc.ids + target[:-1])
-            lookups.append(enc.subject_last)
-            seq_request.append(local)
-        enc = encode_with_subject(tokenizer, KL_PROMPT, request.subject)
-        kl_seq.append(len(seqs))
-        seqs.append(enc.ids)
-        lookups.append(enc.subject_last)
-        seq_request.append(local)
-
-    split = max(lookups)
-    shifts = [split - lookup for lookup in lookups]
-    width = max(shift + len(seq) for shift, seq in zip(shifts, seqs, strict=True))
+    split = max(seq.lookup for seq in seqs)
+    shifts = [split - seq.lookup for seq in seqs]
+    width = split + max(seq.suffix for seq in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, (shift, seq) in enumerate(zip(shifts, seqs, strict=True)):
-        ids[row, shift : shift + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, shift : shift + len(seq)] = 1
+        ids[row, shift : shift + len(seq.ids)] = torch.as_tensor(seq.ids, dtype=torch.long)
+        mask[row, shift : shift + len(seq.ids)] = 1
     positions = (mask.cumsum(1) - 1).clamp_min(0)
+    targets = [
+        (row, pos + shifts[row], tok, weight)
+        for row, seq in enumerate(seqs)
+        for pos, tok, weight in seq.targets
+    ]
 
     def long(values) -> torch.Tensor:
         return torch.as_tensor(values, dtype=torch.long, device=device)
 
-    seq_of = [t[0] for t in targets]
     return _Chunk(
-        requests=long(indices),
+        seq_request=long([seq.request for seq in seqs]),
         ids=ids.to(device),
         mask=mask.to(device),
         positions=positions.to(device),
         split=split,
-        seq_request=long(seq_request),
-        first_seq=long(first_seq),
-        kl_seq=long(kl_seq),
-        tgt_seq=long(seq_of),
-        tgt_col=long([t[1] + shifts[seq] for t, seq in zip(targets, seq_of, strict=True)]),
+        ends=long([split + seq.suffix for seq in seqs]),
+        h_rows=long([row for row, seq in enumerate(seqs) if seq.role == "first"]),
+        kl_rows=long([row for row, seq in enumerate(seqs) if seq.role == "kl"]),
+        tgt_row=long([t[0] for t in targets]),
+        tgt_col=long([t[1] for t in targets]),
         tgt_tok=long([t[2] for t in targets]),
         tgt_weight=torch.tensor([t[3] for t in targets], device=device),
     )
@@ -210,14 +226,19 @@ def compute_target_values(
     lm_head = model.get_output_embeddings()
     base = model.base_model
     n = len(requests)
-    # Requests whose prompts have the same shape share a chunk, so little compute goes to
-    # padding; each request's optimisation is independent of which chunk it is in.
-    shapes = [encode_with_subject(tokenizer, r.prompt, r.subject) for r in requests]
-    order = sorted(range(n), key=lambda i: (shapes[i].subject_last, len(shapes[i].ids)))
-    chunks = [
-        _build_chunk(tokenizer, requests, order[s : s + opts.batch_size], context_templates, device)
-        for s in range(0, n, opts.batch_size)
-    ]
+    # Every step runs each sequence from its subject's last token on, so a chunk holds sequences
+    # of one suffix length (sorted by prefix length): no step computes padding. Each request's
+    # optimisation is independent of which chunks its prompts are in.
+    seqs = sorted(
+        _sequences(tokenizer, requests, context_templates), key=lambda s: (s.suffix, s.lookup)
+    )
+    rows_per_chunk = opts.batch_size * (len(context_templates) + 1)
+    groups: list[list[_Sequence]] = []
+    for seq in seqs:
+        if not groups or groups[-1][0].suffix != seq.suffix or len(groups[-1]) == rows_per_chunk:
+            groups.append([])
+        groups[-1].append(seq)
+    chunks = [_build_chunk(tokenizer, group, device) for group in groups]
 
     # transformers renamed `past_key_values` to `cache` during 5.x.
     cache_arg = (
@@ -225,7 +246,9 @@ def compute_target_values(
     )
 
     # Pass 0, without δ: the residual stream h at the edit point, the initial KL distribution,
-    # the block output to replay and the prefix keys/values.
+    # the block output to replay and the prefix keys/values. With the prefix reused, the prefix
+    # runs once (keeping its cache) and the suffix continues from that cache, so every token is
+    # computed once.
     captured: dict[str, object] = {}
 
     def keep(module, args, output):
@@ -234,20 +257,7 @@ def compute_target_values(
     initial = torch.zeros(n, model.config.hidden_size, device=device)
     replay = opts.skip_lower_layers
     for chunk in chunks:
-        handle = block.register_forward_hook(keep)
-        with torch.no_grad():
-            hidden = base(
-                input_ids=chunk.ids,
-                attention_mask=chunk.mask,
-                position_ids=chunk.positions,
-                use_cache=False,
-            ).last_hidden_state
-        handle.remove()
-        out = captured.pop("out")
-        if isinstance(out, tuple):  # a block type that returns more than the hidden state
-            replay, out = False, out[0]
-        initial[chunk.requests] = out[chunk.first_seq, chunk.split].float()
-        chunk.kl_init = F.log_softmax(lm_head(hidden[chunk.kl_seq, chunk.split]).float(), dim=-1)
+        inputs = {"attention_mask": chunk.mask}
         if opts.reuse_prefix and chunk.split > 0:
             chunk.start = chunk.split
             with torch.no_grad():
@@ -259,7 +269,29 @@ def compute_target_values(
                 )
             cache = getattr(output, "cache", None) or output.past_key_values
             chunk.prefix_kv = [(lay.keys, lay.values) for lay in cache.layers]
-        chunk.replay_out = out[:, chunk.start :].detach() if replay else None
+            everything = torch.arange(len(chunk.ids), device=device)
+            inputs.update({cache_arg: _cache_from(chunk.prefix_kv, everything), "use_cache": True})
+        else:
+            inputs["use_cache"] = False
+        start = chunk.start
+        handle = block.register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                hidden = base(
+                    input_ids=chunk.ids[:, start:],
+                    position_ids=chunk.positions[:, start:],
+                    **inputs,
+                ).last_hidden_state
+        finally:
+            handle.remove()
+        out = captured.pop("out")
+        if isinstance(out, tuple):  # a block type that returns more than the hidden state
+            replay, out = False, out[0]
+        initial[chunk.seq_request[chunk.h_rows]] = out[chunk.h_rows, chunk.split - start].float()
+        chunk.kl_init = F.log_softmax(
+            lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
+        )
+        chunk.replay_out = out.detach() if replay else None
 
     state: dict[str, torch.Tensor | None] = {"add": None, "col": None}
 
@@ -269,53 +301,50 @@ def compute_target_values(
         hidden[:, state["col"]] += state["add"].to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    def chunk_loss(chunk: _Chunk, local_active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-request loss of the chunk's active requests, and their global indices."""
-        rows = torch.nonzero(local_active[chunk.seq_request]).squeeze(1)
+    def chunk_loss(chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """The chunk's contribution (NLL and KL terms) to every request's loss, for ``rows``."""
         remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
         remap[rows] = torch.arange(len(rows), device=device)
         start = chunk.start
-        state["add"] = delta[chunk.requests[chunk.seq_request[rows]]]
+        end = int(chunk.ends[rows].max())  # right padding past every row's end is not run
+        state["add"] = delta[chunk.seq_request[rows]]
         state["col"] = chunk.split - start
         kwargs = {
-            "input_ids": chunk.ids[rows, start:],
-            "attention_mask": chunk.mask[rows],
-            "position_ids": chunk.positions[rows, start:],
+            "input_ids": chunk.ids[rows, start:end],
+            "attention_mask": chunk.mask[rows, :end],
+            "position_ids": chunk.positions[rows, start:end],
         }
         if chunk.prefix_kv is not None:
             kwargs.update({cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
         else:
             kwargs.update(use_cache=False)
         if chunk.replay_out is not None:
-            with _ReplayBelow(blocks, layer, chunk.replay_out[rows]):
+            with _ReplayBelow(blocks, layer, chunk.replay_out[rows, : end - start]):
                 hidden = base(**kwargs).last_hidden_state
         else:
             hidden = base(**kwargs).last_hidden_state
 
-        active_req = local_active.nonzero().squeeze(1)
-        kl_rows = remap[chunk.kl_seq[active_req]]
-        tgt_keep = local_active[chunk.seq_request[chunk.tgt_seq]]
-        tgt_rows = remap[chunk.tgt_seq[tgt_keep]]
+        kl_keep = remap[chunk.kl_rows] >= 0
+        tgt_keep = remap[chunk.tgt_row] >= 0
+        kl_rows = chunk.kl_rows[kl_keep]
+        tgt_rows = chunk.tgt_row[tgt_keep]
         picked = torch.cat(
             [
-                hidden[kl_rows, chunk.split - start],
-                hidden[tgt_rows, chunk.tgt_col[tgt_keep] - start],
+                hidden[remap[kl_rows], chunk.split - start],
+                hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
             ]
         )
         logp = F.log_softmax(lm_head(picked).float(), dim=-1)
         kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
         # NLL: mean over target tokens, then over templates, per request.
         token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
-        owner = chunk.seq_request[chunk.tgt_seq[tgt_keep]]
-        nll = torch.zeros(len(chunk.requests), device=device).index_add(
-            0, owner, token_nll * chunk.tgt_weight[tgt_keep]
-        )[active_req]
         # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
-        kl = F.kl_div(chunk.kl_init[active_req], kl_logp, log_target=True, reduction="none")
-        global_ids = chunk.requests[active_req]
-        # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
-        decay = delta[global_ids].norm(dim=-1) / init_norm[global_ids] ** 2
-        return nll + opts.kl_factor * kl.sum(-1) + opts.weight_decay * decay, global_ids
+        kl = F.kl_div(chunk.kl_init[kl_keep], kl_logp, log_target=True, reduction="none")
+        terms = torch.zeros(n, device=device)
+        terms = terms.index_add(
+            0, chunk.seq_request[tgt_rows], token_nll * chunk.tgt_weight[tgt_keep]
+        )
+        return terms.index_add(0, chunk.seq_request[kl_rows], opts.kl_factor * kl.sum(-1))
 
     delta = torch.zeros_like(initial, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=opts.lr)
@@ -328,14 +357,20 @@ def compute_target_values(
     try:
         for step in bar:
             optimizer.zero_grad(set_to_none=False)
+            total = torch.zeros(n, device=device)
             for chunk in chunks:
-                local_active = active[chunk.requests]
-                if not local_active.any():
+                rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
+                if len(rows) == 0:
                     continue
-                loss, global_ids = chunk_loss(chunk, local_active)
-                losses[global_ids] = loss.detach()
-                steps[global_ids] = step
-                loss.sum().backward()
+                terms = chunk_loss(chunk, rows)
+                total += terms.detach()
+                terms.sum().backward()
+            # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
+            decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
+            decay[active].sum().backward()
+            total += decay.detach()
+            losses[active] = total[active]
+            steps[active] = step
             # ROME's early stop: a request whose loss is below the threshold keeps its δ.
             active &= losses >= opts.loss_threshold
             bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))

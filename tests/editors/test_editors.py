@@ -404,7 +404,7 @@ def _target_values(model, tokenizer, requests, **options):
         requests,
         2,
         TEMPLATES,
-        TargetOptions(num_steps=12, lr=0.5, **options),
+        TargetOptions(**{"num_steps": 12, "lr": 0.5, **options}),
         progress=False,
     )
 
@@ -421,25 +421,25 @@ def test_fast_paths_are_the_same_mathematics(
     lower_mlp = spec.blocks(model)[0].mlp
     calls = []
     handle = lower_mlp.register_forward_hook(lambda *args: calls.append(1))
+    fast_options = {"skip_lower_layers": skip_lower_layers, "reuse_prefix": reuse_prefix}
     try:
-        fast = _target_values(
-            model,
-            tokenizer,
-            requests[:2],
-            skip_lower_layers=skip_lower_layers,
-            reuse_prefix=reuse_prefix,
-        )
-        fast_calls = len(calls)
+        short = _target_values(model, tokenizer, requests[:2], num_steps=2, **fast_options)
+        short_calls = len(calls)
+        fast = _target_values(model, tokenizer, requests[:2], **fast_options)
+        fast_calls = len(calls) - short_calls
         slow = _target_values(
             model, tokenizer, requests[:2], skip_lower_layers=False, reuse_prefix=False
         )
-        slow_calls = len(calls) - fast_calls
+        slow_calls = len(calls) - fast_calls - short_calls
     finally:
         handle.remove()
+    assert max(fast.steps) == 12 and max(short.steps) == 2
     if skip_lower_layers:
-        # Blocks 0..2 ran only in the first pass (and the prefix pass), never per step.
-        assert fast_calls == 1 + int(reuse_prefix)
+        # The lower blocks ran only in the first pass, never per step.
+        assert fast_calls == short_calls
         assert slow_calls > fast_calls
+    else:
+        assert fast_calls > short_calls
     torch.testing.assert_close(fast.initial, slow.initial, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.values, slow.values, rtol=0, atol=1e-4)
     assert fast.losses == pytest.approx(slow.losses, abs=1e-4)
