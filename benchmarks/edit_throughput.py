@@ -3,10 +3,12 @@
 Both paths run the same pipeline as a training step of `configs/edit.yaml` (AlphaEdit + SPHERE,
 the editor settings read from that file): v* optimisation, keys, solve, SPHERE projection, apply,
 callbacks (HE of the edited layers) and AlphaEdit's key accumulation. They differ only in the v*
-optimisation: ours optimises all requests of the batch together, replays the blocks below the
-edit layer and reuses the prompt prefix's key/value cache; the reference optimises one request
-per forward pass through the whole model (the straightforward implementation). Efficacy over the
-batch is measured after each path, then the weights are restored.
+optimisation: ours optimises all requests of the batch together, runs prompts of the same suffix
+length together whatever request they belong to, replays the blocks below the edit layer and
+continues from the prompt prefixes' key/value cache; the reference optimises one request per
+forward pass (its prompts padded together, as in ROME's ``compute_z``) through the whole model
+(the straightforward implementation). Efficacy over the batch is measured after each path, then
+the weights are restored.
 
 The one-at-a-time v* optimisation costs the same for each request (one forward/backward per
 request and step), so with ``--reference-requests k`` it runs on the first k requests and its v*
@@ -112,7 +114,9 @@ def main() -> None:
 
     rows: dict[str, dict[str, float]] = {}
     efficacy: dict[str, float] = {}
-    reference = dict(v_batch_size=1, skip_lower_layers=False, reuse_prefix=False)
+    reference = dict(
+        v_batch_size=1, skip_lower_layers=False, reuse_prefix=False, group_by_suffix=False
+    )
     measure(f"ours, {len(requests)} req", requests, {})
     scale = 1.0
     if not args.skip_reference:

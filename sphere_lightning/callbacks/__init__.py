@@ -1,6 +1,16 @@
-"""Callbacks: delta transforms (SPHERE) and observers (hyperspherical energy)."""
+"""Callbacks: delta transforms (SPHERE) and observers (energy, general ability, drift, figures)."""
 
+from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
+from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
+from sphere_lightning.callbacks.general import GeneralAbilityCallback
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 
-__all__ = ["HyperSphericalEnergyCallback", "SphereProjectionCallback"]
+__all__ = [
+    "CosineHeatmapCallback",
+    "DriftCallback",
+    "GeneralAbilityCallback",
+    "HyperSphericalEnergyCallback",
+    "MetricTrendsCallback",
+    "SphereProjectionCallback",
+]

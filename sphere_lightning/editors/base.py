@@ -103,6 +103,9 @@ class LocateThenEditEditor(Editor):
             optimisation instead of recomputing them (same result, less work).
         reuse_prefix: Compute the key/value cache of the prompt tokens before the subject's last
             token once per batch; by causality they do not depend on v* (same result, less work).
+        group_by_suffix: In the v* optimisation, run together the prompts (of any requests) that
+            have the same number of tokens from the subject's last one on, so no step computes
+            padding (same result, less work). Off: whole requests per forward pass, as in ROME.
         num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
         context_template_length: Length in tokens of each generated prefix.
         stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
@@ -128,6 +131,7 @@ class LocateThenEditEditor(Editor):
         v_batch_size: int = 25,
         skip_lower_layers: bool = True,
         reuse_prefix: bool = True,
+        group_by_suffix: bool = True,
         num_context_templates: int = 5,
         context_template_length: int = 10,
         stats_corpus: str = GENERATED,
@@ -167,6 +171,7 @@ class LocateThenEditEditor(Editor):
             batch_size=v_batch_size,
             skip_lower_layers=skip_lower_layers,
             reuse_prefix=reuse_prefix,
+            group_by_suffix=group_by_suffix,
         )
         self.num_context_templates = num_context_templates
         self.context_template_length = context_template_length

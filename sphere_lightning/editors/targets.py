@@ -46,6 +46,9 @@ class TargetOptions:
             recomputing them on every step (they do not depend on δ).
         reuse_prefix: Compute the key/value cache of the tokens before the subject's last token
             once; by causality they do not depend on δ, so each step runs only the suffix.
+        group_by_suffix: Put sequences of the same suffix length (from the subject's last token
+            on) in one forward pass, whichever request they belong to, so no step computes
+            padding. Off: each forward pass holds ``batch_size`` whole requests (ROME's layout).
     """
 
     num_steps: int = 25
@@ -57,6 +60,7 @@ class TargetOptions:
     batch_size: int = 25
     skip_lower_layers: bool = True
     reuse_prefix: bool = True
+    group_by_suffix: bool = True
 
 
 @dataclass
@@ -201,6 +205,65 @@ def _cache_from(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.
     return cache
 
 
+def _prefix_caches(
+    base: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    seqs: Sequence[_Sequence],
+    batch_rows: int,
+    device: torch.device,
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Keys/values of every sequence's prefix (the tokens before its subject's last one).
+
+    Prefixes of similar length share a forward pass (left-padded, with mask-derived positions,
+    so each sequence's keys/values are those of the sequence alone). Keyed by ``id(seq)``;
+    each entry holds one ``(keys, values)`` pair per layer, ``(heads, prefix, head_dim)``.
+    """
+    todo = sorted((s for s in seqs if s.lookup > 0), key=lambda s: s.lookup)
+    result: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for b in range(0, len(todo), batch_rows):
+        batch = todo[b : b + batch_rows]
+        width = batch[-1].lookup
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):
+            ids[row, width - seq.lookup :] = torch.as_tensor(seq.ids[: seq.lookup])
+            mask[row, width - seq.lookup :] = 1
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        with torch.no_grad():
+            output = base(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                use_cache=True,
+            )
+        cache = getattr(output, "cache", None) or output.past_key_values
+        layers = [(lay.keys, lay.values) for lay in cache.layers]
+        for row, seq in enumerate(batch):
+            cut = width - seq.lookup
+            result[id(seq)] = [(k[row, :, cut:], v[row, :, cut:]) for k, v in layers]
+    return result
+
+
+def _assemble_cache(
+    group: Sequence[_Sequence],
+    prefix_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]],
+    split: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prefix cache of a chunk: each row's prefix right-aligned to column ``split``."""
+    first = next(prefix_kv[id(seq)] for seq in group if seq.lookup > 0)
+    layers = []
+    for index, (k0, v0) in enumerate(first):
+        keys = k0.new_zeros(len(group), k0.shape[0], split, k0.shape[-1])
+        values = v0.new_zeros(len(group), v0.shape[0], split, v0.shape[-1])
+        for row, seq in enumerate(group):
+            if seq.lookup > 0:
+                k, v = prefix_kv[id(seq)][index]
+                keys[row, :, split - seq.lookup :] = k
+                values[row, :, split - seq.lookup :] = v
+        layers.append((keys, values))
+    return layers
+
+
 def compute_target_values(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -226,18 +289,21 @@ def compute_target_values(
     lm_head = model.get_output_embeddings()
     base = model.base_model
     n = len(requests)
-    # Every step runs each sequence from its subject's last token on, so a chunk holds sequences
-    # of one suffix length (sorted by prefix length): no step computes padding. Each request's
-    # optimisation is independent of which chunks its prompts are in.
-    seqs = sorted(
-        _sequences(tokenizer, requests, context_templates), key=lambda s: (s.suffix, s.lookup)
-    )
-    rows_per_chunk = opts.batch_size * (len(context_templates) + 1)
+    seqs = _sequences(tokenizer, requests, context_templates)
+    per_request = len(context_templates) + 1
+    rows_per_chunk = opts.batch_size * per_request
     groups: list[list[_Sequence]] = []
-    for seq in seqs:
-        if not groups or groups[-1][0].suffix != seq.suffix or len(groups[-1]) == rows_per_chunk:
-            groups.append([])
-        groups[-1].append(seq)
+    if opts.group_by_suffix:
+        # Every step runs each sequence from its subject's last token on, so a chunk holds
+        # sequences of one suffix length (sorted by prefix length): no step computes padding.
+        # Each request's optimisation is independent of which chunks its prompts are in.
+        for seq in sorted(seqs, key=lambda s: (s.suffix, s.lookup)):
+            full = groups and len(groups[-1]) == rows_per_chunk
+            if not groups or groups[-1][0].suffix != seq.suffix or full:
+                groups.append([])
+            groups[-1].append(seq)
+    else:
+        groups = [seqs[s : s + rows_per_chunk] for s in range(0, len(seqs), rows_per_chunk)]
     chunks = [_build_chunk(tokenizer, group, device) for group in groups]
 
     # transformers renamed `past_key_values` to `cache` during 5.x.
@@ -246,9 +312,11 @@ def compute_target_values(
     )
 
     # Pass 0, without δ: the residual stream h at the edit point, the initial KL distribution,
-    # the block output to replay and the prefix keys/values. With the prefix reused, the prefix
-    # runs once (keeping its cache) and the suffix continues from that cache, so every token is
-    # computed once.
+    # the block output to replay and the prefix keys/values. With the prefix reused, the prefixes
+    # run once, in batches of similar length, and each chunk's suffix continues from their cache,
+    # so every token is computed once.
+    if opts.reuse_prefix:
+        prefix_kv = _prefix_caches(base, tokenizer, seqs, rows_per_chunk, device)
     captured: dict[str, object] = {}
 
     def keep(module, args, output):
@@ -256,19 +324,11 @@ def compute_target_values(
 
     initial = torch.zeros(n, model.config.hidden_size, device=device)
     replay = opts.skip_lower_layers
-    for chunk in chunks:
+    for chunk, group in zip(chunks, groups, strict=True):
         inputs = {"attention_mask": chunk.mask}
         if opts.reuse_prefix and chunk.split > 0:
             chunk.start = chunk.split
-            with torch.no_grad():
-                output = base(
-                    input_ids=chunk.ids[:, : chunk.split],
-                    attention_mask=chunk.mask[:, : chunk.split],
-                    position_ids=chunk.positions[:, : chunk.split],
-                    use_cache=True,
-                )
-            cache = getattr(output, "cache", None) or output.past_key_values
-            chunk.prefix_kv = [(lay.keys, lay.values) for lay in cache.layers]
+            chunk.prefix_kv = _assemble_cache(group, prefix_kv, chunk.split)
             everything = torch.arange(len(chunk.ids), device=device)
             inputs.update({cache_arg: _cache_from(chunk.prefix_kv, everything), "use_cache": True})
         else:
@@ -292,6 +352,8 @@ def compute_target_values(
             lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
         )
         chunk.replay_out = out.detach() if replay else None
+    if opts.reuse_prefix:
+        del prefix_kv
 
     state: dict[str, torch.Tensor | None] = {"add": None, "col": None}
 
@@ -358,23 +420,28 @@ def compute_target_values(
         for step in bar:
             optimizer.zero_grad(set_to_none=False)
             total = torch.zeros(n, device=device)
-            for chunk in chunks:
-                rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
-                if len(rows) == 0:
-                    continue
-                terms = chunk_loss(chunk, rows)
-                total += terms.detach()
-                terms.sum().backward()
-            # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
-            decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
-            decay[active].sum().backward()
+            # As in ROME, the last step only measures the loss: no gradient is needed.
+            last = step == opts.num_steps - 1
+            with torch.set_grad_enabled(not last):
+                for chunk in chunks:
+                    rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
+                    if len(rows) == 0:
+                        continue
+                    terms = chunk_loss(chunk, rows)
+                    total += terms.detach()
+                    if not last:
+                        terms.sum().backward()
+                # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
+                decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
+                if not last:
+                    decay[active].sum().backward()
             total += decay.detach()
             losses[active] = total[active]
             steps[active] = step
             # ROME's early stop: a request whose loss is below the threshold keeps its δ.
             active &= losses >= opts.loss_threshold
             bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))
-            if step == opts.num_steps - 1 or not active.any():
+            if last or not active.any():
                 break
             frozen = delta.detach().clone()
             optimizer.step()

@@ -411,24 +411,40 @@ def _target_values(model, tokenizer, requests, **options):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
-    ("skip_lower_layers", "reuse_prefix"), [(True, False), (False, True), (True, True)]
+    ("skip_lower_layers", "reuse_prefix", "group_by_suffix"),
+    [
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+        (True, True, True),
+    ],
 )
 def test_fast_paths_are_the_same_mathematics(
-    family, skip_lower_layers, reuse_prefix, make_tiny_model, tokenizer, requests
+    family, skip_lower_layers, reuse_prefix, group_by_suffix, make_tiny_model, tokenizer, requests
 ):
     model = make_tiny_model(family)
     spec = architecture_of(model)
     lower_mlp = spec.blocks(model)[0].mlp
     calls = []
     handle = lower_mlp.register_forward_hook(lambda *args: calls.append(1))
-    fast_options = {"skip_lower_layers": skip_lower_layers, "reuse_prefix": reuse_prefix}
+    fast_options = {
+        "skip_lower_layers": skip_lower_layers,
+        "reuse_prefix": reuse_prefix,
+        "group_by_suffix": group_by_suffix,
+    }
     try:
         short = _target_values(model, tokenizer, requests[:2], num_steps=2, **fast_options)
         short_calls = len(calls)
         fast = _target_values(model, tokenizer, requests[:2], **fast_options)
         fast_calls = len(calls) - short_calls
         slow = _target_values(
-            model, tokenizer, requests[:2], skip_lower_layers=False, reuse_prefix=False
+            model,
+            tokenizer,
+            requests[:2],
+            skip_lower_layers=False,
+            reuse_prefix=False,
+            group_by_suffix=False,
         )
         slow_calls = len(calls) - fast_calls - short_calls
     finally:
