@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import time
 import warnings
+from pathlib import Path
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from sphere_lightning.callbacks import (
+    DriftCallback,
+    GeneralAbilityCallback,
+    HyperSphericalEnergyCallback,
+    MetricTrendsCallback,
+)
+from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.module import EditingModule
 
@@ -20,13 +33,82 @@ TRAINER_DEFAULTS = {
 
 
 class EditingCLI(LightningCLI):
-    """LightningCLI that also evaluates once more after the last edit, if it was not already."""
+    """LightningCLI that evaluates once more after the last edit (if it was not already) and
+    writes ``summary.json`` into the run's log folder."""
+
+    def before_fit(self) -> None:
+        """Start the run's wall clock."""
+        self._fit_started = time.perf_counter()
 
     def after_fit(self) -> None:
-        """Log final edit metrics at the last step if validation did not run there."""
-        if self.trainer.interrupted or self.model.evaluated_at_current_step:
+        """Log final edit metrics at the last step if validation did not run there; summarise."""
+        if self.trainer.interrupted:
             return
-        self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if not self.model.evaluated_at_current_step:
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        path = write_summary(
+            self.trainer,
+            self.model,
+            config=self._resolved_config(),
+            wall_seconds=time.perf_counter() - getattr(self, "_fit_started", time.perf_counter()),
+        )
+        if path is not None:
+            rank_zero_info(f"Run summary: {path}")
+
+    def _resolved_config(self) -> dict[str, Any]:
+        parser = self._parser(self.subcommand)
+        config = self.config.get(str(self.subcommand), self.config)
+        return yaml.safe_load(parser.dump(config, skip_none=False, skip_check=True))
+
+
+def summarise(trainer, module: EditingModule) -> dict[str, Any]:
+    """Final and pre-edit values of everything a run watches, read from the module and its
+    callbacks (the same numbers they last logged)."""
+    summary: dict[str, Any] = {
+        "global_step": trainer.global_step,
+        "num_edited": module.num_edited(),
+        "edit": {
+            "protocol": "after all edits, over all edited facts (lifelong)",
+            "pre": module.pre_edit_metrics,
+            "final": module.final_edit_metrics,
+        },
+        "phase_seconds": dict(module.phase_seconds),
+    }
+    for callback in trainer.callbacks:
+        if isinstance(callback, HyperSphericalEnergyCallback):
+            final = callback.energies(module)
+            summary["energy"] = {
+                short_name(n): {"baseline": callback.baseline[n], "final": final[n]} for n in final
+            }
+        elif isinstance(callback, GeneralAbilityCallback):
+            summary["general"] = {
+                task: {
+                    "baseline": callback.baseline.get(task, {}),
+                    "final": callback.latest.get(task, {}),
+                    "final_step": callback.latest_step,
+                }
+                for task in callback.tasks
+            }
+        elif isinstance(callback, DriftCallback):
+            summary["drift"] = {"kl": callback.kl, "perplexity": callback.perplexity}
+        elif isinstance(callback, MetricTrendsCallback):
+            summary["spearman_with_energy"] = dict(callback.correlations)
+    return summary
+
+
+def write_summary(
+    trainer, module: EditingModule, config: dict[str, Any], wall_seconds: float
+) -> Path | None:
+    """Write ``summary.json`` into the run's log folder (rank zero only); returns its path."""
+    if not trainer.is_global_zero or trainer.log_dir is None:
+        return None
+    summary = summarise(trainer, module)
+    summary["wall_seconds"] = wall_seconds
+    summary["config"] = config
+    path = Path(trainer.log_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return path
 
 
 def cli_main(args: list[str] | None = None) -> EditingCLI:

@@ -14,6 +14,7 @@ from typing_extensions import override
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.editors.base import Editor
 from sphere_lightning.evaluation import METRIC_FAMILIES
+from sphere_lightning.fluency import greedy_generations, ngram_entropy
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import load_model
 
@@ -53,11 +54,24 @@ class EditingModule(LightningModule):
     update lands on), ``original_weights`` (``{name: W₀}``, same convention),
     :meth:`edited_weight` and :meth:`edit_scores`.
 
+    Edit metrics follow two protocols, each under its own prefix:
+
+    - ``edit/*``, the lifelong protocol: after all edits so far, over all facts edited so far
+      (at ``val_check_interval`` and after the last batch; ``edit_pre/*`` and ``edit/*`` at step
+      0 hold the pre-edit values over every fact the run will edit);
+    - ``edit_batch/*``: right after each batch, over that batch only.
+
     Args:
         editor: Computes ΔW for each batch (``class_path`` of an :class:`Editor`).
         model: ``smollm2-135m`` (embedded), a ``.gguf`` file, a local folder or a hub id.
         dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
         score_batch_size: Sequences per forward pass when scoring edit metrics.
+        batch_metrics: Score each batch right after it is applied (``edit_batch/*``).
+        fluency_prompts: Fluency (ROME/MEMIT's weighted 2/3-gram entropy of greedy generations)
+            is measured from the prompts of the first this-many facts of the run, before the
+            first edit (``edit_pre/fluency``) and in the lifelong protocol (``edit/fluency``,
+            over the facts edited so far). 0 turns it off.
+        fluency_max_new_tokens: Tokens generated per fluency prompt.
     """
 
     def __init__(
@@ -66,6 +80,9 @@ class EditingModule(LightningModule):
         model: str = "smollm2-135m",
         dtype: str = "float32",
         score_batch_size: int = 64,
+        batch_metrics: bool = True,
+        fluency_prompts: int = 16,
+        fluency_max_new_tokens: int = 50,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["editor"])
@@ -74,6 +91,16 @@ class EditingModule(LightningModule):
         self.model_name = model
         self.dtype_name = dtype
         self.score_batch_size = score_batch_size
+        self.batch_metrics = batch_metrics
+        if fluency_prompts < 0:
+            raise ValueError(f"`model.fluency_prompts` should be ≥ 0, got {fluency_prompts}")
+        if fluency_max_new_tokens < 1:
+            raise ValueError(
+                f"`model.fluency_max_new_tokens` should be ≥ 1, got {fluency_max_new_tokens}"
+            )
+        self.fluency_prompts = fluency_prompts
+        self.fluency_max_new_tokens = fluency_max_new_tokens
+        self.final_edit_metrics: dict[str, float] = {}
         self.model = None
         self.tokenizer = None
         self.pending_deltas: dict[str, torch.Tensor] = {}
@@ -134,6 +161,9 @@ class EditingModule(LightningModule):
             requests = self.trainer.datamodule.requests
             scores = self.edit_scores(requests)
             self.pre_edit_metrics = {k: float(v.nanmean()) for k, v in scores.items()}
+            fluency = self.fluency(requests)
+            if fluency is not None:
+                self.pre_edit_metrics["fluency"] = fluency
             self._add_time("evaluation", start, log=False)
             rank_zero_info(
                 f"Pre-edit metrics over {len(requests)} requests: {self.pre_edit_metrics}"
@@ -154,6 +184,14 @@ class EditingModule(LightningModule):
         self.editor.after_apply(self.model, self.tokenizer, batch.requests)
         self._add_time("after_apply", start)
         self.pending_deltas = {}
+        if self.batch_metrics:
+            start = time.perf_counter()
+            scores = self.edit_scores(batch.requests)
+            for name, values in scores.items():
+                values = values[~values.isnan()]
+                if len(values):
+                    self.step_metrics[f"edit_batch/{name}"] = float(values.mean())
+            self._add_time("batch_evaluation", start)
         self.step_metrics.update({f"editor/{k}": v for k, v in self.editor.last_metrics.items()})
         self.step_metrics.update({f"time/{k}": v for k, v in self.editor.last_timings.items()})
         self.step_metrics["edit/num_edited"] = float(batch.positions[-1] + 1)
@@ -191,6 +229,20 @@ class EditingModule(LightningModule):
             self.model, self.tokenizer, requests, batch_size=self.score_batch_size
         )
 
+    def fluency(self, requests: list[EditRequest]) -> float | None:
+        """N-gram entropy of greedy generations from the first ``fluency_prompts`` requests."""
+        if self.fluency_prompts == 0 or not requests:
+            return None
+        prompts = [r.filled_prompt for r in requests[: self.fluency_prompts]]
+        texts = greedy_generations(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.fluency_max_new_tokens,
+            batch_size=self.score_batch_size,
+        )
+        return ngram_entropy(texts)
+
     def num_edited(self) -> int:
         """How many requests have been written into the model so far."""
         per_step = self.trainer.datamodule.edits_per_step
@@ -215,8 +267,15 @@ class EditingModule(LightningModule):
             if metric.update_called:
                 metrics[f"{prefix}/{name}"] = float(metric.compute())
             metric.reset()
+        start = time.perf_counter()
+        fluency = self.fluency(self.trainer.datamodule.requests[: self.num_edited()])
+        if fluency is not None:
+            metrics[f"{prefix}/fluency"] = fluency
+        self._add_time("evaluation", start, log=False)
         self.log_now(metrics)
-        self._evaluated_step = self.global_step
+        if prefix == "edit":
+            self.final_edit_metrics = {k.split("/", 1)[1]: v for k, v in metrics.items()}
+            self._evaluated_step = self.global_step
 
     @override
     def validation_step(self, batch: EditBatch, batch_idx: int) -> None:

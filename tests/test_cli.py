@@ -121,3 +121,89 @@ def test_layer_out_of_range_names_the_flag(tiny_model_dir):
     module = EditingModule(editor=AlphaEdit(layers=[1, 40]), model=tiny_model_dir)
     with pytest.raises(ValueError, match=r"model\.editor\.init_args\.layers.*valid: 0\.\.3"):
         module.configure_model()
+
+
+def test_general_eval_config_composes_with_the_edit_config(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "edit.yaml"),
+                "--config",
+                str(ROOT / "configs" / "eval" / "general.yaml"),
+                "--print_config",
+            ]
+        )
+    printed = capsys.readouterr().out
+    # The eval config adds its callbacks to the edit config's, it does not replace them.
+    for name in (
+        "SphereProjectionCallback",
+        "HyperSphericalEnergyCallback",
+        "GeneralAbilityCallback",
+        "DriftCallback",
+        "CosineHeatmapCallback",
+        "MetricTrendsCallback",
+    ):
+        assert f"sphere_lightning.callbacks.{name}" in printed
+    for task in ("sst2", "mrpc", "cola", "rte", "mmlu", "nli"):
+        assert f"- {task}" in printed
+
+
+@pytest.mark.slow
+def test_summary_json_agrees_with_the_last_logged_values(tmp_path, tiny_model_dir, requests):
+    data = _write_rome_json(requests, tmp_path / "facts.json")
+    general = ROOT.parent / "shared" / "data" / "general"
+    extra = tmp_path / "observers.yaml"
+    extra.write_text(
+        f"""
+trainer:
+  val_check_interval: 1
+  callbacks+:
+    - class_path: sphere_lightning.callbacks.GeneralAbilityCallback
+      init_args: {{tasks: [sst2, mmlu], data_dir: {general}, limit: 4, progress: false}}
+    - class_path: sphere_lightning.callbacks.DriftCallback
+      init_args: {{num_texts: 3, max_length: 12}}
+    - class_path: sphere_lightning.callbacks.MetricTrendsCallback
+model:
+  fluency_prompts: 2
+  fluency_max_new_tokens: 5
+"""
+    )
+    args = _fit_args(tmp_path, tiny_model_dir, data)
+    args[3:3] = ["--config", str(extra)]
+    args.append("--trainer.enable_checkpointing=false")
+    cli_main(args)
+
+    scalars = _scalars(tmp_path / "logs")
+    (path,) = list((tmp_path / "logs").rglob("summary.json"))
+    summary = json.loads(path.read_text())
+
+    def last(tag):
+        return scalars[tag][-1]
+
+    assert summary["global_step"] == 2 and summary["num_edited"] == 4
+    for metric in ("efficacy", "generalization", "specificity", "fluency"):
+        assert summary["edit"]["pre"][metric] == pytest.approx(scalars[f"edit_pre/{metric}"][0][1])
+        assert last(f"edit/{metric}")[0] == 2
+        assert summary["edit"]["final"][metric] == pytest.approx(last(f"edit/{metric}")[1])
+        if metric != "fluency":  # the per-batch protocol, right after each batch
+            assert [s for s, _ in scalars[f"edit_batch/{metric}"]] == [1, 2]
+    for task in ("sst2", "mmlu"):
+        for metric, value in summary["general"][task]["final"].items():
+            assert last(f"general/{task}/{metric}") == (2, pytest.approx(value))
+            assert scalars[f"general/{task}/{metric}"][0] == (
+                0,
+                pytest.approx(summary["general"][task]["baseline"][metric]),
+            )
+    assert scalars["drift/kl"][0] == (0, 0.0)
+    assert last("drift/kl") == (2, pytest.approx(summary["drift"]["kl"]))
+    assert summary["drift"]["kl"] > 0
+    assert last("drift/perplexity") == (2, pytest.approx(summary["drift"]["perplexity"]))
+    for layer, energy in summary["energy"].items():
+        assert last(f"energy/{layer}") == (2, pytest.approx(energy["final"]))
+    assert summary["config"]["data"]["num_edits"] == 4
+    assert summary["wall_seconds"] > 0
+    assert {"compute_deltas", "evaluation", "drift", "general/sst2"} <= set(
+        summary["phase_seconds"]
+    )

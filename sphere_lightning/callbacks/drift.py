@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from sphere_lightning.callbacks.timing import add_seconds
 from sphere_lightning.editors.hooks import model_device
 from sphere_lightning.editors.statistics import generate_corpus
 
@@ -218,7 +220,9 @@ class DriftCallback(Callback):
         return float(kl_sum / count), float(torch.exp(nll_sum / count))
 
     def _log(self, pl_module: LightningModule, with_original: bool) -> None:
+        start = time.perf_counter()
         self.kl, self.perplexity = self.measure(pl_module, with_original=with_original)
+        add_seconds(pl_module, "drift", time.perf_counter() - start)
         pl_module.log_now({"drift/kl": self.kl, "drift/perplexity": self.perplexity})
 
     @override

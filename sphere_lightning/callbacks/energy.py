@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.sphere import short_name
+from sphere_lightning.callbacks.timing import add_seconds
 from sphere_lightning.functional.energy import hyperspherical_energy
 
 
@@ -67,7 +69,10 @@ class HyperSphericalEnergyCallback(Callback):
         if not self.should_update(trainer.global_step):
             return
         metrics = {}
-        for name, energy in self.energies(pl_module).items():
+        start = time.perf_counter()
+        energies = self.energies(pl_module)
+        add_seconds(pl_module, "energy", time.perf_counter() - start)
+        for name, energy in energies.items():
             metrics[f"energy/{short_name(name)}"] = energy
             metrics[f"energy_change/{short_name(name)}"] = energy - self.baseline[name]
         pl_module.log_now(metrics)

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from sphere_lightning.callbacks.timing import add_seconds
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
 
@@ -176,6 +177,7 @@ class GeneralAbilityCallback(Callback):
                 if metric in self.baseline.get(name, {}):
                     metrics[f"general_change/{name}/{metric}"] = value - self.baseline[name][metric]
             metrics[f"time/general/{name}"] = seconds[name]
+            add_seconds(pl_module, f"general/{name}", seconds[name])
         self.latest = values
         self.latest_step = step
         pl_module.log_now(metrics)
