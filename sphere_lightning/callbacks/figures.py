@@ -367,7 +367,7 @@ class MetricTrendsCallback(Callback):
         """Write ``trends.png`` (and its TensorBoard image) from the recorded history."""
         step = trainer.global_step
         figure = _new_figure(7.0, 6.0)
-        figure.subplots_adjust(left=0.1, right=0.97, bottom=0.08, top=0.97, hspace=0.06)
+        figure.subplots_adjust(left=0.15, right=0.97, bottom=0.08, top=0.97, hspace=0.06)
         top, bottom = figure.subplots(2, 1, sharex=True)
         for tag in self.energy_tags():
             steps = sorted(self.history[tag])
