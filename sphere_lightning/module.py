@@ -21,6 +21,13 @@ from sphere_lightning.models.loading import load_model
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
 
+def _without_nan(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each metric's per-request scores without NaN (a request with no prompt of that kind);
+    metrics left with no score are dropped."""
+    kept = {name: values[~values.isnan()] for name, values in scores.items()}
+    return {name: values for name, values in kept.items() if len(values)}
+
+
 class NonFiniteDeltaError(RuntimeError):
     """A ΔW contained NaN or inf; the step was stopped before any weight changed."""
 
@@ -186,11 +193,8 @@ class EditingModule(LightningModule):
         self.pending_deltas = {}
         if self.batch_metrics:
             start = time.perf_counter()
-            scores = self.edit_scores(batch.requests)
-            for name, values in scores.items():
-                values = values[~values.isnan()]
-                if len(values):
-                    self.step_metrics[f"edit_batch/{name}"] = float(values.mean())
+            for name, values in _without_nan(self.edit_scores(batch.requests)).items():
+                self.step_metrics[f"edit_batch/{name}"] = float(values.mean())
             self._add_time("batch_evaluation", start)
         self.step_metrics.update({f"editor/{k}": v for k, v in self.editor.last_metrics.items()})
         self.step_metrics.update({f"time/{k}": v for k, v in self.editor.last_timings.items()})
@@ -254,10 +258,8 @@ class EditingModule(LightningModule):
         if not keep:
             return
         scores = self.edit_scores([batch.requests[i] for i in keep])
-        for name, values in scores.items():
-            values = values[~values.isnan()]
-            if len(values):
-                self._metrics[name].update(values)
+        for name, values in _without_nan(scores).items():
+            self._metrics[name].update(values)
 
     def _log_edit_metrics(self, prefix: str) -> None:
         if self.num_edited() == 0:

@@ -66,20 +66,24 @@ class MalformedRecordError(ValueError):
         field: The offending field (dotted for nested fields, e.g.
             ``requested_rewrite.subject``), or ``None`` when the whole record is at fault.
         problem: What is wrong.
+        unit: What ``index`` counts (``record``; subclasses count lines or rows).
     """
 
-    def __init__(self, source: str, index: int, field: str | None, problem: str) -> None:
+    def __init__(
+        self, source: str, index: int, field: str | None, problem: str, unit: str = "record"
+    ) -> None:
         self.source = source
         self.index = index
         self.field = field
         self.problem = problem
-        where = f"{source}, record {index}"
+        self.unit = unit
+        where = f"{source}, {unit} {index}"
         if field is not None:
             where += f", field {field!r}"
         super().__init__(f"{where}: {problem}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.index, self.field, self.problem))
+        return (type(self), (self.source, self.index, self.field, self.problem, self.unit))
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -197,11 +197,17 @@ class _ReplayBelow:
             del self.blocks[i].forward
 
 
-def _cache_from(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor):
-    """A fresh cache holding the prefix keys/values of the selected rows."""
+def _cache_from(
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None
+):
+    """A fresh cache holding the prefix keys/values of the selected rows (default: all, uncopied;
+    a cache's update concatenates into new tensors, so ``prefix_kv`` is never written)."""
     cache = DynamicCache()
     for index, (keys, values) in enumerate(prefix_kv):
-        cache.update(keys[rows], values[rows], index)
+        if rows is None:
+            cache.update(keys, values, index)
+        else:
+            cache.update(keys[rows], values[rows], index)
     return cache
 
 
@@ -329,8 +335,7 @@ def compute_target_values(
         if opts.reuse_prefix and chunk.split > 0:
             chunk.start = chunk.split
             chunk.prefix_kv = _assemble_cache(group, prefix_kv, chunk.split)
-            everything = torch.arange(len(chunk.ids), device=device)
-            inputs.update({cache_arg: _cache_from(chunk.prefix_kv, everything), "use_cache": True})
+            inputs.update({cache_arg: _cache_from(chunk.prefix_kv), "use_cache": True})
         else:
             inputs["use_cache"] = False
         start = chunk.start

@@ -19,11 +19,12 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.data.readers import MalformedRecordError
 from sphere_lightning.general.metrics import classification_metrics
 from sphere_lightning.general.scoring import score_options
 
 
-class MalformedExampleError(ValueError):
+class MalformedExampleError(MalformedRecordError):
     """A record of a general-ability data set is not valid JSON, lacks a field or has a bad label.
 
     The message reads ``"<source>, line <n>, field '<field>': <problem>"``, e.g.
@@ -40,18 +41,12 @@ class MalformedExampleError(ValueError):
     def __init__(
         self, source: str, line: int, field: str | None, problem: str, unit: str = "line"
     ) -> None:
-        self.source = source
-        self.line = line
-        self.field = field
-        self.problem = problem
-        self.unit = unit
-        where = f"{source}, {unit} {line}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {problem}")
+        super().__init__(source, line, field, problem, unit)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.source, self.line, self.field, self.problem, self.unit))
+    @property
+    def line(self) -> int:
+        """1-based line of the file (row of the hub split)."""
+        return self.index
 
 
 @dataclass(frozen=True)
