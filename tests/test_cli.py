@@ -153,7 +153,22 @@ def test_general_eval_config_composes_with_the_edit_config(capsys):
 @pytest.mark.slow
 def test_summary_json_agrees_with_the_last_logged_values(tmp_path, tiny_model_dir, requests):
     data = _write_rome_json(requests, tmp_path / "facts.json")
-    general = ROOT.parent / "shared" / "data" / "general"
+    general = tmp_path / "general"  # four examples per task, in the shared files' layouts
+    general.mkdir()
+    sst2 = [
+        {"sentence": f"the film is {w}", "label": i % 2, "idx": i} for i, w in enumerate("abcd")
+    ]
+    mmlu = [
+        {
+            "question": f"Where is {c} ?",
+            "subject": "geography",
+            "choices": list("wxyz"),
+            "answer": i,
+        }
+        for i, c in enumerate(["Paris", "Rome", "Berlin", "Tokyo"])
+    ]
+    for name, rows in (("sst2", sst2), ("mmlu", mmlu)):
+        (general / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     extra = tmp_path / "observers.yaml"
     extra.write_text(
         f"""
