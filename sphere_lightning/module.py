@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaError, check_delta
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.editors.base import Editor
 from sphere_lightning.evaluation import METRIC_FAMILIES
@@ -28,15 +29,11 @@ def _without_nan(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: values for name, values in kept.items() if len(values)}
 
 
-class NonFiniteDeltaError(RuntimeError):
-    """A ΔW contained NaN or inf; the step was stopped before any weight changed."""
-
-
 class DeltaApplier(torch.optim.Optimizer):
     """The "optimizer" of an editing run: its ``step`` applies the module's pending ΔW.
 
-    Lightning calls ``on_before_optimizer_step`` on every callback inside the closure, before the
-    deltas are applied, which is where delta transforms (SPHERE…) rewrite ``pending_deltas``.
+    Lightning calls ``on_before_optimizer_step`` on every callback before the deltas are
+    applied, which is where ``after_loop`` delta transforms rewrite ``pending_deltas``.
     """
 
     def __init__(self, module: EditingModule) -> None:
@@ -182,8 +179,24 @@ class EditingModule(LightningModule):
     @override
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        self.pending_deltas = self.editor.compute_deltas(self.model, self.tokenizer, batch.requests)
+        in_loop = self.delta_transforms("in_loop") if self.editor.transform_in_loop else []
+        deltas = self.editor.compute_deltas(
+            self.model,
+            self.tokenizer,
+            batch.requests,
+            transform=self._in_loop_transform(in_loop) if in_loop else None,
+        )
         self._add_time("compute_deltas", start)
+        editor_name = type(self.editor).__name__
+        for name, delta in deltas.items():
+            if name not in self.original_weights:
+                raise KeyError(f"{editor_name} returned ΔW for {name!r}, not an edited parameter")
+            check_delta(delta, name, self.edited_weight(name).shape, editor_name)
+        self.pending_deltas = deltas
+        if not self.editor.transform_in_loop:
+            # An editor without a layer loop: its in-loop transforms run here, layer by layer.
+            transform = self._in_loop_transform(self.delta_transforms("in_loop"))
+            self.pending_deltas = {n: transform(n, d) for n, d in deltas.items()}
         start = time.perf_counter()
         self.optimizers().step()
         self._add_time("transform_and_apply", start)
@@ -202,23 +215,32 @@ class EditingModule(LightningModule):
         self.log_now(self.step_metrics)
         self.step_metrics = {}
 
+    def delta_transforms(self, stage: str) -> list[DeltaTransform]:
+        """The trainer's delta-transform callbacks of ``stage``, in ``trainer.callbacks`` order."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return [c for c in callbacks if isinstance(c, DeltaTransform) and c.stage == stage]
+
+    def _in_loop_transform(self, transforms: list[DeltaTransform]):
+        """One function ``(name, ΔW) -> ΔW`` that runs ΔW through ``transforms`` in order,
+        checking each one's output (the editor calls it per layer, inside its loop)."""
+
+        def transform(name: str, delta: torch.Tensor) -> torch.Tensor:
+            check_delta(delta, name, self.edited_weight(name).shape, type(self.editor).__name__)
+            for t in transforms:
+                delta = t.apply_in_loop(name, delta, self)
+            return delta
+
+        return transform
+
     def apply_pending_deltas(self) -> None:
         """Add every pending ΔW to its weight: all of them, or none if any is invalid."""
         for name, delta in self.pending_deltas.items():
             if name not in self.original_weights:
                 raise KeyError(f"ΔW for {name!r}, which is not an edited parameter")
-            weight = self.edited_weight(name)
-            if delta.shape != weight.shape:
-                raise ValueError(
-                    f"ΔW for {name} has shape {tuple(delta.shape)}, expected {tuple(weight.shape)}"
-                )
-            bad = (~torch.isfinite(delta)).sum().item()
-            if bad:
-                raise NonFiniteDeltaError(
-                    f"ΔW for {name} has {bad} non-finite value(s) (NaN/inf) at step "
-                    f"{self.global_step}; no weight was changed. Lower `editor.init_args.v_lr` or "
-                    "raise the editor's regularisation (e.g. `l2`, `mom2_update_weight`)."
-                )
+            try:
+                check_delta(delta, name, self.edited_weight(name).shape, "The ΔW to apply")
+            except NonFiniteDeltaError as error:
+                raise NonFiniteDeltaError(f"Step {self.global_step}: {error}") from None
         with torch.no_grad():
             for name, delta in self.pending_deltas.items():
                 weight = self.edited_weight(name)

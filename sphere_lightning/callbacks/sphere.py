@@ -1,13 +1,14 @@
-"""SPHERE: project every pending ΔW away from the principal directions of the weight's neurons."""
+"""SPHERE: project every ΔW away from the principal directions of the weight's neurons."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from typing_extensions import override
 
+from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
 from sphere_lightning.functional.projection import project_delta
 
 _REFERENCES = ("current", "original")
@@ -18,25 +19,36 @@ def short_name(parameter: str) -> str:
     return parameter.removesuffix(".weight")
 
 
-class SphereProjectionCallback(Callback):
-    """Replace each pending ΔW by ΔW P⊥, P⊥ = I − α U Uᵀ (Sparse Projection, SPHERE).
+class SphereProjectionCallback(DeltaTransform):
+    """Replace each ΔW by ΔW P⊥, P⊥ = I − α U Uᵀ (Sparse Projection, SPHERE).
 
     U holds the top-r principal directions of the weight's normalised neurons, with r the
     smallest number whose eigenvalues' cumulative share exceeds ``cumulative_ratio``. The
     projection acts on the input side of the nn.Linear-shaped (out × in) weight for every
-    architecture (GPT-2's Conv1D included). Logs ``sphere/rank/<layer>``.
+    architecture (GPT-2's Conv1D included). Logs ``sphere/rank/<layer>`` and
+    ``sphere/kept_norm_ratio/<layer>`` (‖ΔW P⊥‖ / ‖ΔW‖).
 
     Args:
         cumulative_ratio: β, the share of the spectrum treated as principal (paper: 0.5).
         suppression: α, how much of ΔW along the principal directions is removed (paper: 0.5
             on AlphaEdit, 0.8 on MEMIT). 0 disables the projection.
-        reference: Where the principal directions come from: ``current`` (the weight as edited
-            so far, as the reference code does) or ``original`` (the unedited weight).
+        reference: Where the principal directions come from: ``current`` (the weight as applied
+            so far, without this batch's update, as the reference code does) or ``original``
+            (the unedited weight).
+        stage: ``in_loop`` (default; the official AlphaEdit + SPHERE code: each layer's ΔW is
+            projected before the layers above are solved) or ``after_loop`` (the official
+            MEMIT + SPHERE code and EasyEdit: every ΔW is projected once the loop is done).
+            See :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
     """
 
     def __init__(
-        self, cumulative_ratio: float = 0.5, suppression: float = 0.5, reference: str = "current"
+        self,
+        cumulative_ratio: float = 0.5,
+        suppression: float = 0.5,
+        reference: Literal["current", "original"] = "current",
+        stage: TransformStage = "in_loop",
     ) -> None:
+        super().__init__(stage)
         if not 0.0 <= cumulative_ratio <= 1.0:
             raise ValueError(f"`cumulative_ratio` should be in [0, 1], got {cumulative_ratio}")
         if not 0.0 <= suppression <= 1.0:
@@ -54,18 +66,16 @@ class SphereProjectionCallback(Callback):
         return pl_module.edited_weight(name)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
-    ) -> None:
-        ranks = {}
-        for name, delta in pl_module.pending_deltas.items():
-            weight = self.reference_weight(pl_module, name).detach()
-            projected, rank = project_delta(
-                delta, weight.to(delta.device), self.cumulative_ratio, self.suppression
-            )
-            pl_module.pending_deltas[name] = projected
-            ranks[f"sphere/rank/{short_name(name)}"] = float(rank)
-            ranks[f"sphere/kept_norm_ratio/{short_name(name)}"] = float(
-                projected.norm() / delta.norm().clamp_min(1e-12)
-            )
-        pl_module.step_metrics.update(ranks)
+    def transform_delta(
+        self, name: str, delta: torch.Tensor, pl_module: LightningModule
+    ) -> torch.Tensor:
+        weight = self.reference_weight(pl_module, name).detach()
+        projected, rank = project_delta(
+            delta, weight.to(delta.device), self.cumulative_ratio, self.suppression
+        )
+        layer = short_name(name)
+        pl_module.step_metrics[f"sphere/rank/{layer}"] = float(rank)
+        pl_module.step_metrics[f"sphere/kept_norm_ratio/{layer}"] = float(
+            projected.norm() / delta.norm().clamp_min(1e-12)
+        )
+        return projected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 _TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 
 
+def average_over_templates(keys: torch.Tensor) -> torch.Tensor:
+    """Average keys ``(n, t, d)`` read through ``t`` context templates into ``(n, d)``.
+
+    Two levels, as the reference's ``compute_ks`` (MEMIT, AlphaEdit, SPHERE): template 0 is the
+    bare prompt and forms one group, the generated templates form the other; the key is the mean
+    of the two group means, so the bare prompt weighs 1/2 however many templates there are (a
+    flat mean would give it 1/t).
+    """
+    if keys.shape[1] == 1:
+        return keys[:, 0]
+    return (keys[:, 0] + keys[:, 1:].mean(1)) / 2
+
+
+#: ``(parameter name, ΔW) -> ΔW``: the in-loop delta transforms an editor applies per layer.
+DeltaFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+
 class Editor(ABC):
     """Computes weight updates ΔW for a batch of edit requests.
 
@@ -37,6 +54,9 @@ class Editor(ABC):
     LightningModule) transforms and applies the deltas, then calls ``after_apply``. Sequential state
     (statistics, accumulated keys) lives on the instance and travels through ``state_dict``.
     """
+
+    #: Whether :meth:`compute_deltas` applies its ``transform`` argument inside its layer loop.
+    transform_in_loop: bool = False
 
     def __init__(self, layers: Sequence[int]) -> None:
         if not layers:
@@ -61,8 +81,16 @@ class Editor(ABC):
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
+        transform: DeltaFn | None = None,
     ) -> dict[str, torch.Tensor]:
-        """ΔW for each edited parameter; must leave the model unchanged."""
+        """ΔW for each edited parameter; must leave the model unchanged.
+
+        ``transform(name, ΔW) -> ΔW`` (the in-loop delta transforms, e.g. SPHERE) is applied to
+        each layer's ΔW as soon as it is computed, and the returned deltas are the transformed
+        ones. An editor that places a layer's update temporarily so that the layers above see
+        it places the transformed one. An editor without a layer loop may ignore
+        ``transform``; the caller then applies it afterwards (``transform_in_loop = False``).
+        """
 
     def after_apply(
         self,
@@ -248,7 +276,9 @@ class LocateThenEditEditor(Editor):
         requests: Sequence[EditRequest],
         layers: Sequence[int],
     ) -> dict[int, torch.Tensor]:
-        """Key of each request at each layer, averaged over context templates: ``(n, d_in)``."""
+        """Key of each request at each layer, ``(n, d_in)``: the input of the layer's
+        out-projection at the subject's last token, averaged over context templates as the
+        reference does (:func:`average_over_templates`)."""
         spec = architecture_of(model)
         names = [spec.mlp_out_name(layer) for layer in layers]
         acts = gather_at_subject(
@@ -261,21 +291,30 @@ class LocateThenEditEditor(Editor):
         )
         t = len(self.context_templates)
         return {
-            layer: acts[name].view(len(requests), t, -1).mean(1)
+            layer: average_over_templates(acts[name].view(len(requests), t, -1))
             for layer, name in zip(layers, names, strict=True)
         }
+
+    transform_in_loop = True
 
     def compute_deltas(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
+        transform: DeltaFn | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run the MEMIT layer loop; the subclass's :meth:`solve` turns keys into ΔW."""
+        """Run the MEMIT layer loop; the subclass's :meth:`solve` turns keys into ΔW.
+
+        Each layer's ΔW goes through ``transform`` before it is put in place for the layers
+        above (as the official AlphaEdit + SPHERE code projects inside the loop), so their keys
+        and residuals are read with the transformed lower updates. Every temporary update is
+        undone before returning, also when ``transform`` or ``solve`` raises.
+        """
         if self.context_templates is None:
             self.setup(model, tokenizer)
         spec = architecture_of(model)
-        timings = {"v_star": 0.0, "keys": 0.0, "solve": 0.0}
+        timings = {"v_star": 0.0, "keys": 0.0, "solve": 0.0, "transform": 0.0}
         start = time.perf_counter()
         target = compute_target_values(
             model,
@@ -309,8 +348,13 @@ class LocateThenEditEditor(Editor):
                 residual = (target.values - current) / (len(self.layers) - i)
                 delta = self.solve(i, layer, keys.double(), residual.double()).float()
                 timings["solve"] += time.perf_counter() - start
+                name = spec.weight_name(layer)
+                if transform is not None:
+                    start = time.perf_counter()
+                    delta = transform(name, delta)
+                    timings["transform"] += time.perf_counter() - start
                 snapshot.add(layer, delta)
-                deltas[spec.weight_name(layer)] = delta
+                deltas[name] = delta
         self.last_timings = timings
         return deltas
 

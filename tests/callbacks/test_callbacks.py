@@ -32,13 +32,20 @@ class _Trainer:
     global_step = 0
 
 
+@pytest.mark.parametrize("stage", ["in_loop", "after_loop"])
 @pytest.mark.parametrize("reference", ["current", "original"])
-def test_sphere_callback_projects_every_pending_delta(reference):
+def test_sphere_callback_projects_every_pending_delta(reference, stage):
     module = _Module()
     module.weights["layer0.weight"] += 5.0  # current and original now differ
     raw = {n: d.clone() for n, d in module.pending_deltas.items()}
-    callback = SphereProjectionCallback(cumulative_ratio=0.5, suppression=0.8, reference=reference)
+    callback = SphereProjectionCallback(
+        cumulative_ratio=0.5, suppression=0.8, reference=reference, stage=stage
+    )
     callback.on_before_optimizer_step(_Trainer(), module, optimizer=None)
+    if stage == "in_loop":  # the hook leaves in-loop work to the editor's loop
+        assert all(torch.equal(module.pending_deltas[n], d) for n, d in raw.items())
+        for name, delta in raw.items():
+            module.pending_deltas[name] = callback.apply_in_loop(name, delta, module)
     for name, delta in raw.items():
         weight = module.weights[name] if reference == "current" else module.original_weights[name]
         expected, rank = project_delta(delta, weight, 0.5, 0.8)
@@ -53,6 +60,8 @@ def test_sphere_callback_rejects_bad_arguments():
         SphereProjectionCallback(suppression=-0.1)
     with pytest.raises(ValueError, match="`current` or `original`"):
         SphereProjectionCallback(reference="edited")
+    with pytest.raises(ValueError, match="`in_loop` or `after_loop`"):
+        SphereProjectionCallback(stage="before")
 
 
 def test_energy_callback_logs_energy_and_change_and_resumes():
