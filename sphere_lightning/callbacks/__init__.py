@@ -5,9 +5,11 @@ from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
+from sphere_lightning.callbacks.transform import DeltaTransform
 
 __all__ = [
     "CosineHeatmapCallback",
+    "DeltaTransform",
     "DriftCallback",
     "GeneralAbilityCallback",
     "HyperSphericalEnergyCallback",

@@ -96,7 +96,9 @@ class DeltaTransform(Callback):
     ) -> dict[str, torch.Tensor]:
         """Rewrite every layer's ΔW at once (``after_loop`` only). Default: each through
         :meth:`transform_delta`."""
-        return {name: self.transform_delta(name, delta, pl_module) for name, delta in deltas.items()}
+        return {
+            name: self.transform_delta(name, delta, pl_module) for name, delta in deltas.items()
+        }
 
     @final
     def apply_in_loop(
