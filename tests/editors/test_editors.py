@@ -551,3 +551,119 @@ def test_v_star_matches_a_plain_reimplementation_of_the_reference(
         value, loss = _reference_v_star(model, tokenizer, request, 2, TEMPLATES, 12, 0.5)
         torch.testing.assert_close(ours.values[i], value, rtol=0, atol=1e-4)
         assert ours.losses[i] == pytest.approx(loss, abs=1e-4)
+
+
+# -- delta transforms inside the layer loop ----------------------------------------------------
+
+
+def _block_output_at_subject(model, tokenizer, requests, layer: int) -> torch.Tensor:
+    """Output of block ``layer`` at the subject's last token of each bare prompt: one unpadded
+    forward per prompt."""
+    spec = architecture_of(model)
+    block = model.get_submodule(spec.layer_name(layer))
+    rows = []
+    for r in requests:
+        encoded = base.encode_with_subject(tokenizer, r.prompt, r.subject)
+        store = {}
+        handle = block.register_forward_hook(_recorder(store, "out", read="output"))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([encoded.ids]))
+        finally:
+            handle.remove()
+        out = store["out"][0] if isinstance(store["out"], tuple) else store["out"]
+        rows.append(out[0, encoded.subject_last])
+    return torch.stack(rows)
+
+
+def _project_against_live_weight(model, cumulative_ratio=0.5, suppression=0.8):
+    """SPHERE's projection against the weight as it is in the model at call time."""
+    from sphere_lightning.functional import project_delta
+
+    def transform(name, delta):
+        weight = linear_weight(model.get_submodule(name.removesuffix(".weight"))).detach()
+        return project_delta(delta, weight.clone(), cumulative_ratio, suppression)[0]
+
+    return transform
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_in_loop_transform_matches_a_plain_project_and_apply_loop(
+    kind, family, make_tiny_model, tokenizer, requests, tmp_path
+):
+    """Each layer's residual is read with the transformed lower updates in place."""
+    model = make_tiny_model(family)
+    editor = make_editor(kind, model, tokenizer, cache_dir=str(tmp_path))
+    editor.setup(model, tokenizer)
+    spec = architecture_of(model)
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    project = _project_against_live_weight(model)
+
+    ours = editor.compute_deltas(model, tokenizer, requests, transform=project)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), f"{name} changed"
+
+    # The plain loop: v* once, then per layer solve, project, and really apply.
+    target = compute_target_values(
+        model,
+        tokenizer,
+        spec,
+        requests,
+        editor.target_layer,
+        editor.context_templates,
+        editor.target_options,
+        progress=False,
+    )
+    expected = {}
+    for i, layer in enumerate(LAYERS):
+        keys = editor.compute_keys(model, tokenizer, requests, [layer])[layer]
+        current = _block_output_at_subject(model, tokenizer, requests, editor.target_layer)
+        residual = (target.values - current) / (len(LAYERS) - i)
+        delta = editor.solve(i, layer, keys.double(), residual.double()).float()
+        name = spec.weight_name(layer)
+        expected[name] = project(name, delta)
+        apply_deltas(model, {name: expected[name]})
+    model.load_state_dict(before)
+
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5)
+    # Projecting after the loop gives another update above the first layer: the test can tell.
+    after = editor.compute_deltas(model, tokenizer, requests)
+    top = spec.weight_name(LAYERS[-1])
+    assert not torch.allclose(project(top, after[top]), ours[top], rtol=1e-3, atol=1e-4)
+
+
+def test_keys_are_averaged_in_two_levels_as_the_reference():
+    keys = torch.arange(2 * 4 * 3, dtype=torch.float).view(2, 4, 3) ** 1.5
+    expected = torch.stack(
+        [
+            torch.stack([keys[i, 0], (keys[i, 1] + keys[i, 2] + keys[i, 3]) / 3]).mean(0)
+            for i in range(2)
+        ]
+    )
+    torch.testing.assert_close(base.average_over_templates(keys), expected)
+    assert not torch.allclose(base.average_over_templates(keys), keys.mean(1))
+    torch.testing.assert_close(base.average_over_templates(keys[:, :1]), keys[:, 0])
+
+
+def test_compute_keys_uses_the_two_level_mean(tiny_llama, tokenizer, requests, tmp_path):
+    editor = make_editor("memit", tiny_llama, tokenizer, cache_dir=str(tmp_path))
+    editor.context_templates = ["{}", "Because the sun was warm . {}", "I said . {}"]
+    spec = architecture_of(tiny_llama)
+    module = tiny_llama.get_submodule(spec.mlp_out_name(LAYERS[0]))
+    per_template = []
+    for template in editor.context_templates:
+        rows = []
+        for r in requests[:2]:
+            encoded = base.encode_with_subject(tokenizer, template.format(r.prompt), r.subject)
+            store = {}
+            handle = module.register_forward_hook(_recorder(store, "in"))
+            with torch.no_grad():
+                tiny_llama(input_ids=torch.tensor([encoded.ids]))
+            handle.remove()
+            rows.append(store["in"][0, encoded.subject_last])
+        per_template.append(torch.stack(rows))
+    expected = (per_template[0] + (per_template[1] + per_template[2]) / 2) / 2
+    keys = editor.compute_keys(tiny_llama, tokenizer, requests[:2], [LAYERS[0]])[LAYERS[0]]
+    torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
