@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -154,8 +153,6 @@ class _NanAt(DeltaTransform):
 class _WrongShape(DeltaTransform):
     def transform_delta(self, name, delta, pl_module):
         return delta[:, :-1]
-
-
 
 
 @pytest.mark.parametrize("stage", ["in_loop", "after_loop"])
