@@ -1,0 +1,227 @@
+"""Every YAML under ``configs/`` parses through the real CLI, composed as its header says, and the
+paper presets hold the official code's hyperparameters.
+
+Parsing uses ``--print_config``, which resolves the whole config and exits before any class is
+instantiated: no model is loaded and nothing is downloaded (the fixture below makes sure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import socket
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+import sphere_lightning.models.loading as loading
+import sphere_lightning.module as module
+from sphere_lightning.cli import EditingCLI, cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+PAPER = CONFIGS / "paper"
+
+
+def header_compositions(path: Path) -> list[tuple[str, ...]]:
+    """The ``--config`` lists of the commands in a YAML file's leading comment block."""
+    compositions = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        configs = tuple(re.findall(r"--config\s+(\S+)", line))
+        if configs:
+            compositions.append(configs)
+    return compositions
+
+
+def compositions_to_check() -> list[tuple[str, ...]]:
+    """Each file's header commands that name the file itself, or else the file alone."""
+    found: dict[tuple[str, ...], None] = {}
+    for path in sorted(CONFIGS.rglob("*.yaml")):
+        relative = path.relative_to(ROOT).as_posix()
+        own = [c for c in header_compositions(path) if relative in c]
+        for composition in own or [(relative,)]:
+            found[composition] = None
+    return list(found)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Fail loudly if parsing reaches for the network, a model, or instantiates the classes."""
+    monkeypatch.setattr("sys.argv", ["sphere_lightning"])  # the CLI's args come from the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("parsing a config must not touch the network or load a model")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(module, "load_model", refuse)
+    monkeypatch.setattr(EditingCLI, "instantiate_classes", refuse)
+
+
+@cache
+def _print_config(composition: tuple[str, ...]) -> str:
+    args = ["fit"]
+    for config in composition:
+        args += ["--config", str(ROOT / config)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main([*args, "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise AssertionError(f"{composition} does not parse:\n{err.getvalue()}") from None
+        else:
+            raise AssertionError("--print_config should exit after printing")
+    return out.getvalue()
+
+
+def resolve(*composition: str) -> dict:
+    """The fully resolved config of ``fit --config a --config b ...``."""
+    return yaml.safe_load(_print_config(tuple(composition)))
+
+
+def callback(config: dict, name: str) -> dict:
+    """``init_args`` of the one callback whose class is ``name``."""
+    (found,) = [
+        c["init_args"] for c in config["trainer"]["callbacks"] if c["class_path"].endswith(name)
+    ]
+    return found
+
+
+@pytest.mark.parametrize("composition", compositions_to_check(), ids=" + ".join)
+def test_config_parses(composition):
+    for config in composition:
+        assert (ROOT / config).is_file(), f"header names a missing file: {config}"
+    resolved = resolve(*composition)
+    assert resolved["model"]["editor"]["class_path"].startswith("sphere_lightning.editors.")
+    assert resolved["data"]["edits_per_step"] >= 1
+
+
+def test_header_parser_reads_commands(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(
+        "# Compose:\n#   fit --config configs/a.yaml --config configs/b.yaml\n"
+        "# no command here\ndata:\n  # --config configs/ignored.yaml\n  num_edits: 1\n"
+    )
+    assert header_compositions(path) == [("configs/a.yaml", "configs/b.yaml")]
+
+
+# -- paper presets -------------------------------------------------------------------------------
+
+# Transcribed by hand from the official code (github.com/PlusLabNLP/SPHERE, hparams/<editor>/
+# <model>.json; the README's --beta_hse/--alpha; experiments/evaluate.py), not from the presets.
+REFERENCE = {
+    "llama3-8b": {
+        "model": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "layers": [4, 5, 6, 7, 8],
+        "v_num_steps": 25,
+        "v_lr": 0.1,
+        "clamp_norm_factor": 0.75,
+        "v_weight_decay": 0.5,
+        "mom2_update_weight": 15000,
+    },
+    "qwen2.5-7b": {
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "layers": [4, 5, 6, 7, 8],
+        "v_num_steps": 25,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 4,
+        "v_weight_decay": 1e-3,
+        "mom2_update_weight": 15000,
+    },
+    "gpt-j-6b": {
+        "model": "EleutherAI/gpt-j-6B",
+        "layers": [3, 4, 5, 6, 7, 8],
+        "v_num_steps": 25,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 0.75,
+        "v_weight_decay": 0.5,
+        "mom2_update_weight": 15000,
+    },
+    "gpt2-xl": {
+        "model": "gpt2-xl",
+        "layers": [13, 14, 15, 16, 17],
+        "v_num_steps": 20,
+        "v_lr": 0.5,
+        "clamp_norm_factor": 0.75,
+        "v_weight_decay": 0.5,
+        "mom2_update_weight": 20000,
+    },
+}
+EDITORS = {
+    "alphaedit": {"class": "AlphaEdit", "suppression": 0.5, "stage": "in_loop"},
+    "memit": {"class": "MEMIT", "suppression": 0.8, "stage": "after_loop"},
+}
+DATASETS = {
+    "counterfact": {"num_edits": 15000, "format": "counterfact_rome", "family": "counterfact"},
+    "zsre": {"num_edits": 3000, "format": "zsre_mend", "family": "zsre"},
+}
+
+
+def test_paper_folder_holds_exactly_the_presets():
+    expected = {f"{m}_{e}.yaml" for m in REFERENCE for e in EDITORS}
+    expected |= {f"{d}.yaml" for d in DATASETS}
+    assert {p.name for p in PAPER.iterdir()} == expected
+
+
+@pytest.mark.parametrize("model_name", REFERENCE)
+@pytest.mark.parametrize("editor_name", EDITORS)
+def test_paper_preset_header_composes_each_dataset(model_name, editor_name):
+    preset = f"configs/paper/{model_name}_{editor_name}.yaml"
+    assert sorted(header_compositions(ROOT / preset)) == sorted(
+        (preset, f"configs/paper/{d}.yaml") for d in DATASETS
+    )
+
+
+@pytest.mark.parametrize("dataset_name", DATASETS)
+@pytest.mark.parametrize("editor_name", EDITORS)
+@pytest.mark.parametrize("model_name", REFERENCE)
+def test_paper_preset_matches_reference(model_name, editor_name, dataset_name):
+    ref, editor, data = REFERENCE[model_name], EDITORS[editor_name], DATASETS[dataset_name]
+    config = resolve(
+        f"configs/paper/{model_name}_{editor_name}.yaml", f"configs/paper/{dataset_name}.yaml"
+    )
+    model = config["model"]
+    assert model["model"] == ref["model"]
+    assert model["dtype"] == "float32"  # from_pretrained's default in the reference
+
+    assert model["editor"]["class_path"] == f"sphere_lightning.editors.{editor['class']}"
+    args = model["editor"]["init_args"]
+    assert args["layers"] == ref["layers"]
+    assert args["target_layer"] == ref["layers"][-1]  # the reference's z_layer
+    for knob in ("v_num_steps", "v_lr", "clamp_norm_factor", "v_weight_decay"):
+        assert args[knob] == pytest.approx(ref[knob]), knob
+    assert args["kl_factor"] == pytest.approx(0.0625)
+    assert args["v_loss_threshold"] == pytest.approx(5e-2)
+    assert args["num_context_templates"] == 5
+    assert args["context_template_length"] == 10
+    assert args["stats_num_samples"] == 100000
+    assert "wikitext-103" in args["stats_corpus"]
+    if editor["class"] == "AlphaEdit":
+        assert args["l2"] == pytest.approx(10)
+        assert args["nullspace_threshold"] == pytest.approx(2e-2)
+        assert "mom2_update_weight" not in args
+    else:
+        assert args["mom2_update_weight"] == pytest.approx(ref["mom2_update_weight"])
+        assert "l2" not in args
+
+    sphere = callback(config, "SphereProjectionCallback")
+    assert sphere["cumulative_ratio"] == pytest.approx(0.5)
+    assert sphere["suppression"] == pytest.approx(editor["suppression"])
+    assert sphere["stage"] == editor["stage"]
+    assert sphere["reference"] == "current"
+    callback(config, "HyperSphericalEnergyCallback")
+
+    assert config["data"]["edits_per_step"] == 100
+    assert config["data"]["shuffle"] is False  # the reference edits the first records in order
+    assert config["data"]["num_edits"] == data["num_edits"]
+    assert config["data"]["format"] == data["format"]
+    assert config["data"]["metric_family"] == data["family"]
+    assert config["data"]["dataset"].startswith("PATH/TO/")
