@@ -10,15 +10,9 @@ from typing import Any
 
 import yaml
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sphere_lightning.callbacks import (
-    DriftCallback,
-    GeneralAbilityCallback,
-    HyperSphericalEnergyCallback,
-    MetricTrendsCallback,
-)
-from sphere_lightning.callbacks.sphere import short_name
+from sphere_lightning.callbacks import EditObserver
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.module import EditingModule
 
@@ -62,8 +56,9 @@ class EditingCLI(LightningCLI):
 
 
 def summarise(trainer, module: EditingModule) -> dict[str, Any]:
-    """Final and pre-edit values of everything a run watches, read from the module and its
-    callbacks (the same numbers they last logged)."""
+    """Final and pre-edit values of everything a run watches, read from the module and from
+    every :class:`~sphere_lightning.callbacks.EditObserver` in ``trainer.callbacks`` (the same
+    numbers they last logged), each under its ``summary_key``."""
     summary: dict[str, Any] = {
         "global_step": trainer.global_step,
         "num_edited": module.num_edited(),
@@ -75,25 +70,27 @@ def summarise(trainer, module: EditingModule) -> dict[str, Any]:
         "phase_seconds": dict(module.phase_seconds),
     }
     for callback in trainer.callbacks:
-        if isinstance(callback, HyperSphericalEnergyCallback):
-            final = callback.energies(module)
-            summary["energy"] = {
-                short_name(n): {"baseline": callback.baseline[n], "final": final[n]} for n in final
-            }
-        elif isinstance(callback, GeneralAbilityCallback):
-            summary["general"] = {
-                task: {
-                    "baseline": callback.baseline.get(task, {}),
-                    "final": callback.latest.get(task, {}),
-                    "final_step": callback.latest_step,
-                }
-                for task in callback.tasks
-            }
-        elif isinstance(callback, DriftCallback):
-            summary["drift"] = {"kl": callback.kl, "perplexity": callback.perplexity}
-        elif isinstance(callback, MetricTrendsCallback):
-            summary["spearman_with_energy"] = dict(callback.correlations)
+        if isinstance(callback, EditObserver) and callback.summary_key is not None:
+            _add_entry(summary, callback, callback.summary(trainer, module))
     return summary
+
+
+def _add_entry(summary: dict[str, Any], observer: EditObserver, entry: Any) -> None:
+    """Put ``entry`` under ``observer.summary_key``. Entries sharing a key merge when both are
+    dicts with distinct keys (one heatmap per layer); otherwise the later one goes under the
+    observer's ``state_key``."""
+    key = observer.summary_key
+    held = summary.get(key)
+    if key not in summary:
+        summary[key] = entry
+    elif isinstance(held, dict) and isinstance(entry, dict) and not set(held) & set(entry):
+        summary[key] = {**held, **entry}
+    else:
+        rank_zero_warn(
+            f"summary.json already has an entry {key!r}; {type(observer).__name__}'s goes under "
+            f"{observer.state_key!r} (give it another `summary_key`)"
+        )
+        summary[observer.state_key] = entry
 
 
 def write_summary(

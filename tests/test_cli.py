@@ -9,11 +9,27 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sphere_lightning.callbacks import CosineHeatmapCallback, EditObserver, changes_since
 from sphere_lightning.cli import cli_main
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class WeightNorm(EditObserver):
+    """The README's custom observer: the norm of every edited weight."""
+
+    summary_key = "weight_norm"
+
+    def measure(self, trainer, pl_module):
+        return {
+            f"weight_norm/{name}": float(pl_module.edited_weight(name).norm())
+            for name in pl_module.edited_parameter_names
+        }
+
+    def changes(self, values, baseline):
+        return changes_since(values, baseline, "weight_norm/", "weight_norm_change/")
 
 
 def _write_rome_json(requests, path: Path) -> Path:
@@ -180,6 +196,11 @@ trainer:
     - class_path: sphere_lightning.callbacks.DriftCallback
       init_args: {{num_texts: 3, max_length: 12}}
     - class_path: sphere_lightning.callbacks.MetricTrendsCallback
+    - class_path: {__name__}.WeightNorm
+    - class_path: sphere_lightning.callbacks.CosineHeatmapCallback
+      init_args: {{layer: model.layers.1.mlp.down_proj, max_neurons: 4, seed: 1}}
+    - class_path: sphere_lightning.callbacks.CosineHeatmapCallback
+      init_args: {{layer: model.layers.2.mlp.down_proj, max_neurons: 4, seed: 2}}
 model:
   fluency_prompts: 2
   fluency_max_new_tokens: 5
@@ -187,8 +208,7 @@ model:
     )
     args = _fit_args(tmp_path, tiny_model_dir, data)
     args[3:3] = ["--config", str(extra)]
-    args.append("--trainer.enable_checkpointing=false")
-    cli_main(args)
+    cli = cli_main(args)
 
     scalars = _scalars(tmp_path / "logs")
     (path,) = list((tmp_path / "logs").rglob("summary.json"))
@@ -215,10 +235,38 @@ model:
     assert last("drift/kl") == (2, pytest.approx(summary["drift"]["kl"]))
     assert summary["drift"]["kl"] > 0
     assert last("drift/perplexity") == (2, pytest.approx(summary["drift"]["perplexity"]))
+    assert set(summary["drift"]) == {"kl", "perplexity"}
+    assert summary["spearman_with_energy"]  # three evaluations: steps 0, 1 and 2
+    for tag, rho in summary["spearman_with_energy"].items():  # edit/<metric>: ρ
+        assert last(tag.replace("edit/", "correlation/spearman/")) == (2, pytest.approx(rho))
+    assert set(summary["energy"]) == {f"model.layers.{i}.mlp.down_proj" for i in (1, 2)}
     for layer, energy in summary["energy"].items():
         assert last(f"energy/{layer}") == (2, pytest.approx(energy["final"]))
+        assert scalars[f"energy/{layer}"][0] == (0, pytest.approx(energy["baseline"]))
+    # A custom observer: its scalars at x = applied batches, its entry, its phase time.
+    norms = summary["weight_norm"]
+    assert norms["final_step"] == 2 and len(norms["final"]) == 2
+    for tag, value in norms["final"].items():
+        assert [s for s, _ in scalars[tag]] == [0, 1, 2]
+        assert scalars[tag][0] == (0, pytest.approx(norms["baseline"][tag]))
+        assert last(tag) == (2, pytest.approx(value))
+        change = tag.replace("weight_norm/", "weight_norm_change/")
+        assert scalars[change][0] == (0, 0.0)
+        assert last(change) == (2, pytest.approx(value - norms["baseline"][tag]))
+    assert [s for s, _ in scalars["time/weight_norm"]] == [0, 1, 2]
+    assert summary["phase_seconds"]["weight_norm"] > 0
+    # Two heatmaps, one per layer: separate summary entries and checkpoint states.
+    heatmaps = [c for c in cli.trainer.callbacks if isinstance(c, CosineHeatmapCallback)]
+    assert {h.layer for h in heatmaps} == set(summary["cosine_heatmap"])
+    for heatmap in heatmaps:
+        entry = summary["cosine_heatmap"][heatmap.layer]
+        assert entry["final_step"] == 2 and Path(entry["figure"]).is_file()
+    (checkpoint_path,) = list((tmp_path / "logs").rglob("*.ckpt"))
+    states = torch.load(checkpoint_path, weights_only=False)["callbacks"]
+    indices = [states[h.state_key]["indices"] for h in heatmaps]
+    assert indices == [h.indices.tolist() for h in heatmaps] and indices[0] != indices[1]
     assert summary["config"]["data"]["num_edits"] == 4
     assert summary["wall_seconds"] > 0
-    assert {"compute_deltas", "evaluation", "drift", "general/sst2"} <= set(
+    assert {"compute_deltas", "evaluation", "drift", "general/sst2", "figures/trends"} <= set(
         summary["phase_seconds"]
     )

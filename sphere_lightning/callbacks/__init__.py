@@ -4,6 +4,7 @@ from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
+from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.callbacks.transform import DeltaTransform
 
@@ -11,8 +12,10 @@ __all__ = [
     "CosineHeatmapCallback",
     "DeltaTransform",
     "DriftCallback",
+    "EditObserver",
     "GeneralAbilityCallback",
     "HyperSphericalEnergyCallback",
     "MetricTrendsCallback",
     "SphereProjectionCallback",
+    "changes_since",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from sphere_lightning.callbacks.timing import add_seconds
+from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.editors.hooks import model_device
 from sphere_lightning.editors.statistics import generate_corpus
 
@@ -78,15 +77,16 @@ def read_paragraphs(path: str | Path, limit: int) -> list[str]:
     return [p for p in paragraphs if p][:limit]
 
 
-class DriftCallback(Callback):
+class DriftCallback(EditObserver):
     """Log how far the model's next-token distributions drift from the original model's.
 
     On held-out text, logs ``drift/kl``, the mean over token positions of
     KL(original ‖ current) between next-token distributions over the full vocabulary, and
     ``drift/perplexity``, the current model's perplexity ``exp(mean NLL)`` over the same
     positions. Both are logged at step 0 (before the first edit, where the KL is 0) and after
-    every ``every_n_steps``-th step. Needs no labels, so it watches general-ability damage on any
-    text. The latest values are kept as :attr:`kl` and :attr:`perplexity`.
+    every ``every_n_steps``-th step (see :class:`~sphere_lightning.callbacks.EditObserver`).
+    Needs no labels, so it watches general-ability damage on any text. The latest values are
+    :attr:`kl` and :attr:`perplexity` (``summary.json``: ``drift.{kl,perplexity}``).
 
     The original model's distributions are never stored (``num_texts × max_length × vocab``
     floats is 400 MB for SmolLM2's vocabulary at the defaults): each measurement runs every
@@ -106,6 +106,8 @@ class DriftCallback(Callback):
         seed: Seed of the generated texts.
     """
 
+    summary_key = "drift"
+
     def __init__(
         self,
         text: str | None = None,
@@ -115,8 +117,8 @@ class DriftCallback(Callback):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
+        super().__init__(every_n_steps)
         for flag, value in [
-            ("every_n_steps", every_n_steps),
             ("num_texts", num_texts),
             ("max_length", max_length),
             ("batch_size", batch_size),
@@ -132,19 +134,22 @@ class DriftCallback(Callback):
                 f"Drift text file not found: {text} (set `text` to a .txt file)"
             )
         self.text = text
-        self.every_n_steps = every_n_steps
         self.num_texts = num_texts
         self.max_length = max_length
         self.batch_size = batch_size
         self.seed = seed
         self.texts: list[str] = []
-        self.kl: float | None = None
-        self.perplexity: float | None = None
         self._encoded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def should_update(self, step: int) -> bool:
-        """Whether to measure after ``step`` applied batches."""
-        return step % self.every_n_steps == 0
+    @property
+    def kl(self) -> float | None:
+        """Mean KL(original ‖ current) at the last measurement."""
+        return self.latest.get("drift/kl")
+
+    @property
+    def perplexity(self) -> float | None:
+        """Perplexity of the current model at the last measurement."""
+        return self.latest.get("drift/perplexity")
 
     def load_texts(self, pl_module: LightningModule) -> list[str]:
         """The held-out texts: the file's paragraphs, or text the original model writes."""
@@ -191,7 +196,7 @@ class DriftCallback(Callback):
         return self._encoded
 
     @torch.no_grad()
-    def measure(
+    def kl_and_perplexity(
         self, pl_module: LightningModule, with_original: bool = True
     ) -> tuple[float, float]:
         """``(KL(original ‖ current), perplexity)`` of the current model on the texts.
@@ -219,33 +224,25 @@ class DriftCallback(Callback):
             count += n
         return float(kl_sum / count), float(torch.exp(nll_sum / count))
 
-    def _log(self, pl_module: LightningModule, with_original: bool) -> None:
-        start = time.perf_counter()
-        self.kl, self.perplexity = self.measure(pl_module, with_original=with_original)
-        add_seconds(pl_module, "drift", time.perf_counter() - start)
-        pl_module.log_now({"drift/kl": self.kl, "drift/perplexity": self.perplexity})
-
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         if not self.texts:
-            self.texts = self.load_texts(pl_module)
-        if trainer.global_step == 0:
-            self._log(pl_module, with_original=False)
+            self.texts = self.load_texts(pl_module)  # not part of the timed measurement
+        with self.timed("drift"):
+            # Before the first edit the original model is the current one: its KL is 0.
+            kl, perplexity = self.kl_and_perplexity(pl_module, trainer.global_step > 0)
+        return {"drift/kl": kl, "drift/perplexity": perplexity}
 
     @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.should_update(trainer.global_step):
-            self._log(pl_module, with_original=True)
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        return {"kl": self.kl, "perplexity": self.perplexity}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"texts": list(self.texts), "kl": self.kl, "perplexity": self.perplexity}
+        return {**super().state_dict(), "texts": list(self.texts)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.texts = list(state_dict.get("texts", []))
-        self.kl = state_dict.get("kl")
-        self.perplexity = state_dict.get("perplexity")
         self._encoded = None

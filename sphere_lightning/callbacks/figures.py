@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from typing_extensions import override
 
+from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
 
 if TYPE_CHECKING:
@@ -116,15 +117,10 @@ def _mean_ranks(values: torch.Tensor) -> torch.Tensor:
     return less + (equal + 1) / 2
 
 
-def _check_every_n_steps(every_n_steps: int) -> None:
-    if every_n_steps < 1:
-        raise ValueError(f"`every_n_steps` should be ≥ 1, got {every_n_steps}")
-
-
 # -- cosine heatmap ----------------------------------------------------------------------------
 
 
-class CosineHeatmapCallback(Callback):
+class CosineHeatmapCallback(EditObserver):
     """Heatmap of the pairwise cosine similarity of one edited weight's neurons.
 
     Neurons are the rows of the weight in the nn.Linear (out × in) convention that
@@ -134,7 +130,9 @@ class CosineHeatmapCallback(Callback):
     fixed random subset of ``max_neurons`` of them, chosen once (seeded) and kept in the
     checkpoint, is drawn at step 0 and after every ``every_n_steps``-th step as
     ``figures/cosine_<layer>_step<k>.png`` and TensorBoard image ``figures/cosine/<layer>``.
-    The latest matrix is kept as :attr:`latest`.
+    The latest matrix is kept as :attr:`latest_similarity`, its PNG as :attr:`latest_figure`
+    (``summary.json``: ``cosine_heatmap.<layer>.{final_step,figure}``). List it once per layer
+    to draw several layers: each keeps its own neurons in the checkpoint.
 
     Args:
         layer: The edited parameter (``model.layers.7.mlp.down_proj.weight``) or its module path;
@@ -145,6 +143,9 @@ class CosineHeatmapCallback(Callback):
         dirpath: Folder for the PNG files; default ``<log dir>/figures``.
     """
 
+    summary_key = "cosine_heatmap"
+    state_key_arguments = ("layer",)
+
     def __init__(
         self,
         layer: str | None = None,
@@ -153,20 +154,16 @@ class CosineHeatmapCallback(Callback):
         seed: int = 0,
         dirpath: str | None = None,
     ) -> None:
-        _check_every_n_steps(every_n_steps)
+        super().__init__(every_n_steps)
         if max_neurons < 2:
             raise ValueError(f"`max_neurons` should be ≥ 2, got {max_neurons}")
         self.layer = layer
-        self.every_n_steps = every_n_steps
         self.max_neurons = max_neurons
         self.seed = seed
         self.dirpath = dirpath
         self.indices: torch.Tensor | None = None
-        self.latest: torch.Tensor | None = None
-
-    def should_update(self, step: int) -> bool:
-        """Whether to draw after ``step`` applied batches."""
-        return step % self.every_n_steps == 0
+        self.latest_similarity: torch.Tensor | None = None
+        self.latest_figure: str | None = None
 
     def parameter_name(self, pl_module: LightningModule) -> str:
         """The edited parameter drawn."""
@@ -202,59 +199,66 @@ class CosineHeatmapCallback(Callback):
         """Compute the matrix at the current step, write its PNG and TensorBoard image."""
         step = trainer.global_step
         layer = short_name(self.parameter_name(pl_module))
-        self.latest = self.similarity(pl_module)
+        self.latest_similarity = similarity = self.similarity(pl_module)
         figure = _new_figure(6.0, 5.0)
         figure.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.88)
         ax = figure.add_subplot()
         image = ax.imshow(
-            self.latest.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest"
+            similarity.numpy(), cmap="RdBu_r", vmin=-1.0, vmax=1.0, interpolation="nearest"
         )
         figure.colorbar(image, ax=ax, label="cosine similarity")
         edits = edits_at(trainer, step)
         ax.set_title(f"{layer}\nstep {step} ({edits} edit{'' if edits == 1 else 's'})", fontsize=9)
-        ax.set_xlabel(f"neuron (row of W, {len(self.latest)} sampled)")
+        ax.set_xlabel(f"neuron (row of W, {len(similarity)} sampled)")
         ax.set_ylabel("neuron")
         path = figures_dir(trainer, self.dirpath) / f"cosine_{layer}_step{step}.png"
         save_figure(trainer, figure, path, f"figures/cosine/{layer}", step)
         return path
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step == 0 and trainer.is_global_zero:
-            self.draw(trainer, pl_module)
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Draw the heatmap (rank zero only); no scalars, only its time
+        ``time/figures/cosine/<layer>``."""
+        if trainer.is_global_zero:
+            with self.timed(f"figures/cosine/{short_name(self.parameter_name(pl_module))}"):
+                self.latest_figure = str(self.draw(trainer, pl_module))
+        return {}
 
     @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.should_update(trainer.global_step) and trainer.is_global_zero:
-            self.draw(trainer, pl_module)
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        layer = short_name(self.parameter_name(pl_module))
+        return {layer: {"final_step": self.latest_step, "figure": self.latest_figure}}
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": None if self.indices is None else self.indices.tolist()}
+        indices = None if self.indices is None else self.indices.tolist()
+        return {**super().state_dict(), "indices": indices, "latest_figure": self.latest_figure}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         indices = state_dict.get("indices")
         self.indices = None if indices is None else torch.tensor(indices, dtype=torch.long)
+        self.latest_figure = state_dict.get("latest_figure")
 
 
 # -- HE and editing metrics over the run -------------------------------------------------------
 
 
-class MetricTrendsCallback(Callback):
+class MetricTrendsCallback(EditObserver):
     """HE and editing metrics against the number of edits, and their Spearman correlation.
 
-    Records every scalar the module and the other callbacks log through ``pl_module.log_now``
-    (which it wraps in :meth:`setup`, calling through, and unwraps in :meth:`teardown`) as
-    :attr:`history` ``{tag: {step: value}}``. After each validation that follows an edit and at
-    the end of training it draws ``figures/trends.png`` (TensorBoard image
-    ``figures/trends``): HE of every edited layer (top) and each editing metric (bottom) against
-    the number of edits, as in the paper's Fig. 2. It logs ``correlation/spearman/<metric>``, the
-    Spearman correlation between each metric and the HE averaged over the edited layers, over the
-    steps where both were logged (step 0 included). With fewer than 3 such steps, or a constant
-    series, the correlation is undefined and nothing is logged for it.
+    Records the HE and editing-metric scalars that the module and the other callbacks log
+    through ``pl_module.log_now`` (which it wraps in :meth:`setup`, calling through, and unwraps
+    in :meth:`teardown`) as :attr:`history` ``{tag: {step: value}}``. After each validation that
+    follows an edit and at the end of training (not after each step, and with no baseline: see
+    :class:`~sphere_lightning.callbacks.EditObserver`) it draws ``figures/trends.png``
+    (TensorBoard image ``figures/trends``): HE of every edited layer (top) and each editing
+    metric (bottom) against the number of edits, as in the paper's Fig. 2. It logs
+    ``correlation/spearman/<metric>``, the Spearman correlation between each metric and the HE
+    averaged over the edited layers, over the steps where both were logged (step 0 included).
+    With fewer than 3 such steps, or a constant series, the correlation is undefined and nothing
+    is logged for it. ``summary.json``: ``spearman_with_energy.<metric tag>``.
 
     Args:
         metrics: Tags of the editing metrics; default every ``edit/*`` scalar except the counters
@@ -264,12 +268,17 @@ class MetricTrendsCallback(Callback):
         dirpath: Folder for ``trends.png``; default ``<log dir>/figures``.
     """
 
+    summary_key = "spearman_with_energy"
+    phase = "figures/trends"
+    measures_baseline = False
+
     def __init__(
         self,
         metrics: list[str] | None = None,
         energy_prefix: str = "energy/",
         dirpath: str | None = None,
     ) -> None:
+        super().__init__()
         if not energy_prefix:
             raise ValueError("`energy_prefix` should be a non-empty tag prefix such as 'energy/'")
         self.metrics = list(metrics) if metrics is not None else None
@@ -285,11 +294,20 @@ class MetricTrendsCallback(Callback):
 
     # -- recording ---------------------------------------------------------------------------
 
+    def is_series(self, tag: str) -> bool:
+        """Whether ``tag`` is drawn: an HE tag or an editing metric."""
+        if tag.startswith(self.energy_prefix):
+            return True
+        if self.metrics is not None:
+            return tag in self.metrics
+        return tag.startswith("edit/") and tag not in _EDIT_COUNTERS
+
     def record(self, metrics: dict[str, Any], step: int) -> None:
-        """Keep scalars logged at ``step``."""
+        """Keep the HE and editing-metric scalars logged at ``step``."""
         for tag, value in metrics.items():
-            self.history.setdefault(tag, {})[int(step)] = float(value)
-            self._records += 1
+            if self.is_series(tag):
+                self.history.setdefault(tag, {})[int(step)] = float(value)
+                self._records += 1
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -315,13 +333,6 @@ class MetricTrendsCallback(Callback):
             if module.log_now != log_now:  # the module had its own instance attribute
                 module.log_now = log_now
         self._wrapped = None
-
-    def _log_through(self, pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        """Log without recording (the correlation is a summary, not a trend)."""
-        if self._wrapped is not None and self._wrapped[0] is pl_module:
-            self._wrapped[1](metrics)
-        else:
-            pl_module.log_now(metrics)
 
     # -- series ------------------------------------------------------------------------------
 
@@ -401,38 +412,45 @@ class MetricTrendsCallback(Callback):
         save_figure(trainer, figure, path, "figures/trends", step)
         return path
 
-    def report(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Log the correlations and draw the figure, unless nothing new was recorded."""
-        if not self.history or self._reported == (trainer.global_step, self._records):
-            return
+    @override
+    def should_update(self, step: int) -> bool:
+        """Never after a step: the editing metrics of a step are logged by the validation that
+        follows it (see :meth:`on_validation_end`)."""
+        return False
+
+    @override
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Compute the correlations and draw the figure from the recorded history."""
         self._reported = (trainer.global_step, self._records)
+        if not self.history:
+            return {}
         self.correlations = self.compute_correlations()
-        if self.correlations:
-            self._log_through(
-                pl_module,
-                {
-                    f"correlation/spearman/{tag.removeprefix('edit/')}": rho
-                    for tag, rho in self.correlations.items()
-                },
-            )
         if trainer.is_global_zero:
             self.draw(trainer)
+        return {
+            f"correlation/spearman/{tag.removeprefix('edit/')}": rho
+            for tag, rho in self.correlations.items()
+        }
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step > 0 and not trainer.sanity_checking:
-            self.report(trainer, pl_module)
+        if trainer.global_step == 0 or trainer.sanity_checking:
+            return
+        if self.history and self._reported != (trainer.global_step, self._records):
+            self.observe(trainer, pl_module)
 
     @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.report(trainer, pl_module)
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        return dict(self.correlations)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {tag: dict(values) for tag, values in self.history.items()}}
+        history = {tag: dict(values) for tag, values in self.history.items()}
+        return {**super().state_dict(), "history": history}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.history = {
             tag: {int(s): float(v) for s, v in values.items()}
             for tag, values in state_dict.get("history", {}).items()

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from sphere_lightning.callbacks.timing import add_seconds
+from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
 
@@ -18,7 +16,7 @@ from sphere_lightning.general.tasks import TASKS, get_task
 _TASK_SETTINGS = ("limit", "batch_size")
 
 
-class GeneralAbilityCallback(Callback):
+class GeneralAbilityCallback(EditObserver):
     """Score zero-shot general-ability tasks before the first edit and every few edit batches.
 
     Each task (see :mod:`sphere_lightning.general.tasks`) is multiple choice scored by the
@@ -31,12 +29,10 @@ class GeneralAbilityCallback(Callback):
     The baseline is measured in ``on_train_start`` when no batch has been applied yet, and is
     saved in checkpoints so a resumed run keeps measuring change against the unedited model.
     Afterwards the tasks run every ``every_n_steps`` batches, and once more at the end of training
-    if the last batch was not scored, so :attr:`latest` always describes the final model.
-
-    Attributes:
-        baseline: ``{task: {metric: value}}`` before the first edit.
-        latest: ``{task: {metric: value}}`` at the last evaluation.
-        latest_step: The ``global_step`` of :attr:`latest` (``None`` before any evaluation).
+    if the last batch was not scored, so :attr:`latest` always describes the final model (see
+    :class:`~sphere_lightning.callbacks.EditObserver`). :meth:`by_task` turns :attr:`baseline`
+    and :attr:`latest` (``{tag: value}``) into ``{task: {metric: value}}``, the shape of
+    ``summary.json``'s ``general.<task>.{baseline,final}`` (with ``final_step``).
 
     Args:
         tasks: Task names (``sst2``, ``mrpc``, ``cola``, ``rte``, ``mmlu``, ``nli``), or a mapping
@@ -55,6 +51,8 @@ class GeneralAbilityCallback(Callback):
         progress: Show a tqdm bar per task while it is scored.
     """
 
+    summary_key = "general"
+
     def __init__(
         self,
         tasks: list[str] | dict[str, dict[str, Any]],
@@ -65,6 +63,7 @@ class GeneralAbilityCallback(Callback):
         paths: dict[str, str] | None = None,
         progress: bool = True,
     ) -> None:
+        super().__init__(every_n_steps)
         if not tasks:
             raise ValueError(f"`tasks` should name at least one task of {sorted(TASKS)}")
         overrides = dict(tasks) if isinstance(tasks, dict) else {name: {} for name in tasks}
@@ -76,8 +75,6 @@ class GeneralAbilityCallback(Callback):
                     f"Unknown setting(s) {sorted(unknown)} for task {name!r}; "
                     f"per-task settings are {list(_TASK_SETTINGS)}"
                 )
-        if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` should be ≥ 1, got {every_n_steps}")
         paths = dict(paths or {})
         stray = sorted(set(paths) - set(overrides))
         if stray:
@@ -99,12 +96,8 @@ class GeneralAbilityCallback(Callback):
                 )
         self.data_dir = data_dir
         self.paths = paths
-        self.every_n_steps = every_n_steps
         self.progress = progress
         self.examples: dict[str, list[GeneralExample]] = {}
-        self.baseline: dict[str, dict[str, float]] = {}
-        self.latest: dict[str, dict[str, float]] = {}
-        self.latest_step: int | None = None
 
     # ---------------------------------------------------------------------------------- data
 
@@ -139,48 +132,45 @@ class GeneralAbilityCallback(Callback):
 
     # ---------------------------------------------------------------------------- evaluation
 
-    def should_update(self, step: int) -> bool:
-        """Whether to evaluate after ``step`` applied batches."""
-        return step % self.every_n_steps == 0
-
-    def evaluate(
-        self, pl_module: LightningModule
-    ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-        """Score every task on the module's model.
-
-        Returns:
-            ``({task: {metric: value}}, {task: seconds})``.
-        """
+    @override
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Score every task on the module's model: ``{"general/<task>/<metric>": value}``,
+        each task timed as phase ``general/<task>``."""
         examples = self.load_examples()
-        values: dict[str, dict[str, float]] = {}
-        seconds: dict[str, float] = {}
+        values: dict[str, float] = {}
         for name, task in self.tasks.items():
-            start = time.perf_counter()
-            values[name] = task.evaluate(
-                pl_module.model,
-                pl_module.tokenizer,
-                examples[name],
-                batch_size=self.batch_sizes[name],
-                progress=self.progress,
-            )
-            seconds[name] = time.perf_counter() - start
-        return values, seconds
+            with self.timed(f"general/{name}"):
+                scores = task.evaluate(
+                    pl_module.model,
+                    pl_module.tokenizer,
+                    examples[name],
+                    batch_size=self.batch_sizes[name],
+                    progress=self.progress,
+                )
+            values.update({f"general/{name}/{metric}": v for metric, v in scores.items()})
+        return values
 
-    def _evaluate_and_log(self, pl_module: LightningModule, step: int) -> None:
-        values, seconds = self.evaluate(pl_module)
-        if step == 0:
-            self.baseline = values
-        metrics: dict[str, float] = {}
-        for name, task_values in values.items():
-            for metric, value in task_values.items():
-                metrics[f"general/{name}/{metric}"] = value
-                if metric in self.baseline.get(name, {}):
-                    metrics[f"general_change/{name}/{metric}"] = value - self.baseline[name][metric]
-            metrics[f"time/general/{name}"] = seconds[name]
-            add_seconds(pl_module, f"general/{name}", seconds[name])
-        self.latest = values
-        self.latest_step = step
-        pl_module.log_now(metrics)
+    @override
+    def changes(self, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+        return changes_since(values, baseline, "general/", "general_change/")
+
+    def by_task(self, values: dict[str, float] | None) -> dict[str, dict[str, float]]:
+        """``{"general/<task>/<metric>": value}`` as ``{task: {metric: value}}`` (every task,
+        empty where ``values`` has none of its metrics)."""
+        nested: dict[str, dict[str, float]] = {name: {} for name in self.tasks}
+        for tag, value in (values or {}).items():
+            name, metric = tag.removeprefix("general/").split("/", 1)
+            nested.setdefault(name, {})[metric] = value
+        return nested
+
+    @override
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        baseline, latest = self.by_task(self.baseline), self.by_task(self.latest)
+        step = self.latest_step
+        return {
+            name: {"baseline": baseline[name], "final": latest[name], "final_step": step}
+            for name in self.tasks
+        }
 
     # --------------------------------------------------------------------------------- hooks
 
@@ -190,34 +180,14 @@ class GeneralAbilityCallback(Callback):
             self.load_examples()  # a missing or malformed file fails before any edit is made
 
     @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step == 0:
-            self._evaluate_and_log(pl_module, 0)
-        elif not self.baseline:
-            rank_zero_warn(
-                "GeneralAbilityCallback: resumed at step "
-                f"{trainer.global_step} without a stored baseline; `general_change/*` will not "
-                "be logged (the pre-edit model is gone)."
-            )
-
-    @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.should_update(trainer.global_step):
-            self._evaluate_and_log(pl_module, trainer.global_step)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step > 0 and self.latest_step != trainer.global_step:
-            self._evaluate_and_log(pl_module, trainer.global_step)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "latest": self.latest, "latest_step": self.latest_step}
-
-    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.baseline = {k: dict(v) for k, v in state_dict.get("baseline", {}).items()}
-        self.latest = {k: dict(v) for k, v in state_dict.get("latest", {}).items()}
-        self.latest_step = state_dict.get("latest_step")
+        state = dict(state_dict)
+        for key in ("baseline", "latest"):  # {task: {metric: value}} in older checkpoints
+            values = state.get(key)
+            if values and all(isinstance(v, dict) for v in values.values()):
+                state[key] = {
+                    f"general/{name}/{metric}": value
+                    for name, metrics in values.items()
+                    for metric, value in metrics.items()
+                }
+        super().load_state_dict(state)

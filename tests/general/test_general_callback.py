@@ -108,7 +108,8 @@ def test_logs_baseline_then_change_and_resumes(tiny_gpt2, tokenizer, data_dir):
         for metric, value in values.items():
             assert logged[f"general/{name}/{metric}"] == pytest.approx(value)
             assert logged[f"general_change/{name}/{metric}"] == 0.0
-    assert callback.baseline == callback.latest == baseline
+    assert callback.by_task(callback.baseline) == callback.by_task(callback.latest) == baseline
+    assert callback.baseline["general/cola/mcc"] == baseline["cola"]["mcc"]  # {tag: value}
     assert len(logged) == 2 * 9 + 4  # 9 metrics, each value and change, and 4 timings
 
     # An "edit" of the last MLP; step 1 is not scored (every_n_steps=2).
@@ -126,7 +127,12 @@ def test_logs_baseline_then_change_and_resumes(tiny_gpt2, tokenizer, data_dir):
             assert module.logged[-1][f"general/{name}/{metric}"] == pytest.approx(value)
             change = module.logged[-1][f"general_change/{name}/{metric}"]
             assert change == pytest.approx(value - baseline[name][metric])
-    assert callback.latest == now and callback.latest_step == 2
+    assert callback.by_task(callback.latest) == now and callback.latest_step == 2
+    assert callback.summary(trainer, module)["capitals"] == {
+        "baseline": baseline["capitals"],
+        "final": now["capitals"],
+        "final_step": 2,
+    }
 
     # Resume at step 2: the baseline comes from the checkpoint, nothing is re-measured.
     resumed = GeneralAbilityCallback(NAMES, data_dir=data_dir, progress=False)

@@ -54,10 +54,10 @@ def test_kl_is_zero_before_an_edit_and_positive_after(tiny_model, make_stub_modu
     callback.on_train_start(stub_trainer, module)
     assert len(callback.texts) == 5
     ((step, logged),) = module.logged
-    assert step == 0 and logged["drift/kl"] == 0.0
+    assert step == 0 and logged["drift/kl"] == 0.0 and logged["time/drift"] > 0
     assert logged["drift/perplexity"] == pytest.approx(callback.perplexity) and callback.kl == 0.0
 
-    kl, perplexity = callback.measure(module)  # really runs the original model too
+    kl, perplexity = callback.kl_and_perplexity(module)  # really runs the original model too
     assert 0.0 <= kl <= 1e-7
     assert perplexity == pytest.approx(logged["drift/perplexity"], rel=1e-6)
 
@@ -78,7 +78,7 @@ def test_kl_and_perplexity_match_a_naive_loop(tiny_model, make_stub_module, text
     original = copy.deepcopy(tiny_model)
     module.perturb(scale=0.3)
     callback = DriftCallback(text=str(text_file), num_texts=4, max_length=10, batch_size=3)
-    kl, perplexity = callback.measure(module)
+    kl, perplexity = callback.kl_and_perplexity(module)
     assert callback.texts == PARAGRAPHS[:4]
     naive_kl, naive_perplexity = _naive_drift(original, tiny_model, tokenizer, PARAGRAPHS[:4], 10)
     assert kl == pytest.approx(naive_kl, rel=1e-4)
@@ -86,7 +86,7 @@ def test_kl_and_perplexity_match_a_naive_loop(tiny_model, make_stub_module, text
     # Unedited: perplexity is the original model's, KL is 0.
     _, original_perplexity = _naive_drift(original, original, tokenizer, PARAGRAPHS[:4], 10)
     with original_weights_swapped_in(module):
-        kl0, perplexity0 = callback.measure(module)
+        kl0, perplexity0 = callback.kl_and_perplexity(module)
     assert kl0 <= 1e-7 and perplexity0 == pytest.approx(original_perplexity, rel=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_resumed_callback_keeps_its_texts(tiny_llama, make_stub_module, stub_tra
     resumed.on_train_start(stub_trainer, module)  # global_step 1: no step-0 baseline again
     assert len(module.logged) == logged
     assert resumed.texts == callback.texts and resumed.kl == callback.kl
-    assert resumed.measure(module) == pytest.approx((callback.kl, callback.perplexity))
+    assert resumed.kl_and_perplexity(module) == pytest.approx((callback.kl, callback.perplexity))
 
 
 def test_every_n_steps_and_bad_arguments(tmp_path):

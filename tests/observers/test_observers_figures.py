@@ -54,7 +54,7 @@ def test_heatmap_png_and_values_match_direct_cosines(tiny_model, make_stub_modul
     direct = torch.tensor(
         [[float(F.cosine_similarity(rows[i], rows[j], dim=0)) for j in range(8)] for i in range(8)]
     )
-    torch.testing.assert_close(callback.latest, direct, atol=1e-6, rtol=0)
+    torch.testing.assert_close(callback.latest_similarity, direct, atol=1e-6, rtol=0)
     figures = tb_trainer.log_dir + "/figures"
     for step in (0, 1):
         image = imread(f"{figures}/cosine_{layer}_step{step}.png")
@@ -147,7 +147,11 @@ def test_trends_log_spearman_and_write_png(tiny_llama, make_stub_module, tb_trai
     _run_trends(module, tb_trainer, callback, metric_steps=(0, 2, 4))
     callback.on_train_end(tb_trainer, module)  # nothing new since the last validation: no repeat
 
-    correlations = [(s, m) for s, m in module.logged if any(k.startswith("corr") for k in m)]
+    correlations = [
+        (s, {k: v for k, v in m.items() if k.startswith("corr")})
+        for s, m in module.logged
+        if any(k.startswith("corr") for k in m)
+    ]
     # At step 4 mean HE rises over steps 0, 2, 4; efficacy 0.2, 0.9, 0.7 ranks 1, 3, 2:
     # Σd² = 0 + 1 + 1 = 2, ρ = 1 − 6·2 / (3·8) = 0.5; specificity falls: ρ = −1.
     expected = {"correlation/spearman/efficacy": 0.5, "correlation/spearman/specificity": -1.0}
