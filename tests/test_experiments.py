@@ -1,0 +1,404 @@
+"""The with/without-SPHERE runner: config derivation, the report from event files, end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from sphere_lightning import experiments
+from sphere_lightning.callbacks import SphereProjectionCallback
+from sphere_lightning.experiments import (
+    SPHERE_CALLBACK,
+    WITH_SPHERE,
+    WITHOUT_SPHERE,
+    main,
+    run_config,
+    without_sphere,
+    write_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------- configs
+
+
+def test_there_are_experiment_configs():
+    assert [p.name for p in EXPERIMENT_CONFIGS] == ["alphaedit.yaml", "memit.yaml"]
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_without_sphere_removes_only_the_sphere_callback(path):
+    original = yaml.safe_load(path.read_text())
+    untouched = copy.deepcopy(original)
+
+    derived = without_sphere(original)
+
+    callbacks = original["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks].count(SPHERE_CALLBACK) == 1
+    expected = copy.deepcopy(original)
+    expected["trainer"]["callbacks"] = [c for c in callbacks if c["class_path"] != SPHERE_CALLBACK]
+    assert derived == expected
+    assert len(derived["trainer"]["callbacks"]) == len(callbacks) - 1
+    assert original == untouched, "the given config is not modified"
+
+
+def test_without_sphere_finds_short_names_appended_lists_and_subclasses(monkeypatch):
+    class ClippedSphere(SphereProjectionCallback):
+        pass
+
+    module = types.ModuleType("user_transforms")
+    module.ClippedSphere = ClippedSphere
+    monkeypatch.setitem(sys.modules, "user_transforms", module)
+    energy = {"class_path": "sphere_lightning.callbacks.HyperSphericalEnergyCallback"}
+    config = {
+        "trainer": {
+            "max_epochs": 1,
+            "callbacks": [{"class_path": "SphereProjectionCallback"}, energy],
+            "callbacks+": [
+                {"class_path": "user_transforms.ClippedSphere", "init_args": {"stage": "in_loop"}},
+                "sphere_lightning.callbacks.sphere.SphereProjectionCallback",
+            ],
+        },
+        "model": {"model": "x"},
+    }
+    assert experiments.count_sphere_callbacks(config) == 3
+    assert without_sphere(config) == {
+        "trainer": {"max_epochs": 1, "callbacks": [energy], "callbacks+": []},
+        "model": {"model": "x"},
+    }
+
+
+def test_run_config_sets_data_and_logger_and_keeps_the_rest(tmp_path):
+    config = yaml.safe_load(EXPERIMENT_CONFIGS[0].read_text())
+    derived = run_config(config, "facts.json", tmp_path / "out", WITH_SPHERE, num_edits=300)
+
+    assert derived["data"] == {**config["data"], "dataset": "facts.json", "num_edits": 300}
+    assert derived["trainer"]["logger"] == {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {
+            "save_dir": str(tmp_path / "out"),
+            "name": "",
+            "version": "with_sphere",
+            "default_hp_metric": False,
+        },
+    }
+    for key in config:
+        if key not in ("data", "trainer"):
+            assert derived[key] == config[key]
+    rest = {k: v for k, v in derived["trainer"].items() if k != "logger"}
+    assert rest == {k: v for k, v in config["trainer"].items() if k != "logger"}
+    # Without --num-edits the config's count stays.
+    kept = run_config(config, "facts.json", tmp_path, WITHOUT_SPHERE)
+    assert kept["data"]["num_edits"] == config["data"]["num_edits"]
+
+
+# ------------------------------------------------------------------------------- report
+
+START = 1_700_000_000.0
+LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj")
+
+
+def _scalars(**by_step):
+    return {int(step.removeprefix("s")): values for step, values in by_step.items()}
+
+
+def _he(a, b):
+    return {f"energy_change/{LAYERS[0]}": a, f"energy_change/{LAYERS[1]}": b}
+
+
+# Values exactly representable in float32 (TensorBoard stores scalars as float32).
+PRE_EDIT = {
+    "edit/efficacy": 0.25,
+    "edit/generalization": 0.125,
+    "edit/specificity": 0.75,
+    "edit/fluency": 550.0,
+    "general_change/sst2/accuracy": 0.0,
+    "drift/kl": 0.0,
+    **_he(0.0, 0.0),
+}
+WITHOUT_LOG = _scalars(
+    s0=PRE_EDIT,
+    s1={"edit/num_edited": 100.0, **_he(1.0, 2.0)},
+    s2={
+        "edit/num_edited": 200.0,
+        "edit/efficacy": 0.5,
+        "edit/generalization": 0.375,
+        "edit/specificity": 0.625,
+        "edit/fluency": 525.5,
+        "general_change/sst2/accuracy": -0.125,
+        "drift/kl": 0.0625,
+        **_he(2.0, 4.0),
+    },
+)
+WITH_LOG = _scalars(
+    s0={**PRE_EDIT, "general_change/nli/accuracy": 0.0},
+    s1={"edit/num_edited": 100.0, **_he(0.5, 0.5)},
+    s2={
+        "edit/num_edited": 200.0,
+        "edit/efficacy": 0.875,
+        "edit/generalization": 0.625,
+        "edit/specificity": 0.75,
+        "edit/fluency": 550.0,
+        "general_change/sst2/accuracy": -0.375,
+        "general_change/nli/accuracy": 0.25,
+        "drift/kl": 0.015625,
+        **_he(1.0, 1.5),
+    },
+)
+# Seconds after the first event at which each step's scalars are written.
+WITHOUT_TIMES = {0: 10.0, 1: 40.0, 2: 100.0}
+WITH_TIMES = {0: 12.0, 1: 50.0, 2: 130.0}
+
+
+def _write_run(out: Path, run: str, log, times, monkeypatch) -> Path:
+    """Log ``{step: {tag: value}}`` with Lightning's TensorBoardLogger under a fake clock."""
+    clock = [START]
+    with monkeypatch.context() as patch:
+        patch.setattr(time, "time", lambda: clock[0])
+        logger = TensorBoardLogger(save_dir=str(out), name="", version=run, default_hp_metric=False)
+        logger.experiment  # noqa: B018 - creates the event file: its first event is at START
+        for step in sorted(log):
+            clock[0] = START + times[step]
+            logger.log_metrics(log[step], step=step)
+        logger.finalize("success")
+    return Path(logger.log_dir)
+
+
+def _markdown_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_report_tabulates_the_logged_values_at_every_evaluation_step(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _write_run(out, "without_sphere", WITHOUT_LOG, WITHOUT_TIMES, monkeypatch)
+    with_dir = _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
+    (with_dir / "summary.json").write_text(
+        json.dumps({"wall_seconds": 131.5, "num_edited": 200, "global_step": 2})
+    )
+
+    markdown, data, figure = write_report(out)
+
+    # Step 1 logged only HE and the edit count: not an evaluation step, not a row.
+    assert _markdown_rows(markdown.read_text()) == [
+        # edits, then (without, with) for: efficacy, generalization, specificity, fluency,
+        # SST-2 change, NLI change, drift KL, HE change, wall time
+        ["0", "0.250", "0.250", "0.125", "0.125", "0.750", "0.750", "550.0", "550.0",
+         "+0.000", "+0.000", "—", "+0.000", "0.0000", "0.0000", "0", "0", "10", "12"],
+        ["200", "0.500", "0.875", "0.375", "0.625", "0.625", "0.750", "525.5", "550.0",
+         "-0.125", "-0.375", "—", "+0.250", "0.0625", "0.0156", "3", "1.25", "100", "130"],
+    ]  # fmt: skip
+    table = json.loads(data.read_text())
+    assert [(r["step"], r["edits"]) for r in table["rows"]] == [(0, 0), (2, 200)]
+    last = table["rows"][1]
+    assert last["without_sphere"]["general_change/nli/accuracy"] is None
+    assert last["with_sphere"]["edit/efficacy"] == 0.875
+    assert last["with_sphere"]["drift/kl"] == 0.015625
+    assert last["without_sphere"]["energy_change/per_layer"] == {LAYERS[0]: 2.0, LAYERS[1]: 4.0}
+    assert last["without_sphere"]["energy_change/mean"] == 3.0
+    assert last["with_sphere"]["wall_seconds"] == 130.0
+    # HE at every logged step, for the figure.
+    assert table["energy_change"]["with_sphere"] == [
+        {"step": 0, "edits": 0, "energy_change/mean": 0.0},
+        {"step": 1, "edits": 100, "energy_change/mean": 0.5},
+        {"step": 2, "edits": 200, "energy_change/mean": 1.25},
+    ]
+    assert table["runs"]["with_sphere"]["finished"] is True
+    assert table["runs"]["with_sphere"]["wall_seconds"] == 131.5
+    assert table["runs"]["without_sphere"]["finished"] is False
+    assert "200 edits in 132 s" in markdown.read_text()
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_report_with_one_run_missing_shows_dashes(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
+
+    assert main(["--report-only", "--out", str(out)]) == 0
+
+    rows = _markdown_rows((out / "table.md").read_text())
+    assert [row[0] for row in rows] == ["0", "200"]
+    for row in rows:
+        without_cells = row[1::2]
+        assert without_cells == ["—"] * 9
+    assert rows[1][2::2] == [
+        "0.875", "0.625", "0.750", "550.0", "-0.375", "+0.250", "0.0156", "1.25", "130"
+    ]  # fmt: skip
+    assert (out / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_edit_counts_come_from_the_config_where_not_logged(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    log = {step: {k: v for k, v in values.items() if k != "edit/num_edited"}
+           for step, values in WITH_LOG.items()}  # fmt: skip
+    run = _write_run(out, "with_sphere", log, WITH_TIMES, monkeypatch)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"edits_per_step": 30}}))
+
+    table = experiments.build_table(out)
+
+    assert [r["edits"] for r in table["rows"]] == [0, 60]
+
+
+def test_report_only_without_runs_fails_naming_the_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--report-only", "--out", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 2
+    assert "no runs under --out" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- command
+
+
+def test_dataset_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(EXPERIMENT_CONFIGS[0])])
+    assert exit_info.value.code == 2
+    assert "--dataset is required" in capsys.readouterr().err
+
+
+def test_a_config_without_sphere_is_refused(tmp_path, capsys):
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": []}}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--dataset", "x.json", "--out", str(tmp_path / "o")])
+    assert "nothing to compare" in capsys.readouterr().err
+
+
+def test_existing_runs_are_not_overwritten(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
+    args = ["--config", str(EXPERIMENT_CONFIGS[0]), "--dataset", "x.json", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "already holds run(s)" in capsys.readouterr().err
+    assert not (out / "without_sphere.yaml").exists()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for action in experiments.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    for flag in ("--config", "--dataset", "--num-edits", "--out", "--threads", "--sequential",
+                 "--report-only"):  # fmt: skip
+        assert flag in text
+
+
+def test_status_shows_the_batch_count_and_what_the_run_does_now(tmp_path):
+    log = tmp_path / "fit.log"
+    bar = "Epoch 0:  35%|███▌      | 7/20 [12:01<22:03,  0.01it/s]"
+    log.write_text(f"Loading weights\n{bar}\rValidation DataLoader 0:  50%|█████| 2/4\r")
+    assert experiments.log_progress(log) == "batch 7/20 · Validation DataLoader 0:  50%|█████| 2/4"
+    assert experiments.log_progress(log, width=12) == "batch 7/20 · Validation …"
+    log.write_text(f"Loading weights\n{bar}")
+    assert experiments.log_progress(log) == "batch 7/20"
+    log.write_text("Generating text\n")
+    assert experiments.log_progress(log) == "Generating text"
+    assert experiments.log_progress(tmp_path / "not-yet.log") == ""
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+def _tiny_experiment(tmp_path: Path, model_dir: str, requests) -> tuple[Path, Path]:
+    """The AlphaEdit experiment config scaled down to the tiny model, and a fact file."""
+    facts = tmp_path / "facts.json"  # the EasyEdit CounterFact layout, as the shared data
+    records = [
+        {
+            "case_id": r.case_id,
+            "prompt": r.filled_prompt,
+            "subject": r.subject,
+            "target_new": r.target_new,
+            "ground_truth": r.target_true,
+            "rephrase_prompt": r.paraphrase_prompts[0],
+            "locality_prompt": r.neighborhood_prompts[0],
+            "locality_ground_truth": r.target_true,
+        }
+        for r in requests
+    ]
+    facts.write_text(json.dumps(records))
+    general = tmp_path / "general"
+    general.mkdir()
+    sst2 = [{"sentence": f"the film is {w}", "label": i % 2, "idx": i} for i, w in enumerate("ab")]
+    nli = [
+        {"index": i, "sentence1": "The city is big .", "sentence2": s, "label": label}
+        for i, (s, label) in enumerate([("It is big .", "entailment"), ("No .", "not_entailment")])
+    ]
+    for name, rows in (("sst2", sst2), ("nli", nli)):
+        (general / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    config = yaml.safe_load((ROOT / "configs" / "experiments" / "alphaedit.yaml").read_text())
+    config["trainer"].update(
+        val_check_interval=1, enable_progress_bar=False, enable_model_summary=False
+    )
+    for callback in config["trainer"]["callbacks"]:
+        args = callback["init_args"]
+        if callback["class_path"].endswith("GeneralAbilityCallback"):
+            args.update(data_dir=str(general), limit=2, every_n_steps=1)
+        elif callback["class_path"].endswith("DriftCallback"):
+            args.update(num_texts=2, max_length=8, every_n_steps=1)
+    config["model"].update(model=model_dir, fluency_prompts=1, fluency_max_new_tokens=3)
+    config["model"]["editor"]["init_args"].update(
+        layers=[1, 2],
+        v_num_steps=4,
+        num_context_templates=1,
+        context_template_length=4,
+        stats_num_samples=8,
+        stats_max_length=12,
+        nullspace_threshold=1e9,
+    )
+    config["data"]["edits_per_step"] = 2
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, facts
+
+
+@pytest.mark.slow
+def test_runner_runs_both_and_writes_the_report(tmp_path, tiny_model_dir, requests, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config, facts = _tiny_experiment(tmp_path, tiny_model_dir, requests)
+    out = tmp_path / "out"
+
+    code = main(
+        ["--config", str(config), "--dataset", str(facts), "--num-edits", "4", "--out", str(out)]
+    )
+
+    assert code == 0, (out / "with_sphere" / "fit.log").read_text()[-3000:]
+    derived = yaml.safe_load((out / "without_sphere.yaml").read_text())
+    assert experiments.count_sphere_callbacks(derived) == 0
+    given = yaml.safe_load((out / "with_sphere.yaml").read_text())
+    assert experiments.count_sphere_callbacks(given) == 1
+    for run in (WITH_SPHERE, WITHOUT_SPHERE):
+        assert (out / run.name / "summary.json").is_file()
+        assert (out / run.name / "fit.log").is_file()
+    sphere_tags = {
+        run.name: [t for t in experiments.RunLog.read(out / run.name).scalars if "sphere/" in t]
+        for run in (WITH_SPHERE, WITHOUT_SPHERE)
+    }
+    assert sphere_tags["with_sphere"] and not sphere_tags["without_sphere"]
+    table = json.loads((out / "table.json").read_text())
+    assert [r["edits"] for r in table["rows"]] == [0, 2, 4]
+    for row in table["rows"]:
+        for run in (WITH_SPHERE, WITHOUT_SPHERE):
+            values = row[run.name]
+            for tag in ("edit/efficacy", "general_change/sst2/accuracy", "drift/kl"):
+                assert values[tag] is not None, (run.name, row["edits"], tag)
+            assert values["wall_seconds"] >= 0
+            assert set(values["energy_change/per_layer"]) == {
+                "model.layers.1.mlp.down_proj",
+                "model.layers.2.mlp.down_proj",
+            }
+    assert (out / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "| 4 |" in (out / "table.md").read_text()
