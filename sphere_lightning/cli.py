@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sphere_lightning.callbacks import EditObserver
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.module import EditingModule
+from sphere_lightning.protocols import edit_protocols
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -64,6 +65,7 @@ def summarise(trainer, module: EditingModule) -> dict[str, Any]:
         "num_edited": module.num_edited(),
         "edit": {
             "protocol": "after all edits, over all edited facts (lifelong)",
+            "protocols": edit_protocols(trainer.datamodule, module.fluency_protocol_used),
             "pre": module.pre_edit_metrics,
             "final": module.final_edit_metrics,
         },

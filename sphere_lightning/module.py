@@ -15,7 +15,7 @@ from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaE
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.editors.base import Editor
 from sphere_lightning.evaluation import METRIC_FAMILIES
-from sphere_lightning.fluency import greedy_generations, ngram_entropy
+from sphere_lightning.fluency import check_fluency_protocol, measure_fluency
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import load_model
 
@@ -71,11 +71,17 @@ class EditingModule(LightningModule):
         dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
         score_batch_size: Sequences per forward pass when scoring edit metrics.
         batch_metrics: Score each batch right after it is applied (``edit_batch/*``).
-        fluency_prompts: Fluency (ROME/MEMIT's weighted 2/3-gram entropy of greedy generations)
-            is measured from the prompts of the first this-many facts of the run, before the
-            first edit (``edit_pre/fluency``) and in the lifelong protocol (``edit/fluency``,
-            over the facts edited so far). 0 turns it off.
-        fluency_max_new_tokens: Tokens generated per fluency prompt.
+        fluency_prompts: Fluency (ROME/MEMIT's weighted 2/3-gram entropy of generated text, ×100
+            as their tables report it) is measured from the prompts of the first this-many facts
+            of the run, before the first edit (``edit_pre/fluency``) and in the lifelong
+            protocol (``edit/fluency``, over the facts edited so far). 0 turns it off.
+        fluency_protocol: ``rome`` (ROME's seeded top-5 samples from each fact's
+            ``generation_prompts``, 100 tokens with the prompt), ``greedy`` (greedy
+            continuations of the edit prompts), or ``auto``: ``rome`` when the facts carry
+            generation prompts (ROME's CounterFact layout), else ``greedy``.
+        fluency_max_new_tokens: Tokens generated per edit prompt by the ``greedy`` protocol.
+        fluency_seed: Seed of the ``rome`` protocol's sampling (the same draws at every
+            evaluation, so pre- and post-edit values differ by the model only).
     """
 
     def __init__(
@@ -87,6 +93,8 @@ class EditingModule(LightningModule):
         batch_metrics: bool = True,
         fluency_prompts: int = 16,
         fluency_max_new_tokens: int = 50,
+        fluency_protocol: str = "auto",
+        fluency_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["editor"])
@@ -102,8 +110,15 @@ class EditingModule(LightningModule):
             raise ValueError(
                 f"`model.fluency_max_new_tokens` should be ≥ 1, got {fluency_max_new_tokens}"
             )
+        check_fluency_protocol(fluency_protocol)
+        if fluency_seed < 0:
+            raise ValueError(f"`model.fluency_seed` should be ≥ 0, got {fluency_seed}")
         self.fluency_prompts = fluency_prompts
         self.fluency_max_new_tokens = fluency_max_new_tokens
+        self.fluency_protocol = fluency_protocol
+        self.fluency_seed = fluency_seed
+        #: The protocol the last fluency measurement used (``rome``/``greedy``; None before).
+        self.fluency_protocol_used: str | None = None
         self.final_edit_metrics: dict[str, float] = {}
         self.model = None
         self.tokenizer = None
@@ -256,18 +271,20 @@ class EditingModule(LightningModule):
         )
 
     def fluency(self, requests: list[EditRequest]) -> float | None:
-        """N-gram entropy of greedy generations from the first ``fluency_prompts`` requests."""
+        """Fluency (×100) of the first ``fluency_prompts`` requests under ``fluency_protocol``;
+        records the protocol used in ``fluency_protocol_used``."""
         if self.fluency_prompts == 0 or not requests:
             return None
-        prompts = [r.filled_prompt for r in requests[: self.fluency_prompts]]
-        texts = greedy_generations(
+        score, self.fluency_protocol_used = measure_fluency(
             self.model,
             self.tokenizer,
-            prompts,
-            max_new_tokens=self.fluency_max_new_tokens,
+            requests[: self.fluency_prompts],
+            self.fluency_protocol,
+            seed=self.fluency_seed,
+            greedy_max_new_tokens=self.fluency_max_new_tokens,
             batch_size=self.score_batch_size,
         )
-        return ngram_entropy(texts)
+        return score
 
     def num_edited(self) -> int:
         """How many requests have been written into the model so far."""

@@ -20,6 +20,7 @@ from sphere_lightning.data.readers import (
     read_builtin_format,
     read_counterfact_easyedit,
     read_counterfact_rome,
+    read_zsre_easyedit,
     read_zsre_mend,
     sniff_format,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "read_builtin_format",
     "read_counterfact_easyedit",
     "read_counterfact_rome",
+    "read_zsre_easyedit",
     "read_zsre_mend",
     "sniff_format",
 ]

@@ -74,7 +74,8 @@ class EditDataModule(LightningDataModule):
                 counterfactual facts), a path to a JSON (list) or JSONL file, a local dataset
                 folder, or a Hugging Face hub dataset id.
             format: Record layout: ``auto`` (detect from the first record), ``builtin``,
-                ``counterfact_rome``, ``counterfact_easyedit`` or ``zsre_mend``.
+                ``counterfact_rome``, ``counterfact_easyedit``, ``zsre_mend`` (as the reference
+                reads zsRE) or ``zsre_easyedit`` (as EasyEdit reads it).
             split: Split to load for hub datasets and dataset folders.
             num_edits: How many requests the run edits (the first ``num_edits`` of the seeded
                 order); must not exceed the number of records.
@@ -181,7 +182,7 @@ class EditDataModule(LightningDataModule):
         """``"counterfact"`` or ``"zsre"`` (``auto`` resolved; may load the data)."""
         if self._metric_family_arg != "auto":
             return self._metric_family_arg
-        return "zsre" if self.data_format == "zsre_mend" else "counterfact"
+        return "zsre" if self.data_format.startswith("zsre_") else "counterfact"
 
     # ------------------------------------------------------------------ loaders
 

@@ -4,12 +4,14 @@ Supported layouts (``format`` names in parentheses):
 
 * ROME's CounterFact (``counterfact_rome``): ``{"case_id", "requested_rewrite": {"prompt":
   "The mother tongue of {} is", "subject", "target_new": {"str"}, "target_true": {"str"}},
-  "paraphrase_prompts": [...], "neighborhood_prompts": [...]}``.
+  "paraphrase_prompts": [...], "neighborhood_prompts": [...], "generation_prompts": [...]}``.
 * CounterFact in the EasyEdit / KnowledgeSpread layout (``counterfact_easyedit``): ``case_id,
   prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt,
   locality_ground_truth``, where ``prompt`` has the subject written in.
-* zsRE in the MEND layout (``zsre_mend``): ``subject, src, pred, rephrase, alt, answers, loc,
-  loc_ans`` (``cond`` and ``portability`` are ignored).
+* zsRE in the MEND layout: ``subject, src, pred, rephrase, alt, answers, loc, loc_ans``
+  (``pred``, ``cond`` and ``portability`` are ignored), read two ways: as the SPHERE/ROME/MEMIT
+  reference reads it (``zsre_mend``, the default: ROME's ``dsets/zsre.py``), or as EasyEdit
+  reads it (``zsre_easyedit``). See :func:`read_zsre_mend` and :func:`read_zsre_easyedit`.
 * The layout of the built-in fact set (``builtin``): the fields of :class:`EditRequest` plus
   ``relation``.
 
@@ -20,16 +22,17 @@ are read: a malformed one raises :class:`MalformedRecordError` naming the file (
 record's 0-based index and the field.
 
 Conventions shared by all readers: leading/trailing whitespace is stripped from every string (the
-zsRE files have answers such as ``" Dickens"``), and a prompt written out in full (EasyEdit
-CounterFact, zsRE) becomes a template by replacing the *first* occurrence of the subject with
-``{}`` (in the shipped data the subject always occurs exactly once).
+zsRE files have ``alt`` values such as ``" Captain Universe"``), and a prompt written out in full
+(EasyEdit CounterFact, zsRE) becomes a template by replacing the *first* occurrence of the
+subject with ``{}`` (ROME's ``dsets/zsre.py`` replaces every occurrence, which its ``format``
+call cannot fill when there are two; in the shipped data the subject always occurs exactly
+once).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,8 @@ FORMATS: tuple[str, ...] = (
     "counterfact_rome",
     "counterfact_easyedit",
     "zsre_mend",
+    "zsre_easyedit",
 )
-
-#: Prefix MEND puts in front of every Natural Questions locality prompt in zsRE.
-NQ_PREFIX = "nq question: "
-_NQ_PREFIX_RE = re.compile(r"^\s*nq question:\s*", re.IGNORECASE)
 
 _MISSING = object()
 
@@ -193,7 +193,13 @@ def _parse_counterfact_rome(rec: _Record) -> EditRequest:
         paraphrase_prompts=rec.strings("paraphrase_prompts", allow_single=False),
         neighborhood_prompts=neighborhood,
         neighborhood_answers=answers,
+        generation_prompts=_optional_strings(rec, "generation_prompts", allow_single=False),
     )
+
+
+def _optional_strings(rec: _Record, field: str, *, allow_single: bool = True) -> tuple[str, ...]:
+    """A list of strings that may be absent (``()``), empty, or (if allowed) a bare string."""
+    return rec.strings(field, allow_single=allow_single) if rec.has(field) else ()
 
 
 def _prompts_with_optional_targets(
@@ -242,37 +248,44 @@ def _parse_counterfact_easyedit(rec: _Record) -> EditRequest:
     )
 
 
-def _clean_nq_question(question: str) -> str:
-    """``"nq question: who plays x"`` -> ``"who plays x?"`` (MEND's locality prompts)."""
-    question = _NQ_PREFIX_RE.sub("", question, count=1).strip()
-    if question and question[-1] not in "?.!:":
-        question += "?"
-    return question
-
-
-def _parse_zsre_mend(rec: _Record) -> EditRequest:
+def _zsre_request(
+    rec: _Record, target_new: str, target_true: str | None, locality_prompt: str
+) -> EditRequest:
+    """The fields both zsRE readings share: template from ``src``, ``rephrase``, ``loc_ans``."""
     subject = rec.string("subject")
-    answers = rec.strings("answers")
-    if not answers:
-        raise rec.error("answers", "empty list")
-    loc = _clean_nq_question(rec.string("loc"))
-    if not loc:
-        raise rec.error("loc", f"empty after removing the {NQ_PREFIX!r} prefix")
     return EditRequest(
         case_id=rec.case_id() if rec.has("case_id") else rec.index,
         subject=subject,
         prompt=rec.template_from_full("src", subject),
-        target_new=rec.string("alt"),
-        target_true=answers[0],
+        target_new=target_new,
+        target_true=target_true,
         paraphrase_prompts=rec.strings("rephrase"),
-        neighborhood_prompts=(loc,),
+        neighborhood_prompts=(locality_prompt,),
         neighborhood_answers=(rec.string("loc_ans"),),
     )
 
 
+def _first_answer(rec: _Record) -> str:
+    answers = rec.strings("answers")
+    if not answers:
+        raise rec.error("answers", "empty list")
+    return answers[0]
+
+
+def _parse_zsre_mend(rec: _Record) -> EditRequest:
+    # ROME's dsets/zsre.py (used unchanged by MEMIT, AlphaEdit and SPHERE): the edit writes the
+    # true answer, and the neighbourhood prompt is ``loc + "?"``, ``nq question:`` prefix kept.
+    return _zsre_request(rec, _first_answer(rec), None, rec.string("loc") + "?")
+
+
+def _parse_zsre_easyedit(rec: _Record) -> EditRequest:
+    # EasyEdit's zsRE examples: the edit writes ``alt``; ``loc`` is the locality prompt as it is.
+    return _zsre_request(rec, rec.string("alt"), _first_answer(rec), rec.string("loc"))
+
+
 def _parse_builtin(rec: _Record) -> EditRequest:
-    neighborhood = rec.strings("neighborhood_prompts") if rec.has("neighborhood_prompts") else ()
-    answers = rec.strings("neighborhood_answers") if rec.has("neighborhood_answers") else ()
+    neighborhood = _optional_strings(rec, "neighborhood_prompts")
+    answers = _optional_strings(rec, "neighborhood_answers")
     if answers and len(answers) != len(neighborhood):
         raise rec.error(
             "neighborhood_answers",
@@ -284,11 +297,10 @@ def _parse_builtin(rec: _Record) -> EditRequest:
         prompt=rec.template("prompt"),
         target_new=rec.string("target_new"),
         target_true=rec.string("target_true") if rec.has("target_true") else None,
-        paraphrase_prompts=rec.strings("paraphrase_prompts")
-        if rec.has("paraphrase_prompts")
-        else (),
+        paraphrase_prompts=_optional_strings(rec, "paraphrase_prompts"),
         neighborhood_prompts=neighborhood,
         neighborhood_answers=answers,
+        generation_prompts=_optional_strings(rec, "generation_prompts"),
     )
 
 
@@ -297,6 +309,7 @@ _PARSERS: dict[str, Callable[[_Record], EditRequest]] = {
     "counterfact_rome": _parse_counterfact_rome,
     "counterfact_easyedit": _parse_counterfact_easyedit,
     "zsre_mend": _parse_zsre_mend,
+    "zsre_easyedit": _parse_zsre_easyedit,
 }
 
 
@@ -309,7 +322,7 @@ def parse_records(
         records: The raw records (JSON objects) in file order.
         source: File name or hub id, used in error messages.
         format: One of ``"builtin"``, ``"counterfact_rome"``, ``"counterfact_easyedit"``,
-            ``"zsre_mend"``.
+            ``"zsre_mend"``, ``"zsre_easyedit"``.
         skip_malformed: Drop malformed records (logging how many and the first problem) instead
             of raising.
 
@@ -445,7 +458,7 @@ def read_counterfact_rome(
     Returns:
         One request per record; ``neighborhood_answers`` is empty (the neighbourhood prompts are
         answered by ``target_true``) unless the neighbourhood items are ``{"prompt", "target"}``
-        objects.
+        objects. ``generation_prompts`` (optional; fluency samples from them) are kept.
     """
     return _read(source, "counterfact_rome", split, skip_malformed)
 
@@ -476,16 +489,17 @@ def read_counterfact_easyedit(
 def read_zsre_mend(
     source: str | Path, split: str = "train", *, skip_malformed: bool = False
 ) -> list[EditRequest]:
-    """Read zsRE question-answering edits in MEND's layout.
+    """Read zsRE question-answering edits in MEND's layout, as the SPHERE reference reads them.
 
-    ``prompt`` is ``src`` with the subject's first occurrence replaced by ``{}``;
-    ``target_new = alt``, ``target_true = answers[0]``, ``paraphrase_prompts = (rephrase,)``,
-    ``neighborhood_prompts = (loc,)``, ``neighborhood_answers = (loc_ans,)``. The records have
-    no id, so ``case_id`` is the record's index (or its ``case_id`` field where present).
-    MEND's ``"nq question: "`` prefix is removed from ``loc`` and a ``"?"`` appended, so the
-    locality prompt reads as a question followed by its answer (as ROME does). Targets are
-    stripped (some ``alt`` values have a leading space); a record with an empty ``alt`` (two in
-    ``zsre_mend_train-1k.json``) is malformed.
+    This is ROME's ``dsets/zsre.py`` (``MENDQADataset``), which MEMIT, AlphaEdit and SPHERE use
+    unchanged: ``prompt`` is ``src`` with the subject replaced by ``{}``; ``target_new =
+    answers[0]`` (the edit writes the true answer); ``paraphrase_prompts = (rephrase,)``;
+    ``neighborhood_prompts = (loc + "?",)`` with MEND's ``"nq question: "`` prefix kept;
+    ``neighborhood_answers = (loc_ans,)``. ``target_true`` is ``None`` (the reference puts a
+    placeholder there that no zsRE metric reads); ``alt`` is not read, so the two records of
+    ``zsre_mend_train-1k.json`` with an empty ``alt`` are valid here. The records have no id, so
+    ``case_id`` is the record's index (or its ``case_id`` field where present). EasyEdit's
+    reading of the same files is :func:`read_zsre_easyedit`.
 
     Args:
         source: JSON/JSONL file, local dataset folder or hub dataset id.
@@ -496,6 +510,29 @@ def read_zsre_mend(
         One request per record, in file order.
     """
     return _read(source, "zsre_mend", split, skip_malformed)
+
+
+def read_zsre_easyedit(
+    source: str | Path, split: str = "train", *, skip_malformed: bool = False
+) -> list[EditRequest]:
+    """Read zsRE in MEND's layout as EasyEdit's zsRE examples do (``format: zsre_easyedit``).
+
+    ``target_new = alt`` (a stripped alternative answer), ``target_true = answers[0]``,
+    ``paraphrase_prompts = (rephrase,)``, ``neighborhood_prompts = (loc,)`` exactly as in the
+    file (``"nq question: ..."``, no ``"?"``), ``neighborhood_answers = (loc_ans,)``; prompt
+    template and ``case_id`` as in :func:`read_zsre_mend`. A record with an empty ``alt`` (two in
+    ``zsre_mend_train-1k.json``) is malformed. Numbers from this reading are not comparable with
+    the SPHERE/ROME/MEMIT/AlphaEdit papers, which edit towards ``answers[0]``.
+
+    Args:
+        source: JSON/JSONL file, local dataset folder or hub dataset id.
+        split: Split for folders and hub ids.
+        skip_malformed: Drop malformed records instead of raising.
+
+    Returns:
+        One request per record, in file order.
+    """
+    return _read(source, "zsre_easyedit", split, skip_malformed)
 
 
 def read_builtin_format(
@@ -522,14 +559,15 @@ def sniff_format(record: Any) -> str | None:
 
     Returns:
         ``"counterfact_rome"``, ``"zsre_mend"``, ``"counterfact_easyedit"``, ``"builtin"``, or
-        ``None`` when the keys match no known layout.
+        ``None`` when the keys match no known layout. zsRE is read as the reference reads it
+        (``zsre_mend``); EasyEdit's reading (``zsre_easyedit``) is chosen explicitly.
     """
     if not isinstance(record, Mapping):
         return None
     keys = set(record)
     if "requested_rewrite" in keys:
         return "counterfact_rome"
-    if {"src", "alt"} <= keys:
+    if "src" in keys and keys & {"answers", "alt"}:
         return "zsre_mend"
     if keys & {"ground_truth", "rephrase_prompt", "locality_prompt"}:
         return "counterfact_easyedit"
@@ -593,7 +631,8 @@ def load_requests(
         source: ``"builtin"`` for the packaged fact set, a JSON/JSONL file path, a local dataset
             folder, or a Hugging Face hub dataset id.
         format: ``"auto"`` (detect from the first record's keys), ``"builtin"``,
-            ``"counterfact_rome"``, ``"counterfact_easyedit"`` or ``"zsre_mend"``.
+            ``"counterfact_rome"``, ``"counterfact_easyedit"``, ``"zsre_mend"`` (zsRE as the
+            reference reads it) or ``"zsre_easyedit"`` (zsRE as EasyEdit reads it).
         split: Split to load for hub ids and dataset folders.
         skip_malformed: Drop malformed records (logging a warning) instead of raising.
 

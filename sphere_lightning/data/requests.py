@@ -22,6 +22,8 @@ class EditRequest:
         neighborhood_prompts: Full prompts about other subjects, used for specificity.
         neighborhood_answers: The answer expected for each neighborhood prompt. Empty means every
             neighborhood prompt should still be answered with ``target_true`` (CounterFact).
+        generation_prompts: Prompts ROME's CounterFact gives for free generation (fluency is
+            measured on samples from them); empty for layouts without them.
     """
 
     case_id: int | str
@@ -32,6 +34,7 @@ class EditRequest:
     paraphrase_prompts: tuple[str, ...] = field(default_factory=tuple)
     neighborhood_prompts: tuple[str, ...] = field(default_factory=tuple)
     neighborhood_answers: tuple[str, ...] = field(default_factory=tuple)
+    generation_prompts: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:

@@ -115,6 +115,9 @@ def test_metric_family(tmp_path: Path) -> None:
         EditDataModule(dataset=str(path), format="zsre_mend", metric_family="auto").metric_family
         == "zsre"
     )
+    easyedit = EditDataModule(dataset=str(path), format="zsre_easyedit", num_edits=2)
+    assert (easyedit.data_format, easyedit.metric_family) == ("zsre_easyedit", "zsre")
+    assert easyedit.requests[0].target_new == "drones"
 
 
 def test_shared_counterfact(tmp_path: Path) -> None:

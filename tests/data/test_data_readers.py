@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
 from sphere_lightning.data import readers
 from sphere_lightning.data.readers import (
@@ -18,6 +20,7 @@ from sphere_lightning.data.readers import (
     read_builtin_format,
     read_counterfact_easyedit,
     read_counterfact_rome,
+    read_zsre_easyedit,
     read_zsre_mend,
     sniff_format,
 )
@@ -172,30 +175,41 @@ def test_zsre_mend_shared_portability(shared: Path) -> None:
     assert layout == "zsre_mend"
     assert len(requests) == 1037
     first = requests[0]
-    assert first.case_id == 0
-    assert first.subject == "IAAF Combined Events Challenge"
-    assert first.prompt == "When was the inception of {}?"
-    assert (first.target_new, first.target_true) == ("2006", "1998")
-    assert first.paraphrase_prompts == ("When was the IAAF Combined Events Challenge launched?",)
-    assert first.neighborhood_prompts == ("what is the name of the last episode of spongebob?",)
-    assert first.neighborhood_answers == ("The String",)
-    for request in requests:
-        assert not request.neighborhood_prompts[0].startswith("nq question")
-        assert request.target_new == request.target_new.strip()
+    assert first == EditRequest(
+        case_id=0,
+        subject="IAAF Combined Events Challenge",
+        prompt="When was the inception of {}?",
+        target_new="1998",  # answers[0]; alt is "2006"
+        target_true=None,
+        paraphrase_prompts=("When was the IAAF Combined Events Challenge launched?",),
+        neighborhood_prompts=("nq question: what is the name of the last episode of spongebob?",),
+        neighborhood_answers=("The String",),
+    )
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    for i, (request, record) in enumerate(zip(requests, raw, strict=True)):
+        assert request == _as_request(_reference_mend_qa(record, i))
+    easyedit = read_zsre_easyedit(path)
+    assert (easyedit[0].target_new, easyedit[0].target_true) == ("2006", "1998")
+    assert easyedit[0].neighborhood_prompts == (raw[0]["loc"],)
 
 
-def test_zsre_mend_shared_train_has_empty_alt(shared: Path) -> None:
+def test_zsre_shared_train_empty_alt(shared: Path) -> None:
     path = shared_file(shared, "zsre/zsre_mend_train-1k.json")
+    # The reference never reads alt: every record is valid.
+    requests = read_zsre_mend(path)
+    assert len(requests) == 1000
+    assert (requests[534].subject, requests[534].target_new) == ("Michaela Staniford", "female")
+    # EasyEdit's reading edits towards alt, which two records lack.
     with pytest.raises(
         MalformedRecordError,
         match=r"zsre_mend_train-1k\.json, record 534, field 'alt': empty string",
     ):
-        read_zsre_mend(path)
-    requests = read_zsre_mend(path, skip_malformed=True)
-    assert len(requests) == 998
-    ids = {r.case_id for r in requests}
+        read_zsre_easyedit(path)
+    easyedit = read_zsre_easyedit(path, skip_malformed=True)
+    assert len(easyedit) == 998
+    ids = {r.case_id for r in easyedit}
     assert 534 not in ids and 723 not in ids and 999 in ids
-    by_id = {r.case_id: r for r in requests}
+    by_id = {r.case_id: r for r in easyedit}
     assert by_id[174].target_new == "Captain Universe"  # " Captain Universe" in the file
     assert by_id[0].target_true == "uniform"
     assert by_id[0].prompt == "What is the product made by {}?"
@@ -221,7 +235,20 @@ def test_counterfact_rome(tmp_path: Path) -> None:
     assert first.neighborhood_answers == ()
     assert second.neighborhood_prompts == ("Who is the mother of X?",)
     assert second.neighborhood_answers == ("Y",)
+    assert first.generation_prompts == ("Danielle Darrieux's mother tongue is",)
     assert load_requests(str(path)) == [first, second]
+
+
+def test_counterfact_rome_generation_prompts_optional(tmp_path: Path) -> None:
+    # ROME's zsRE conversion writes "generation_prompts": []; other files leave it out.
+    records = [with_value(ROME_RECORD, [], "generation_prompts")]
+    records.append(without(ROME_RECORD, "generation_prompts"))
+    for request in read_counterfact_rome(write_json(tmp_path / "cf.json", records)):
+        assert request.generation_prompts == ()
+    (builtin,) = read_builtin_format(
+        write_json(tmp_path / "b.json", [dict(BUILTIN_RECORD, generation_prompts=["Lyon is"])])
+    )
+    assert builtin.generation_prompts == ("Lyon is",)
 
 
 @pytest.mark.parametrize(
@@ -257,6 +284,11 @@ def test_counterfact_rome(tmp_path: Path) -> None:
             with_value(ROME_RECORD, ["ok", 3], "neighborhood_prompts"),
             "neighborhood_prompts[1]",
             "expected a string",
+        ),
+        (
+            with_value(ROME_RECORD, "one prompt", "generation_prompts"),
+            "generation_prompts",
+            "expected a list",
         ),
     ],
 )
@@ -350,28 +382,212 @@ def test_subject_missing_message(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- zsRE layout
 
 
-def test_zsre_mend_record(tmp_path: Path) -> None:
-    multi = dict(ZSRE_RECORD, answers=["uniform", "workwear"], loc="nq question: who won?")
-    (request, second) = read_zsre_mend(write_json(tmp_path / "z.json", [ZSRE_RECORD, multi]))
-    assert request.case_id == 0 and second.case_id == 1
-    assert request.prompt == "What is the product made by {}?"
-    assert request.target_new == "unmanned aircraft"
-    assert request.target_true == "uniform"
-    assert request.paraphrase_prompts == ("What will be the product of UniFirst?",)
-    assert request.neighborhood_prompts == ("john goodman's character in the big lebowski?",)
-    assert request.neighborhood_answers == ("Walter Sobchak",)
-    assert second.neighborhood_prompts == ("who won?",)
+def _toy_tokens(text: str) -> list[str]:
+    """Words with their leading space: ``"".join`` of them is the text."""
+    return re.findall(r" ?\S+", text)
+
+
+class _ToyTokenizer:
+    """A stand-in for the reference's tokenizer whose "ids" are :func:`_toy_tokens`."""
+
+    def __call__(self, text: str) -> dict[str, list[str]]:
+        return {"input_ids": _toy_tokens(text)}
+
+    def decode(self, ids: list[str] | str) -> str:
+        return ids if isinstance(ids, str) else "".join(ids)
+
+
+def _reference_mend_qa(record: dict[str, Any], i: int, tok: Any = None) -> dict[str, Any]:
+    """ROME's ``dsets/zsre.py`` (``MENDQADataset.__init__``) for record ``i``, line for line
+    (its ``nq question:`` assertion aside), with ``tok`` (default :class:`_ToyTokenizer`)."""
+    tok = tok or _ToyTokenizer()
+    ans_toks = tok(" " + record["loc_ans"])["input_ids"]
+    return {
+        "case_id": i,
+        "requested_rewrite": {
+            "prompt": record["src"].replace(record["subject"], "{}"),
+            "subject": record["subject"],
+            "target_new": {"str": record["answers"][0]},
+            "target_true": {"str": "<|endoftext|>"},
+        },
+        "paraphrase_prompts": [record["rephrase"]],
+        "neighborhood_prompts": [
+            {
+                "prompt": record["loc"] + "?" + tok.decode(ans_toks[:j]),
+                "target": tok.decode(ans_toks[j]),
+            }
+            for j in range(len(ans_toks))
+        ],
+        "attribute_prompts": [],
+        "generation_prompts": [],
+    }
+
+
+def _as_request(reference: dict[str, Any]) -> EditRequest:
+    """The reference's record as an EditRequest: its i = 0 neighbourhood prompt is the prompt,
+    and its per-token targets joined (without the leading space) are the answer."""
+    rewrite = reference["requested_rewrite"]
+    neighbours = reference["neighborhood_prompts"]
+    return EditRequest(
+        case_id=reference["case_id"],
+        subject=rewrite["subject"],
+        prompt=rewrite["prompt"],
+        target_new=rewrite["target_new"]["str"],
+        paraphrase_prompts=tuple(reference["paraphrase_prompts"]),
+        neighborhood_prompts=(neighbours[0]["prompt"],),
+        neighborhood_answers=("".join(n["target"] for n in neighbours).removeprefix(" "),),
+    )
+
+
+ZSRE_VARIANTS = [
+    ZSRE_RECORD,
+    # several answers: the first is the target; a question that already ends with "?"
+    dict(ZSRE_RECORD, answers=["uniform", "workwear"], loc="nq question: who won the cup?"),
+    # subject first; alt empty (the reference never reads it); a multi-word locality answer
+    dict(
+        ZSRE_RECORD,
+        subject="Honda",
+        src="Honda was founded by whom?",
+        rephrase="Who founded Honda?",
+        alt="",
+        answers=["Soichiro Honda"],
+        loc="nq question: where is the eiffel tower",
+        loc_ans="Paris, France",
+    ),
+]
+
+
+def test_zsre_mend_reads_as_the_reference(tmp_path: Path) -> None:
+    requests = read_zsre_mend(write_json(tmp_path / "z.json", ZSRE_VARIANTS))
+    for i, (request, record) in enumerate(zip(requests, ZSRE_VARIANTS, strict=True)):
+        reference = _reference_mend_qa(record, i)
+        assert request == _as_request(reference)
+        # Each of the reference's per-token neighbourhood prompts and targets is our prompt
+        # followed by the answer's tokens (what the token-accuracy metric teacher-forces).
+        answer = _toy_tokens(" " + request.neighborhood_answers[0])
+        assert [
+            {"prompt": request.neighborhood_prompts[0] + "".join(answer[:j]), "target": tok}
+            for j, tok in enumerate(answer)
+        ] == reference["neighborhood_prompts"]
+    first, second, third = requests
+    assert first.target_new == "uniform" and first.target_true is None
+    assert first.neighborhood_prompts == (
+        "nq question: john goodman's character in the big lebowski?",
+    )
+    assert second.neighborhood_prompts == ("nq question: who won the cup??",)
+    assert (third.prompt, third.target_new) == ("{} was founded by whom?", "Soichiro Honda")
+
+
+def _reference_prediction_acc(model, tok, prompts: list[str], targets: list[str]) -> list[bool]:
+    """``eval_utils_zsre.test_batch_prediction_acc`` (its non-Llama branch), on the CPU."""
+    prompt_tok = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**prompt_tok).logits
+    last_non_masked = prompt_tok["attention_mask"].sum(1) - 1
+    to_gather = last_non_masked.unsqueeze(1).repeat(1, logits.size(-1)).unsqueeze(1)
+    gathered = torch.gather(logits, 1, to_gather).squeeze(1)
+    ans = torch.argmax(gathered, dim=1)
+    correct_id = tok(targets, padding=True, return_tensors="pt")["input_ids"][:, 0]
+    return (ans == correct_id).tolist()
+
+
+def _reference_zsre_scores(model, tok, record: dict[str, Any]) -> list[float]:
+    """``compute_rewrite_quality_zsre`` (non-Llama branch), then ``summarize.py``'s mean of each
+    case's list: [rewrite, paraphrase, neighborhood] accuracy of one record."""
+    rewrite = record["requested_rewrite"]
+    target_tok = tok(" " + rewrite["target_new"]["str"])["input_ids"]
+    scores = []
+    for prompts in ([rewrite["prompt"].format(rewrite["subject"])], record["paraphrase_prompts"]):
+        inp_prompts = [
+            el + tok.decode(target_tok[:i]) for el in prompts for i in range(len(target_tok))
+        ]
+        inp_targets = [tok.decode(target_tok[i]) for _ in prompts for i in range(len(target_tok))]
+        scores.append(np.mean(_reference_prediction_acc(model, tok, inp_prompts, inp_targets)))
+    neighbours = record["neighborhood_prompts"]
+    prompts = [n["prompt"].format(rewrite) for n in neighbours]
+    correct = _reference_prediction_acc(model, tok, prompts, [n["target"] for n in neighbours])
+    scores.append(np.mean(correct))
+    return scores
+
+
+def _greedy_words(model, tok, prompt: str, n: int) -> str:
+    ids = tok(prompt)["input_ids"]
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return tok.decode(ids[-n:])
+
+
+@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
+def test_zsre_mend_scored_as_the_reference(tiny_model, tokenizer) -> None:
+    from sphere_lightning.evaluation import zsre_scores
+
+    questions = [
+        ("Toyota", "Where was Toyota founded?", "Toyota was founded in?"),
+        ("Lionel Messi", "What does Lionel Messi play?", "Lionel Messi plays?"),
+        ("Nintendo", "Where is Nintendo?", "The headquarters of Nintendo?"),
+        ("Eiffel Tower", "Where is the Eiffel Tower?", "The Eiffel Tower is in?"),
+    ]
+    records = []
+    for i, (subject, src, rephrase) in enumerate(questions):
+        loc = "nq question: who plays the music"
+        # Half the answers are what the model predicts, so the accuracies are not all 0.
+        predicted = i % 2 == 0
+        records.append(
+            {
+                "subject": subject,
+                "src": src,
+                "rephrase": rephrase,
+                "alt": "Paris",
+                "answers": [_greedy_words(tiny_model, tokenizer, src, 2) if predicted else "Rome"],
+                "loc": loc,
+                "loc_ans": _greedy_words(tiny_model, tokenizer, loc + "?", 3)
+                if predicted
+                else "a red ball",
+            }
+        )
+    requests = readers.parse_records(records, "zsre.json", "zsre_mend")
+    ours = zsre_scores(tiny_model, tokenizer, requests)
+    reference = np.array(
+        [
+            _reference_zsre_scores(tiny_model, tokenizer, _reference_mend_qa(r, i, tokenizer))
+            for i, r in enumerate(records)
+        ]
+    )
+    for column, metric in enumerate(("efficacy", "generalization", "specificity")):
+        assert ours[metric].tolist() == pytest.approx(reference[:, column].tolist())
+    # The model's own answers after the edit and neighbourhood prompts are scored right.
+    assert reference[0::2, 0].min() == reference[0::2, 2].min() == 1.0
+
+
+def test_zsre_easyedit_reads_alt_and_raw_locality(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "z.json", ZSRE_VARIANTS[:2])
+    first, second = read_zsre_easyedit(path)
+    assert first == EditRequest(
+        case_id=0,
+        subject="UniFirst",
+        prompt="What is the product made by {}?",
+        target_new="unmanned aircraft",  # " unmanned aircraft" in the record
+        target_true="uniform",
+        paraphrase_prompts=("What will be the product of UniFirst?",),
+        neighborhood_prompts=("nq question: john goodman's character in the big lebowski",),
+        neighborhood_answers=("Walter Sobchak",),
+    )
+    assert second.neighborhood_prompts == ("nq question: who won the cup?",)
+    requests, layout = load_requests_with_format(str(path), format="zsre_easyedit")
+    assert layout == "zsre_easyedit" and requests == [first, second]
 
 
 @pytest.mark.parametrize(
     ("record", "field", "problem"),
     [
-        (without(ZSRE_RECORD, "alt"), "alt", "missing"),
         (dict(ZSRE_RECORD, subject="Acme"), "src", "does not occur"),
         (dict(ZSRE_RECORD, answers=[]), "answers", "empty list"),
         (dict(ZSRE_RECORD, answers=[""]), "answers[0]", "empty string"),
+        (without(ZSRE_RECORD, "answers"), "answers", "missing"),
         (dict(ZSRE_RECORD, loc_ans=["a"]), "loc_ans", "expected a string"),
-        (dict(ZSRE_RECORD, loc="nq question: "), "loc", ""),
+        (without(ZSRE_RECORD, "loc"), "loc", "missing"),
+        (without(ZSRE_RECORD, "rephrase"), "rephrase", "missing"),
     ],
 )
 def test_zsre_mend_malformed(
@@ -379,11 +595,25 @@ def test_zsre_mend_malformed(
 ) -> None:
     path = tmp_path / "zsre_eval.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [ZSRE_RECORD, record]) + "\n", "utf-8")
-    with pytest.raises(
-        MalformedRecordError, match=re.escape(f"zsre_eval.jsonl, record 1, field '{field}'")
-    ) as info:
-        read_zsre_mend(path)
-    assert problem in info.value.problem
+    for read in (read_zsre_mend, read_zsre_easyedit):
+        with pytest.raises(
+            MalformedRecordError, match=re.escape(f"zsre_eval.jsonl, record 1, field '{field}'")
+        ) as info:
+            read(path)
+        assert problem in info.value.problem
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [(without(ZSRE_RECORD, "alt"), "missing"), (dict(ZSRE_RECORD, alt=" "), "empty string")],
+)
+def test_zsre_alt_only_matters_to_easyedit(
+    tmp_path: Path, record: dict[str, Any], problem: str
+) -> None:
+    path = write_json(tmp_path / "z.json", [record])
+    assert read_zsre_mend(path)[0].target_new == "uniform"
+    with pytest.raises(MalformedRecordError, match=rf"record 0, field 'alt': {problem}"):
+        read_zsre_easyedit(path)
 
 
 # ---------------------------------------------------------------------------- files, hub, dispatch
@@ -461,6 +691,7 @@ def test_sniff_and_undetectable(tmp_path: Path) -> None:
     assert sniff_format(ROME_RECORD) == "counterfact_rome"
     assert sniff_format(EASYEDIT_RECORD) == "counterfact_easyedit"
     assert sniff_format(ZSRE_RECORD) == "zsre_mend"
+    assert sniff_format(without(ZSRE_RECORD, "alt")) == "zsre_mend"
     assert sniff_format(BUILTIN_RECORD) == "builtin"
     assert sniff_format({"question": "q"}) is None
     path = write_json(tmp_path / "other.json", [{"question": "q", "answer": "a"}])
