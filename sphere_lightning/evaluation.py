@@ -12,48 +12,49 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import encode_target, model_device, pad_batch
+from sphere_lightning.editors.hooks import encode_target
+from sphere_lightning.scoring import ContinuationScores, padding_id, score_token_continuations
 
 
-@torch.no_grad()
 def score_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean per-token log-probability and teacher-forced token accuracy of each target.
+    *,
+    progress: bool = False,
+    desc: str = "Edit metrics",
+) -> ContinuationScores:
+    """Teacher-forced scores of each target after its prompt, the edit metrics' tokenisation.
 
-    Returns two float tensors of length ``len(prompts)``.
+    The prompt is tokenised as the tokenizer does by default (a BOS where it adds one) and the
+    target with :func:`~sphere_lightning.editors.hooks.encode_target` (a leading space, no special
+    tokens), as the editors see them. Scoring is
+    :func:`~sphere_lightning.scoring.score_token_continuations`: a prompt shared by several
+    targets runs once.
+
+    Returns:
+        :class:`~sphere_lightning.scoring.ContinuationScores` (``mean_logprob``,
+        ``token_accuracy``, ``sum_logprob``), one entry per (prompt, target).
     """
-    device = model_device(model)
-    head = model.get_output_embeddings()
-    logprob, accuracy = [], []
-    for start in range(0, len(prompts), batch_size):
-        seqs, spans = [], []
-        for prompt, target in zip(
-            prompts[start : start + batch_size], targets[start : start + batch_size], strict=True
-        ):
-            p = tokenizer(prompt)["input_ids"]
-            t = encode_target(tokenizer, target)
-            seqs.append(p + t[:-1])
-            spans.append((len(p) - 1, t))
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device)
-        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        hidden = hidden.last_hidden_state
-        rows = torch.cat([torch.full((len(t),), i) for i, (_, t) in enumerate(spans)]).to(device)
-        cols = torch.cat([torch.arange(s, s + len(t)) for s, t in spans]).to(device)
-        tokens = torch.cat([torch.tensor(t) for _, t in spans]).to(device)
-        logits = head(hidden[rows, cols]).float()
-        token_lp = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
-        token_hit = (logits.argmax(-1) == tokens).float()
-        counts = torch.tensor([len(t) for _, t in spans], device=device, dtype=torch.float)
-        logprob.append(torch.zeros(len(spans), device=device).index_add(0, rows, token_lp) / counts)
-        accuracy.append(
-            torch.zeros(len(spans), device=device).index_add(0, rows, token_hit) / counts
-        )
-    return torch.cat(logprob).cpu(), torch.cat(accuracy).cpu()
+    if len(prompts) != len(targets):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(targets)} targets")
+    contexts = [list(ids) for ids in tokenizer(list(prompts))["input_ids"]] if prompts else []
+    encoded: dict[str, list[int]] = {}
+    continuations = [
+        encoded[t] if t in encoded else encoded.setdefault(t, encode_target(tokenizer, t))
+        for t in targets
+    ]
+    return score_token_continuations(
+        model,
+        contexts,
+        continuations,
+        batch_size,
+        pad_id=padding_id(tokenizer),
+        progress=progress,
+        desc=desc,
+    )
 
 
 def counterfact_scores(
@@ -61,6 +62,9 @@ def counterfact_scores(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     batch_size: int = 64,
+    *,
+    progress: bool = False,
+    desc: str = "Edit metrics",
 ) -> dict[str, torch.Tensor]:
     """Per-request efficacy, generalization and specificity (each in [0, 1]).
 
@@ -86,7 +90,9 @@ def counterfact_scores(
                     targets.append(target)
                     owners.append(i)
                     kinds.append(kind)
-    logprob, _ = score_continuations(model, tokenizer, prompts, targets, batch_size)
+    logprob = score_continuations(
+        model, tokenizer, prompts, targets, batch_size, progress=progress, desc=desc
+    ).mean_logprob
     new_wins = (logprob[0::2] > logprob[1::2]).float()
     kinds = kinds[0::2]
     success = torch.where(torch.tensor([k == "specificity" for k in kinds]), 1 - new_wins, new_wins)
@@ -98,6 +104,9 @@ def zsre_scores(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     batch_size: int = 64,
+    *,
+    progress: bool = False,
+    desc: str = "Edit metrics",
 ) -> dict[str, torch.Tensor]:
     """Per-request token accuracy on the edit prompt, its paraphrases and neighborhood prompts."""
     prompts, targets, owners, kinds = [], [], [], []
@@ -115,7 +124,9 @@ def zsre_scores(
             targets.append(target)
             owners.append(i)
             kinds.append(kind)
-    _, accuracy = score_continuations(model, tokenizer, prompts, targets, batch_size)
+    accuracy = score_continuations(
+        model, tokenizer, prompts, targets, batch_size, progress=progress, desc=desc
+    ).token_accuracy
     return _per_request_mean(accuracy, owners, kinds, len(requests))
 
 

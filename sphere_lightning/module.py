@@ -267,7 +267,12 @@ class EditingModule(LightningModule):
         """Per-request efficacy, generalization and specificity under the current weights."""
         family = self.trainer.datamodule.metric_family
         return METRIC_FAMILIES[family](
-            self.model, self.tokenizer, requests, batch_size=self.score_batch_size
+            self.model,
+            self.tokenizer,
+            requests,
+            batch_size=self.score_batch_size,
+            progress=self.trainer.progress_bar_callback is not None,
+            desc=f"Edit metrics ({len(requests)} facts)",
         )
 
     def fluency(self, requests: list[EditRequest]) -> float | None:

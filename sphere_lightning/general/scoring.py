@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sphere_lightning.editors.hooks import model_device, pad_batch
+from sphere_lightning.scoring import padding_id, score_token_continuations
 
 
 def option_token_ids(
@@ -56,7 +55,6 @@ def _truncate_left(ids: list[int], max_length: int | None, bos_id: int | None) -
     return ids[len(ids) - max_length :]
 
 
-@torch.no_grad()
 def score_options(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -70,14 +68,13 @@ def score_options(
     """Log-likelihood of every answer option after every prompt, ``(len(prompts), len(options))``.
 
     Entry ``[i, k]`` is the sum of the log-probabilities of option ``k``'s tokens, teacher-forced
-    after prompt ``i`` (see :func:`option_token_ids` for how the tokens are found). Sequences are
-    right-padded and run ``batch_size`` at a time with the model in eval mode (its mode is
-    restored after); options whose tokens before the last one agree (every single-token option)
-    share one sequence, so scoring K one-token options costs one forward pass per prompt. The head
-    is applied only at the positions that predict option tokens, as in
-    :func:`sphere_lightning.evaluation.score_continuations`, so no (batch, length, vocabulary)
-    tensor is built. A sequence longer than the model's ``max_position_embeddings`` loses
-    prompt tokens from the left (a leading BOS is kept).
+    after prompt ``i`` (see :func:`option_token_ids` for how the tokens are found). Scoring is
+    :func:`~sphere_lightning.scoring.score_token_continuations`: each prompt runs once for all its
+    options (single-token options cost nothing more; longer ones continue from the prompt's
+    key/value cache), prompts sorted by length, the head applied only where an option token is
+    predicted, the model in eval mode (its mode is restored after). A prompt + option longer than
+    the model's ``max_position_embeddings`` loses prompt tokens from the left (a leading BOS is
+    kept).
 
     Args:
         model: A causal LM (``base_model`` gives the final hidden states, the output embedding
@@ -86,7 +83,7 @@ def score_options(
         prompts: The prompts, each ending where the answer starts (options carry their leading
             space, e.g. ``" positive"``).
         options: The answer options, shared by all prompts.
-        batch_size: Sequences per forward pass.
+        batch_size: Prompts per forward pass.
         progress: Show a tqdm bar (``leave=False``) over the batches.
         desc: The bar's label.
 
@@ -97,58 +94,25 @@ def score_options(
         raise ValueError("`options` should hold at least one answer option")
     if batch_size < 1:
         raise ValueError(f"`batch_size` should be ≥ 1, got {batch_size}")
-    scores = torch.zeros(len(prompts), len(options))
     if not prompts:
-        return scores
+        return torch.zeros(0, len(options))
     prompt_ids, continuations = option_token_ids(tokenizer, prompts, options)
     max_length = getattr(model.config, "max_position_embeddings", None)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:  # padded positions are masked, any id will do
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-    # One sequence per (prompt, distinct option prefix): prompt + option[:-1] predicts every token
-    # of every option that continues that prefix.
-    sequences: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []
-    for i, (p, row) in enumerate(zip(prompt_ids, continuations, strict=True)):
-        groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = {}
-        for k, cont in enumerate(row):
-            groups.setdefault(tuple(cont[:-1]), []).append((i, k, cont))
-        for prefix, members in groups.items():
-            ids = _truncate_left(p + list(prefix), max_length, tokenizer.bos_token_id)
-            sequences.append((ids, members))
-    # Longest first: similar lengths share a batch (less padding) and memory peaks at once.
-    sequences.sort(key=lambda item: -len(item[0]))
-
-    device = model_device(model)
-    head = model.get_output_embeddings()
-    was_training = model.training
-    model.eval()
-    flat = scores.view(-1)
-    try:
-        starts = range(0, len(sequences), batch_size)
-        for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-            chunk = sequences[start : start + batch_size]
-            ids, mask = pad_batch([seq for seq, _ in chunk], pad_id, device)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            hidden = hidden.last_hidden_state
-            rows, cols, tokens, owners = [], [], [], []
-            for row, (seq, members) in enumerate(chunk):
-                for i, k, cont in members:
-                    first = len(seq) - len(cont)  # the position that predicts cont[0]
-                    rows += [row] * len(cont)
-                    cols += range(first, first + len(cont))
-                    tokens += cont
-                    owners += [i * len(options) + k] * len(cont)
-            logits = head(
-                hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-            )
-            token_logprob = (
-                logits.float()
-                .log_softmax(-1)
-                .gather(1, torch.tensor(tokens, device=device)[:, None])
-                .squeeze(1)
-            )
-            flat.index_add_(0, torch.tensor(owners), token_logprob.cpu())
-    finally:
-        model.train(was_training)
-    return scores
+    contexts, flat = [], []
+    for p, row in zip(prompt_ids, continuations, strict=True):
+        for cont in row:
+            # Truncate the sequence the model sees (prompt + all but the last option token); the
+            # context is what remains before the option.
+            ids = _truncate_left(p + cont[:-1], max_length, tokenizer.bos_token_id)
+            contexts.append(ids[: len(ids) - len(cont) + 1])
+            flat.append(cont)
+    scores = score_token_continuations(
+        model,
+        contexts,
+        flat,
+        batch_size,
+        pad_id=padding_id(tokenizer),
+        progress=progress,
+        desc=desc,
+    )
+    return scores.sum_logprob.view(len(prompts), len(options))
