@@ -137,8 +137,12 @@ class LocateThenEditEditor(Editor):
         num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
         context_template_length: Length in tokens of each generated prefix.
         stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
-            works offline), a ``.txt`` file, or a hub dataset id (``name`` or ``name:config``).
-        stats_num_samples: Number of texts for the second moments.
+            works offline), a ``.txt`` file, or a hub dataset ``<id>[:<config>][@<split>]``
+            whose ``text`` column is streamed (e.g. ``wikitext:wikitext-103-raw-v1``).
+        stats_num_samples: Number of texts for the second moments. 128 generated texts of 64
+            tokens edit SmolLM2 as well as 512 of 128 (and as WikiText) at a fifth of the cost;
+            more generated text barely brings the moments closer to real text's
+            (``benchmarks/stats_corpus.py``).
         stats_max_length: Tokens per text.
         stats_batch_size: Texts per forward pass when collecting statistics.
         seed: Seed for generated templates and generated text.
@@ -163,8 +167,8 @@ class LocateThenEditEditor(Editor):
         num_context_templates: int = 5,
         context_template_length: int = 10,
         stats_corpus: str = GENERATED,
-        stats_num_samples: int = 200,
-        stats_max_length: int = 128,
+        stats_num_samples: int = 128,
+        stats_max_length: int = 64,
         stats_batch_size: int = 16,
         seed: int = 0,
         cache_dir: str | None = None,

@@ -3,7 +3,8 @@
 MEMIT's ``C = E[k kᵀ]`` and AlphaEdit's null-space projector both need the second moment of the
 input to each edited MLP out-projection over a text corpus. All layers are collected in one
 forward pass that stops at the deepest edited layer, and the result is cached under a key of model,
-layer, corpus and sample count.
+layer, corpus and sample count. Beside each cached ``<key>.pt`` a ``<key>.json`` records what the
+entry was computed from and what it cost (texts, tokens, seconds).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -67,31 +71,67 @@ def generate_corpus(
     return texts
 
 
-def read_corpus(source: str, num_samples: int) -> list[str]:
-    """Up to ``num_samples`` non-empty paragraphs from a text file or a hub dataset.
+def _usable(text: str) -> bool:
+    """Whether a paragraph is kept: longer than 20 characters and not a WikiText heading."""
+    return len(text) > 20 and not text.startswith("=")
 
-    ``source`` is a path to a ``.txt`` file (paragraphs separated by blank lines, or lines), or a
-    hub dataset id with an optional config, ``"wikitext:wikitext-103-raw-v1"``, read from its
-    ``train`` split's ``text`` column.
+
+def _first_usable(texts: Iterable[str], num_samples: int) -> list[str]:
+    """The first ``num_samples`` usable paragraphs of ``texts``, stripped, read lazily."""
+    kept: list[str] = []
+    if num_samples < 1:
+        return kept
+    for text in texts:
+        if _usable(text := text.strip()):
+            kept.append(text)
+            if len(kept) == num_samples:
+                break
+    return kept
+
+
+def _read_hub_corpus(source: str, num_samples: int) -> list[str]:
+    """Paragraphs of the ``text`` column of a hub dataset ``<id>[:<config>][@<split>]``.
+
+    The dataset is streamed, so only the rows that are read are downloaded (the reference's
+    Wikipedia dump is ~20 GB; a few thousand paragraphs of it are a few MB).
+    """
+    import datasets  # deferred: slow to import, and only hub ids need it
+
+    rest, _, split = source.partition("@")
+    name, _, config = rest.partition(":")
+    rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+
+    def texts() -> Iterable[str]:
+        for row in rows:
+            if "text" not in row:
+                raise ValueError(
+                    f"Statistics corpus {source!r} has no `text` column (columns: {sorted(row)})"
+                )
+            yield row["text"] or ""
+
+    return _first_usable(texts(), num_samples)
+
+
+def read_corpus(source: str, num_samples: int) -> list[str]:
+    """Up to ``num_samples`` paragraphs (over 20 characters, not a heading) of a file or dataset.
+
+    ``source`` is a path to a ``.txt`` file (paragraphs separated by blank lines, or lines if there
+    are too few of those), or a hub dataset id ``<id>[:<config>][@<split>]`` whose ``text``
+    column is read (default split ``train``), e.g. ``"wikitext:wikitext-103-raw-v1"``.
     """
     path = Path(source).expanduser()
     if path.exists():
         raw = path.read_text(encoding="utf-8")
-        parts = [p.strip() for p in raw.split("\n\n")]
-        if len(parts) < num_samples:
-            parts = [p.strip() for p in raw.splitlines()]
-        texts = [p for p in parts if len(p) > 20 and not p.startswith("=")]
+        texts = _first_usable(raw.split("\n\n"), num_samples)
+        if len(texts) < num_samples:
+            texts = _first_usable(raw.splitlines(), num_samples)
     elif source.endswith(".txt") or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Statistics corpus file not found: {source}")
     else:
-        import datasets
-
-        name, _, config = source.partition(":")
-        dataset = datasets.load_dataset(name, config or None, split="train")
-        texts = [t.strip() for t in dataset["text"] if len(t.strip()) > 20]
+        texts = _read_hub_corpus(source, num_samples)
     if not texts:
         raise ValueError(f"Statistics corpus {source!r} holds no usable text")
-    return texts[:num_samples]
+    return texts
 
 
 def _fingerprint(model: PreTrainedModel, spec: ArchitectureSpec, upto: int) -> str:
@@ -108,27 +148,72 @@ def _fingerprint(model: PreTrainedModel, spec: ArchitectureSpec, upto: int) -> s
     return digest.hexdigest()[:16]
 
 
-def second_moments(
+@dataclass(frozen=True)
+class CollectionRecord:
+    """What a collection of second moments read and cost; stored beside each cached entry.
+
+    Attributes:
+        num_texts: Texts read (or generated).
+        num_tokens: Tokens the moments average over (padding excluded).
+        text_seconds: Seconds spent generating or reading the texts.
+        forward_seconds: Seconds spent in the forward passes and the sums.
+    """
+
+    num_texts: int
+    num_tokens: int
+    text_seconds: float
+    forward_seconds: float
+
+
+@dataclass(frozen=True)
+class SecondMoments:
+    """Per-layer ``E[k kᵀ]`` and how they were obtained.
+
+    Attributes:
+        moments: ``{layer: E[k kᵀ]}``, float32, on the CPU.
+        record: The collection that produced them (the one of the first layer when every layer
+            came from the cache); ``None`` for cache entries written without a record.
+        from_cache: Whether every layer was loaded from the cache.
+    """
+
+    moments: dict[int, torch.Tensor]
+    record: CollectionRecord | None
+    from_cache: bool
+
+
+def _read_record(file: Path) -> CollectionRecord | None:
+    if not file.exists():
+        return None
+    stored = json.loads(file.read_text(encoding="utf-8")).get("record")
+    return CollectionRecord(**stored) if stored else None
+
+
+def collect_second_moments(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     spec: ArchitectureSpec,
     layers: Sequence[int],
     *,
     corpus: str = GENERATED,
-    num_samples: int = 200,
-    max_length: int = 128,
+    num_samples: int = 128,
+    max_length: int = 64,
     batch_size: int = 16,
     seed: int = 0,
     cache_dir: str | Path | None = None,
-) -> dict[int, torch.Tensor]:
-    """``E[k kᵀ]`` of the key (input of the MLP out-projection) of each layer, float32.
+) -> SecondMoments:
+    """``E[k kᵀ]`` (float32) of the key (input of the MLP out-projection) of each layer.
+
+    Layers found in the cache are loaded; the others are collected together in one forward pass
+    per batch of texts that stops after the deepest of them, and cached.
 
     Args:
         corpus: ``"generated"`` (text the model samples itself), a ``.txt`` path, or a hub dataset
-            id (``"name"`` or ``"name:config"``).
+            ``"<id>[:<config>][@<split>]"`` whose ``text`` column is read (see
+            :func:`read_corpus`).
         num_samples: Number of texts.
         max_length: Tokens per text (truncated).
         batch_size: Texts per forward pass.
+        seed: Sampling seed of generated text (ignored for other corpora).
         cache_dir: Where results are cached; default ``<cache_root>/stats``.
     """
     layers = sorted(set(layers))
@@ -136,9 +221,9 @@ def second_moments(
     fingerprint = _fingerprint(model, spec, max(layers))
     corpus_path = Path(corpus).expanduser()
     corpus_id = str(corpus_path.resolve()) if corpus_path.is_file() else corpus
-    keys = {}
+    metas, keys = {}, {}
     for layer in layers:
-        meta = {
+        metas[layer] = {
             "model": getattr(model.config, "_name_or_path", ""),
             "fingerprint": fingerprint,
             "module": spec.mlp_out_name(layer),
@@ -147,7 +232,8 @@ def second_moments(
             "max_length": max_length,
             "seed": seed if corpus == GENERATED else None,
         }
-        keys[layer] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:24]
+        digest = hashlib.sha256(json.dumps(metas[layer], sort_keys=True).encode())
+        keys[layer] = digest.hexdigest()[:24]
     results: dict[int, torch.Tensor] = {}
     for layer in layers:
         file = cache / f"{keys[layer]}.pt"
@@ -156,19 +242,23 @@ def second_moments(
     missing = [layer for layer in layers if layer not in results]
     if not missing:
         log.info("Loaded cached second moments for layers %s from %s", layers, cache)
-        return results
+        record = _read_record(cache / f"{keys[layers[0]]}.json")
+        return SecondMoments(results, record, from_cache=True)
 
+    start = time.perf_counter()
     if corpus == GENERATED:
         texts = generate_corpus(model, tokenizer, num_samples, max_length, seed=seed)
     else:
         texts = read_corpus(corpus, num_samples)
+    text_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     device = model_device(model)
     names = [spec.mlp_out_name(layer) for layer in missing]
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for start in tqdm(range(0, len(texts), batch_size), desc="Key statistics", leave=False):
+    for begin in tqdm(range(0, len(texts), batch_size), desc="Key statistics", leave=False):
         enc = tokenizer(
-            texts[start : start + batch_size],
+            texts[begin : begin + batch_size],
             return_tensors="pt",
             padding=True,
             truncation=True,
@@ -181,9 +271,17 @@ def second_moments(
         for name in names:
             keys_ = acts[name][mask].double()
             sums[name] = sums.get(name, 0) + keys_.T @ keys_
+    record = CollectionRecord(len(texts), count, text_seconds, time.perf_counter() - start)
     cache.mkdir(parents=True, exist_ok=True)
     for layer, name in zip(missing, names, strict=True):
         results[layer] = (sums[name] / count).float().cpu()
         torch.save(results[layer], cache / f"{keys[layer]}.pt")
+        entry = {"meta": metas[layer], "record": asdict(record)}
+        (cache / f"{keys[layer]}.json").write_text(json.dumps(entry, indent=1), encoding="utf-8")
     log.info("Collected second moments over %d tokens for layers %s", count, missing)
-    return results
+    return SecondMoments(results, record, from_cache=False)
+
+
+def second_moments(*args: Any, **kwargs: Any) -> dict[int, torch.Tensor]:
+    """``{layer: E[k kᵀ]}``: :func:`collect_second_moments` (same arguments) without the record."""
+    return collect_second_moments(*args, **kwargs).moments
