@@ -69,7 +69,8 @@ class EditingModule(LightningModule):
         editor: Computes ΔW for each batch (``class_path`` of an :class:`Editor`).
         model: ``smollm2-135m`` (embedded), a ``.gguf`` file, a local folder or a hub id.
         dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
-        score_batch_size: Sequences per forward pass when scoring edit metrics.
+        score_batch_size: Distinct prompts per forward pass when scoring edit metrics (sequences
+            per pass for fluency generations).
         batch_metrics: Score each batch right after it is applied (``edit_batch/*``).
         fluency_prompts: Fluency (ROME/MEMIT's weighted 2/3-gram entropy of generated text, ×100
             as their tables report it) is measured from the prompts of the first this-many facts
