@@ -7,8 +7,10 @@ corpus below, and the models are built from config objects with random (seeded) 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +282,29 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     saved.pad_token = None
     saved.save_pretrained(path)
     return str(path)
+
+
+def _write_rome_json(requests: list[EditRequest], path: Path) -> Path:
+    """Write ``requests`` as a CounterFact file in ROME's layout; returns ``path``."""
+    records = [
+        {
+            "case_id": r.case_id,
+            "requested_rewrite": {
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": {"str": r.target_new},
+                "target_true": {"str": r.target_true},
+            },
+            "paraphrase_prompts": list(r.paraphrase_prompts),
+            "neighborhood_prompts": list(r.neighborhood_prompts),
+        }
+        for r in requests
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_rome_json() -> Callable[[list[EditRequest], Path], Path]:
+    """``write_rome_json(requests, path)``: the requests as a ROME-layout CounterFact file."""
+    return _write_rome_json

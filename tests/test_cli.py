@@ -32,25 +32,6 @@ class WeightNorm(EditObserver):
         return changes_since(values, baseline, "weight_norm/", "weight_norm_change/")
 
 
-def _write_rome_json(requests, path: Path) -> Path:
-    records = [
-        {
-            "case_id": r.case_id,
-            "requested_rewrite": {
-                "prompt": r.prompt,
-                "subject": r.subject,
-                "target_new": {"str": r.target_new},
-                "target_true": {"str": r.target_true},
-            },
-            "paraphrase_prompts": list(r.paraphrase_prompts),
-            "neighborhood_prompts": list(r.neighborhood_prompts),
-        }
-        for r in requests
-    ]
-    path.write_text(json.dumps(records))
-    return path
-
-
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     (event_file,) = list(log_dir.rglob("events.out.tfevents*"))
     acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
@@ -82,8 +63,10 @@ def _fit_args(tmp_path: Path, model_dir: str, data: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_step_run_writes_tensorboard_scalars(tmp_path, tiny_model_dir, requests):
-    data = _write_rome_json(requests, tmp_path / "facts.json")
+def test_two_step_run_writes_tensorboard_scalars(
+    tmp_path, tiny_model_dir, requests, write_rome_json
+):
+    data = write_rome_json(requests, tmp_path / "facts.json")
     cli_main(_fit_args(tmp_path, tiny_model_dir, data))
 
     scalars = _scalars(tmp_path / "logs")
@@ -167,8 +150,10 @@ def test_general_eval_config_composes_with_the_edit_config(capsys):
 
 
 @pytest.mark.slow
-def test_summary_json_agrees_with_the_last_logged_values(tmp_path, tiny_model_dir, requests):
-    data = _write_rome_json(requests, tmp_path / "facts.json")
+def test_summary_json_agrees_with_the_last_logged_values(
+    tmp_path, tiny_model_dir, requests, write_rome_json
+):
+    data = write_rome_json(requests, tmp_path / "facts.json")
     general = tmp_path / "general"  # four examples per task, in the shared files' layouts
     general.mkdir()
     sst2 = [

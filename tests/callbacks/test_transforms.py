@@ -59,31 +59,12 @@ class Recorder(DeltaTransform):
 '''
 
 
-def _write_facts(requests, path: Path) -> Path:
-    records = [
-        {
-            "case_id": r.case_id,
-            "requested_rewrite": {
-                "prompt": r.prompt,
-                "subject": r.subject,
-                "target_new": {"str": r.target_new},
-                "target_true": {"str": r.target_true},
-            },
-            "paraphrase_prompts": list(r.paraphrase_prompts),
-            "neighborhood_prompts": list(r.neighborhood_prompts),
-        }
-        for r in requests
-    ]
-    path.write_text(json.dumps(records))
-    return path
-
-
 def _callback(class_path: str, **init_args) -> dict:
     return {"class_path": class_path, "init_args": init_args}
 
 
 def test_custom_transforms_composed_in_yaml_run_in_list_order(
-    tmp_path, tiny_model_dir, requests, monkeypatch
+    tmp_path, tiny_model_dir, requests, monkeypatch, write_rome_json
 ):
     (tmp_path / "my_transforms.py").write_text(CUSTOM_TRANSFORMS)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -99,7 +80,7 @@ def test_custom_transforms_composed_in_yaml_run_in_list_order(
     ]
     overlay = tmp_path / "transforms.yaml"
     overlay.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
-    data = _write_facts(requests[:2], tmp_path / "facts.json")
+    data = write_rome_json(requests[:2], tmp_path / "facts.json")
     cli = cli_main(
         [
             "fit",
@@ -157,34 +138,38 @@ class _WrongShape(DeltaTransform):
 
 @pytest.mark.parametrize("stage", ["in_loop", "after_loop"])
 def test_transform_returning_nan_changes_no_weight_and_names_itself(
-    stage, tmp_path, tiny_model_dir, requests
+    stage, tmp_path, tiny_model_dir, requests, write_rome_json
 ):
     module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
     module.configure_model()
     before = {n: t.detach().clone() for n, t in module.model.state_dict().items()}
     bad = _NanAt(LAYER_NAMES[1], stage=stage)  # the upper layer: the lower one was placed already
     with pytest.raises(NonFiniteDeltaError, match=r"_NanAt.*model\.layers\.2\.mlp\.down_proj"):
-        _fit_module(module, tmp_path, requests, [SphereProjectionCallback(), bad])
+        data = _two_facts(write_rome_json, requests, tmp_path)
+        _fit_module(module, data, [SphereProjectionCallback(), bad])
     for name, tensor in module.model.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{name} changed"
 
 
-def test_transform_returning_a_wrong_shape_is_named(tmp_path, tiny_model_dir, requests):
+def test_transform_returning_a_wrong_shape_is_named(
+    tmp_path, tiny_model_dir, requests, write_rome_json
+):
     module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
     module.configure_model()
     before = {n: t.detach().clone() for n, t in module.model.state_dict().items()}
     with pytest.raises(ValueError, match=r"_WrongShape.*shape"):
-        _fit_module(module, tmp_path, requests, [_WrongShape()])
+        _fit_module(module, _two_facts(write_rome_json, requests, tmp_path), [_WrongShape()])
     for name, tensor in module.model.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{name} changed"
 
 
-def _fit_module(module, tmp_path, requests, callbacks) -> None:
-    data = EditDataModule(
-        dataset=str(_write_facts(requests[:2], tmp_path / "facts.json")),
-        num_edits=2,
-        edits_per_step=2,
-    )
+def _two_facts(write_rome_json, requests, tmp_path) -> EditDataModule:
+    """The first two requests, edited in one step."""
+    path = write_rome_json(requests[:2], tmp_path / "facts.json")
+    return EditDataModule(dataset=str(path), num_edits=2, edits_per_step=2)
+
+
+def _fit_module(module, data: EditDataModule, callbacks) -> None:
     trainer = Trainer(
         callbacks=callbacks,
         max_epochs=1,
@@ -193,31 +178,26 @@ def _fit_module(module, tmp_path, requests, callbacks) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
     )
     trainer.fit(module, datamodule=data)
 
 
 def test_after_loop_projects_the_deltas_the_editor_computes_without_transforms(
-    tmp_path, tiny_model_dir, requests
+    tmp_path, tiny_model_dir, requests, write_rome_json
 ):
     """``after_loop`` is the projection of the plain editor's ΔW against the applied weight."""
     probe = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
     probe.configure_model()
     probe.editor.progress = False
     probe.editor.setup(probe.model, probe.tokenizer)
-    data = EditDataModule(
-        dataset=str(_write_facts(requests[:2], tmp_path / "facts.json")),
-        num_edits=2,
-        edits_per_step=2,
-    )
+    data = _two_facts(write_rome_json, requests, tmp_path)
     data.setup("fit")
     batch_requests = data.requests
     raw = probe.editor.compute_deltas(probe.model, probe.tokenizer, batch_requests)
 
     module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir, fluency_prompts=0)
     module.configure_model()
-    _fit_module(module, tmp_path, requests, [SphereProjectionCallback(stage="after_loop")])
+    _fit_module(module, data, [SphereProjectionCallback(stage="after_loop")])
     for name in LAYER_NAMES:
         expected, _ = project_delta(raw[name], module.original_weights[name], 0.5, 0.5)
         applied = module.edited_weight(name) - module.original_weights[name]
