@@ -195,24 +195,17 @@ class EditingModule(LightningModule):
     @override
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        in_loop = self.delta_transforms("in_loop") if self.editor.transform_in_loop else []
-        deltas = self.editor.compute_deltas(
-            self.model,
-            self.tokenizer,
-            batch.requests,
-            transform=self._in_loop_transform(in_loop) if in_loop else None,
-        )
-        self._add_time("compute_deltas", start)
-        editor_name = type(self.editor).__name__
-        for name, delta in deltas.items():
-            if name not in self.original_weights:
-                raise KeyError(f"{editor_name} returned ΔW for {name!r}, not an edited parameter")
-            check_delta(delta, name, self.edited_weight(name).shape, editor_name)
-        self.pending_deltas = deltas
-        if not self.editor.transform_in_loop:
+        transform = self._in_loop_transform(self.delta_transforms("in_loop"))
+        if self.editor.transform_in_loop:
+            deltas = self.editor.compute_deltas(
+                self.model, self.tokenizer, batch.requests, transform=transform
+            )
+        else:
             # An editor without a layer loop: its in-loop transforms run here, layer by layer.
-            transform = self._in_loop_transform(self.delta_transforms("in_loop"))
-            self.pending_deltas = {n: transform(n, d) for n, d in deltas.items()}
+            raw = self.editor.compute_deltas(self.model, self.tokenizer, batch.requests)
+            deltas = {name: transform(name, delta) for name, delta in raw.items()}
+        self._add_time("compute_deltas", start)
+        self.pending_deltas = deltas
         start = time.perf_counter()
         self.optimizers().step()
         self._add_time("transform_and_apply", start)
@@ -237,11 +230,15 @@ class EditingModule(LightningModule):
         return [c for c in callbacks if isinstance(c, DeltaTransform) and c.stage == stage]
 
     def _in_loop_transform(self, transforms: list[DeltaTransform]):
-        """One function ``(name, ΔW) -> ΔW`` that runs ΔW through ``transforms`` in order,
-        checking each one's output (the editor calls it per layer, inside its loop)."""
+        """One function ``(name, ΔW) -> ΔW`` that checks the editor's ΔW, then runs it through
+        ``transforms`` in order, checking each one's output (the editor calls it per layer,
+        inside its loop, before the layer's update is placed)."""
 
         def transform(name: str, delta: torch.Tensor) -> torch.Tensor:
-            check_delta(delta, name, self.edited_weight(name).shape, type(self.editor).__name__)
+            editor = type(self.editor).__name__
+            if name not in self.original_weights:
+                raise KeyError(f"{editor} returned ΔW for {name!r}, not an edited parameter")
+            check_delta(delta, name, self.edited_weight(name).shape, editor)
             for t in transforms:
                 delta = t.apply_in_loop(name, delta, self)
             return delta
