@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -27,13 +28,69 @@ TRAINER_DEFAULTS = {
 }
 
 
+def _logger_args(trainer_config: Any) -> Any | None:
+    """The ``init_args`` of a single logger with ``save_dir``/``name``/``version`` (e.g.
+    TensorBoardLogger), else None."""
+    logger = trainer_config.get("logger") if trainer_config is not None else None
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    if init_args is None or not all(k in init_args for k in ("save_dir", "name", "version")):
+        return None
+    return init_args
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str | None) -> Path | None:
+    """The newest ``last.ckpt`` of the runs under ``save_dir/name`` (``<version>/checkpoints/``)."""
+    root = Path(save_dir) / (name or "")
+    found = [path for path in root.glob("*/checkpoints/last*.ckpt") if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
 class EditingCLI(LightningCLI):
-    """LightningCLI that evaluates once more after the last edit (if it was not already) and
-    writes ``summary.json`` into the run's log folder."""
+    """LightningCLI that resumes a run in its own log folder, evaluates once more after the last
+    edit (if it was not already) and writes ``summary.json`` into the run's log folder.
+
+    ``fit --ckpt_path last`` takes the newest ``last.ckpt`` under the logger's
+    ``save_dir/name`` (Lightning's own ``last`` looks only in the new run's folder), and a
+    checkpoint inside a run's ``<version>/checkpoints/`` continues that run's folder: the logger
+    writes its TensorBoard events into it, dropping any the interrupted run logged after the
+    checkpoint, so the curves go on at the right step. Checkpoints load with
+    ``weights_only=True`` (no pickled code runs) unless ``--weights_only false``.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        """Point a resumed ``fit`` at the run folder of its checkpoint."""
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+        ckpt_path = config.get("ckpt_path")
+        logger = _logger_args(config.get("trainer"))
+        if not ckpt_path or logger is None or logger["version"] is not None:
+            return
+        if ckpt_path == "last":
+            found = find_last_checkpoint(logger["save_dir"], logger["name"])
+            if found is None:
+                return  # Lightning warns and starts afresh
+            config["ckpt_path"] = ckpt_path = str(found)
+        path = Path(ckpt_path)
+        run_dir = path.parent.parent
+        if (
+            path.parent.name == "checkpoints"
+            and run_dir.parent.resolve()
+            == (Path(logger["save_dir"]) / (logger["name"] or "")).resolve()
+        ):
+            logger["version"] = run_dir.name
+            rank_zero_info(f"Resuming run {run_dir} from {path}")
 
     def before_fit(self) -> None:
-        """Start the run's wall clock."""
+        """Start the run's wall clock; on resume, drop events logged after the checkpoint."""
         self._fit_started = time.perf_counter()
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        logger = self.trainer.logger
+        if ckpt_path and Path(ckpt_path).is_file() and hasattr(logger, "_kwargs"):
+            step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            logger._kwargs.setdefault("purge_step", int(step["global_step"]) + 1)
 
     def after_fit(self) -> None:
         """Log final edit metrics at the last step if validation did not run there; summarise."""
@@ -116,6 +173,9 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
     )
+    # A checkpoint is meant to hold the weights after the batch's update (its manual
+    # "optimizer" step), which is what Lightning warns it will save.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     return EditingCLI(
         EditingModule,
         EditDataModule,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import random
 import time
 from typing import Any
 
@@ -20,6 +22,24 @@ from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import load_model
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
+
+#: Version of the layout of ``checkpoint["sphere_lightning"]``.
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not belong to this run's base model, editor or edited layers."""
+
+
+def base_model_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of the parameters ``names`` of the
+    (unedited) model: two base models share it only if the weights an edit touches are equal."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        tensor = model.get_parameter(name).detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _without_nan(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,6 +150,10 @@ class EditingModule(LightningModule):
         self.phase_seconds: dict[str, float] = {}
         self._metrics = torch.nn.ModuleDict({k: MeanMetric() for k in EDIT_METRICS})
         self._evaluated_step = -1
+        #: :func:`base_model_fingerprint` of the unedited model (set when it loads).
+        self.base_fingerprint: str | None = None
+        # Checkpoints hold the edited parameters only; the rest comes from the base model.
+        self.strict_loading = False
 
     # -- model -------------------------------------------------------------------------------
 
@@ -141,9 +165,9 @@ class EditingModule(LightningModule):
         architecture_of(self.model).check_layers(
             self.model, self.editor.layers, flag="model.editor.init_args.layers"
         )
-        self.original_weights = {
-            name: self.edited_weight(name).detach().clone() for name in self.edited_parameter_names
-        }
+        names = self.edited_parameter_names
+        self.original_weights = {name: self.edited_weight(name).detach().clone() for name in names}
+        self.base_fingerprint = base_model_fingerprint(self.model, names)
 
     @override
     def train(self, mode: bool = True) -> EditingModule:
@@ -157,6 +181,11 @@ class EditingModule(LightningModule):
     def edited_parameter_names(self) -> list[str]:
         """Names of the parameters the editor changes."""
         return self.editor.edited_parameter_names(self.model)
+
+    @property
+    def editor_class_path(self) -> str:
+        """``module.Class`` of the editor, as a config's ``class_path`` names it."""
+        return f"{type(self.editor).__module__}.{type(self.editor).__name__}"
 
     def edited_weight(self, name: str) -> torch.Tensor:
         """The current weight of an edited parameter, as an (out × in) view."""
@@ -194,6 +223,14 @@ class EditingModule(LightningModule):
 
     @override
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
+        expected = self.global_step * self.trainer.datamodule.edits_per_step
+        if batch.positions[0] != expected:
+            raise RuntimeError(
+                f"Step {self.global_step} received the requests from position "
+                f"{batch.positions[0]} of the edit order, expected {expected}: the data and "
+                "the applied batches are out of step (a request would be edited twice or "
+                "skipped)"
+            )
         start = time.perf_counter()
         transform = self._in_loop_transform(self.delta_transforms("in_loop"))
         if self.editor.transform_in_loop:
@@ -238,9 +275,12 @@ class EditingModule(LightningModule):
             editor = type(self.editor).__name__
             if name not in self.original_weights:
                 raise KeyError(f"{editor} returned ΔW for {name!r}, not an edited parameter")
-            check_delta(delta, name, self.edited_weight(name).shape, editor)
-            for t in transforms:
-                delta = t.apply_in_loop(name, delta, self)
+            try:
+                check_delta(delta, name, self.edited_weight(name).shape, editor)
+                for t in transforms:
+                    delta = t.apply_in_loop(name, delta, self)
+            except NonFiniteDeltaError as error:
+                raise NonFiniteDeltaError(f"Step {self.global_step}: {error}") from None
             return delta
 
         return transform
@@ -365,14 +405,76 @@ class EditingModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["editor_state"] = self.editor.state_dict()
-        checkpoint["original_weights"] = self.original_weights
-        checkpoint["pre_edit_metrics"] = self.pre_edit_metrics
-        checkpoint["phase_seconds"] = self.phase_seconds
+        """Keep only what the base model cannot rebuild: the edited parameters (in the LM's
+        own layout, e.g. GPT-2's Conv1D orientation), the editor's sequential state, the run's
+        metrics and timings, and the RNG states; the untouched base weights are left out."""
+        names = self.edited_parameter_names
+        checkpoint["state_dict"] = {
+            f"model.{name}": self.model.get_parameter(name).detach() for name in names
+        }
+        checkpoint["sphere_lightning"] = {
+            "format": CHECKPOINT_FORMAT,
+            "base_model": {
+                "name": self.model_name,
+                "dtype": self.dtype_name,
+                "fingerprint": self.base_fingerprint,
+            },
+            "editor": {"class_path": self.editor_class_path},
+            "edited_parameters": names,
+            "editor_state": self.editor.state_dict(),
+            "num_edited": self.num_edited() if self._trainer is not None else 0,
+            "pre_edit_metrics": self.pre_edit_metrics,
+            "final_edit_metrics": self.final_edit_metrics,
+            "evaluated_step": self._evaluated_step,
+            "fluency_protocol_used": self.fluency_protocol_used,
+            "phase_seconds": self.phase_seconds,
+            "log_dir": self.trainer.log_dir if self._trainer is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.editor.load_state_dict(checkpoint.get("editor_state", {}))
-        self.original_weights = checkpoint.get("original_weights", self.original_weights)
-        self.pre_edit_metrics = checkpoint.get("pre_edit_metrics", {})
-        self.phase_seconds = checkpoint.get("phase_seconds", {})
+        """Check that the checkpoint belongs to this base model, editor and edited layers, then
+        restore the editor's state, the metrics and the RNG states (Lightning then loads the
+        edited parameters over the freshly loaded base model)."""
+        meta = checkpoint.get("sphere_lightning")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointMismatchError(
+                "The checkpoint was not written by this version of sphere_lightning (no "
+                f"`sphere_lightning` entry of format {CHECKPOINT_FORMAT}); it cannot be resumed"
+            )
+        base = meta["base_model"]
+        if base["fingerprint"] != self.base_fingerprint:
+            raise CheckpointMismatchError(
+                f"The checkpoint edits base model {base['name']!r} ({base['dtype']}), but "
+                f"`model.model` is {self.model_name!r} ({self.dtype_name}) and its weights differ "
+                f"(fingerprint {str(base['fingerprint'])[:12]}… vs "
+                f"{str(self.base_fingerprint)[:12]}…): resume on the base model the run "
+                "started from"
+            )
+        editor = self.editor_class_path
+        if meta["editor"]["class_path"] != editor:
+            raise CheckpointMismatchError(
+                f"The checkpoint was written by editor {meta['editor']['class_path']}, the "
+                f"config asks for {editor}"
+            )
+        names = self.edited_parameter_names
+        stored = [key.removeprefix("model.") for key in checkpoint.get("state_dict", {})]
+        if sorted(stored) != sorted(names):
+            raise CheckpointMismatchError(
+                f"The checkpoint holds edited parameters {sorted(stored)}, but the config edits "
+                f"{sorted(names)} (`model.editor.init_args.layers`)"
+            )
+        self.editor.load_state_dict(meta["editor_state"])
+        # The model is still the base model here (Lightning loads the edited parameters after
+        # this hook): rebuild the statistics-derived state from it, as the first run did.
+        start = time.perf_counter()
+        self.editor.setup(self.model, self.tokenizer)
+        self.pre_edit_metrics = dict(meta["pre_edit_metrics"])
+        self.final_edit_metrics = dict(meta["final_edit_metrics"])
+        self._evaluated_step = meta["evaluated_step"]
+        self.fluency_protocol_used = meta["fluency_protocol_used"]
+        self.phase_seconds = dict(meta["phase_seconds"])
+        self._add_time("setup", start, log=False)
+        torch.set_rng_state(meta["rng"]["torch"])
+        random.setstate(meta["rng"]["python"])

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sphere_lightning.data.readers import FORMATS, load_requests_with_format
 from sphere_lightning.data.requests import EditBatch, EditRequest
@@ -35,6 +37,78 @@ def collate_edit_batch(items: list[tuple[int, EditRequest]]) -> EditBatch:
         requests=[request for _, request in items],
         positions=[position for position, _ in items],
     )
+
+
+def order_digest(requests: list[EditRequest]) -> str:
+    """SHA-256 of the edit order: two runs share it only if they edit the same requests in the
+    same order."""
+    digest = hashlib.sha256()
+    for request in requests:
+        digest.update(repr(request).encode())
+    return digest.hexdigest()
+
+
+class _BatchesFrom(Sampler[list[int]]):
+    """Consecutive batches of ``range(length)``, the next iteration starting at batch
+    ``start()`` (``len`` stays the whole epoch's, as Lightning counts it)."""
+
+    def __init__(self, length: int, batch_size: int, start: Callable[[], int]) -> None:
+        self.length, self.batch_size, self.start = length, batch_size, start
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for first in range(self.start() * self.batch_size, self.length, self.batch_size):
+            yield list(range(first, min(first + self.batch_size, self.length)))
+
+
+class ResumableEditLoader(DataLoader):
+    """The edit-batch loader Lightning can resume in the middle of the epoch.
+
+    Lightning saves :meth:`state_dict` in checkpoints and calls :meth:`load_state_dict` on
+    ``fit --ckpt_path``. The position saved is the number of batches the model has applied
+    (``applied()``, the trainer's ``global_step``), not how far the loader has read ahead, so a
+    resumed run starts with the first request not yet written into the model. The state also
+    names the edit order, and a checkpoint of another order, batch size or data set is refused.
+    """
+
+    def __init__(
+        self,
+        requests: list[EditRequest],
+        batch_size: int,
+        applied: Callable[[], int],
+    ) -> None:
+        self._resume_at = 0
+        self._applied = applied
+        self._digest = order_digest(requests)
+        self._shape = {"num_edits": len(requests), "edits_per_step": batch_size}
+        super().__init__(
+            EditRequestDataset(requests),
+            batch_sampler=_BatchesFrom(len(requests), batch_size, self._take_start),
+            num_workers=0,
+            collate_fn=collate_edit_batch,
+        )
+
+    def _take_start(self) -> int:
+        start, self._resume_at = self._resume_at, 0  # only the first iteration resumes
+        return start
+
+    def state_dict(self) -> dict[str, Any]:
+        """Batches applied so far, with the edit order they index into."""
+        return {"batches_applied": self._applied(), "order": self._digest, **self._shape}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Start the next iteration after the batches the checkpoint had applied."""
+        shape = {key: state.get(key) for key in self._shape}
+        if shape != self._shape or state.get("order") != self._digest:
+            raise ValueError(
+                f"The checkpoint was written for another edit order ({shape}, order "
+                f"{str(state.get('order'))[:12]}…) than this run's ({self._shape}, order "
+                f"{self._digest[:12]}…): resume with the same `--data` settings (dataset, "
+                "format, num_edits, edits_per_step, seed, shuffle)"
+            )
+        self._resume_at = int(state["batches_applied"])
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -92,7 +166,9 @@ class EditDataModule(LightningDataModule):
         if not isinstance(dataset, str) or not dataset.strip():
             raise ValueError("`--data.dataset` must be 'builtin', a file path or a hub dataset id")
         if format not in FORMATS:
-            raise ValueError(f"`--data.format` must be one of {', '.join(FORMATS)}, got {format!r}")
+            raise ValueError(
+                f"`--data.format` must be one of {', '.join(FORMATS)}, got {format!r}"
+            )
         if metric_family not in METRIC_FAMILIES:
             raise ValueError(
                 f"`--data.metric_family` must be one of {', '.join(METRIC_FAMILIES)}, "
@@ -195,9 +271,12 @@ class EditDataModule(LightningDataModule):
             collate_fn=collate_edit_batch,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Edit batches of ``edits_per_step`` requests, in edit order."""
-        return self._loader(self.edits_per_step)
+    def train_dataloader(self) -> ResumableEditLoader:
+        """Edit batches of ``edits_per_step`` requests, in edit order (resumable mid-run)."""
+        return ResumableEditLoader(self.requests, self.edits_per_step, self._batches_applied)
+
+    def _batches_applied(self) -> int:
+        return self.trainer.global_step if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         """All ``num_edits`` requests in edit order, in batches of ``eval_batch_size``."""

@@ -55,7 +55,8 @@ class AlphaEdit(LocateThenEditEditor):
                 self.projectors[layer], self.nullspace_dims[layer] = null_space_projector(
                     cov, self.nullspace_threshold
                 )
-                self.key_cache[layer] = torch.zeros_like(cov)
+                if layer not in self.key_cache:  # a restored K Kᵀ is kept
+                    self.key_cache[layer] = torch.zeros_like(cov)
 
     def solve(
         self, index: int, layer: int, keys: torch.Tensor, residual: torch.Tensor
@@ -80,15 +81,10 @@ class AlphaEdit(LocateThenEditEditor):
             self.key_cache[layer] = (self.key_cache[layer].double() + k.T @ k).float().cpu()
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "projectors": self.projectors,
-            "nullspace_dims": self.nullspace_dims,
-            "key_cache": self.key_cache,
-        }
+        """Templates and the accumulated K Kᵀ; the projectors are rebuilt from the (cached)
+        statistics by :meth:`setup`, so checkpoints do not carry them."""
+        return {**super().state_dict(), "key_cache": self.key_cache}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.projectors = state.get("projectors")
-        self.nullspace_dims = state.get("nullspace_dims", {})
-        self.key_cache = state.get("key_cache", {})
+        self.key_cache = dict(state.get("key_cache", {}))

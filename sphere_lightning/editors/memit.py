@@ -40,9 +40,5 @@ class MEMIT(LocateThenEditEditor):
         adjusted = torch.linalg.solve(self.mom2_update_weight * cov + k @ k.T, k)
         return residual.T @ adjusted.T
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "covariances": self.covariances}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.covariances = state.get("covariances")
+    # MEMIT's only sequential state is the templates (the base class's state_dict); the
+    # covariances are rebuilt from the (cached) statistics by setup.

@@ -251,6 +251,7 @@ def test_state_dict_round_trip(kind, family, make_tiny_model, tokenizer, request
     model = make_tiny_model(family)
     editor = make_editor(kind, model, tokenizer, str(stats_dir), v_num_steps=5)
     editor.setup(model, tokenizer)
+    base = copy.deepcopy(model)
     first, second = requests[:1], requests[1:3]
     apply_deltas(model, editor.compute_deltas(model, tokenizer, first))
     editor.after_apply(model, tokenizer, first)
@@ -260,14 +261,14 @@ def test_state_dict_round_trip(kind, family, make_tiny_model, tokenizer, request
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    fresh = make_editor(kind, model, tokenizer, str(stats_dir), v_num_steps=5)
+    fresh = make_editor(kind, base, tokenizer, str(stats_dir), v_num_steps=5)
     fresh.load_state_dict(state)
-
-    def no_statistics(*args, **kwargs):
-        raise AssertionError("a restored editor must not recollect statistics")
-
-    fresh.second_moments = no_statistics
-    fresh.setup(model, tokenizer)
+    # Only sequential state travels: the statistics-derived parts are rebuilt by setup on the
+    # base model (as a resumed run does before its edited weights load), bit for bit.
+    assert set(state) == (
+        {"context_templates", "key_cache"} if kind == "alphaedit" else {"context_templates"}
+    )
+    fresh.setup(base, tokenizer)
     assert fresh.context_templates == editor.context_templates
     if kind == "alphaedit":
         assert fresh.nullspace_dims == editor.nullspace_dims
