@@ -1,5 +1,6 @@
 """Callbacks: delta transforms (SPHERE) and observers (energy, general ability, drift, figures)."""
 
+from sphere_lightning.callbacks.alarm import HEAlarmCallback
 from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
@@ -14,6 +15,7 @@ __all__ = [
     "DriftCallback",
     "EditObserver",
     "GeneralAbilityCallback",
+    "HEAlarmCallback",
     "HyperSphericalEnergyCallback",
     "MetricTrendsCallback",
     "SphereProjectionCallback",
