@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sphere_lightning.callbacks import EditObserver
 from sphere_lightning.data.datamodule import EditDataModule
+from sphere_lightning.errors import check_output_folders
 from sphere_lightning.module import EditingModule
 from sphere_lightning.protocols import edit_protocols
 
@@ -85,6 +86,7 @@ class EditingCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Start the run's wall clock; on resume, drop events logged after the checkpoint."""
+        check_output_folders(self.trainer, self.model)  # fail before the model loads
         self._fit_started = time.perf_counter()
         ckpt_path = self.config["fit"].get("ckpt_path")
         logger = self.trainer.logger

@@ -16,6 +16,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaError, check_delta
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.editors.base import Editor
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import check_fluency_protocol, measure_fluency
 from sphere_lightning.models.architectures import architecture_of, linear_weight
@@ -126,14 +127,14 @@ class EditingModule(LightningModule):
         self.score_batch_size = score_batch_size
         self.batch_metrics = batch_metrics
         if fluency_prompts < 0:
-            raise ValueError(f"`model.fluency_prompts` should be ≥ 0, got {fluency_prompts}")
+            raise ConfigError(f"`model.fluency_prompts` should be ≥ 0, got {fluency_prompts}")
         if fluency_max_new_tokens < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"`model.fluency_max_new_tokens` should be ≥ 1, got {fluency_max_new_tokens}"
             )
         check_fluency_protocol(fluency_protocol)
         if fluency_seed < 0:
-            raise ValueError(f"`model.fluency_seed` should be ≥ 0, got {fluency_seed}")
+            raise ConfigError(f"`model.fluency_seed` should be ≥ 0, got {fluency_seed}")
         self.fluency_prompts = fluency_prompts
         self.fluency_max_new_tokens = fluency_max_new_tokens
         self.fluency_protocol = fluency_protocol

@@ -9,9 +9,11 @@ from lightning.pytorch import LightningModule
 from typing_extensions import override
 
 from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.projection import project_delta
 
 _REFERENCES = ("current", "original")
+_GREEK = {"cumulative_ratio": "β", "suppression": "α"}
 
 
 def short_name(parameter: str) -> str:
@@ -49,12 +51,18 @@ class SphereProjectionCallback(DeltaTransform):
         stage: TransformStage = "in_loop",
     ) -> None:
         super().__init__(stage)
-        if not 0.0 <= cumulative_ratio <= 1.0:
-            raise ValueError(f"`cumulative_ratio` should be in [0, 1], got {cumulative_ratio}")
-        if not 0.0 <= suppression <= 1.0:
-            raise ValueError(f"`suppression` should be in [0, 1], got {suppression}")
+        for flag, value in (("cumulative_ratio", cumulative_ratio), ("suppression", suppression)):
+            # ``not 0 <= v <= 1`` also rejects NaN.
+            if isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ConfigError(
+                    f"SphereProjectionCallback: `init_args.{flag}` "
+                    f"({_GREEK[flag]}) should be in [0, 1], got {value}"
+                )
         if reference not in _REFERENCES:
-            raise ValueError(f"`reference` should be `current` or `original`, got {reference!r}")
+            raise ConfigError(
+                "SphereProjectionCallback: `init_args.reference` should be `current` or "
+                f"`original`, got {reference!r}"
+            )
         self.cumulative_ratio = cumulative_ratio
         self.suppression = suppression
         self.reference = reference

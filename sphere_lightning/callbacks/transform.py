@@ -125,5 +125,8 @@ class DeltaTransform(Callback):
                 f"{sorted(deltas)}, got {sorted(out) if isinstance(out, dict) else type(out)}"
             )
         for name, delta in out.items():
-            check_delta(delta, name, deltas[name].shape, type(self).__name__)
+            try:
+                check_delta(delta, name, deltas[name].shape, type(self).__name__)
+            except NonFiniteDeltaError as error:
+                raise NonFiniteDeltaError(f"Step {trainer.global_step}: {error}") from None
         pl_module.pending_deltas = out

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sphere_lightning.data.readers import FORMATS, load_requests_with_format
 from sphere_lightning.data.requests import EditBatch, EditRequest
+from sphere_lightning.errors import ConfigError
 
 METRIC_FAMILIES: tuple[str, ...] = ("auto", "counterfact", "zsre")
 
@@ -113,7 +114,7 @@ class ResumableEditLoader(DataLoader):
 
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`--data.{name}` must be a positive integer, got {value!r}")
+        raise ConfigError(f"`--data.{name}` must be a positive integer, got {value!r}")
 
 
 class EditDataModule(LightningDataModule):
@@ -164,13 +165,13 @@ class EditDataModule(LightningDataModule):
         """
         super().__init__()
         if not isinstance(dataset, str) or not dataset.strip():
-            raise ValueError("`--data.dataset` must be 'builtin', a file path or a hub dataset id")
+            raise ConfigError("`--data.dataset` must be 'builtin', a file path or a hub dataset id")
         if format not in FORMATS:
-            raise ValueError(
+            raise ConfigError(
                 f"`--data.format` must be one of {', '.join(FORMATS)}, got {format!r}"
             )
         if metric_family not in METRIC_FAMILIES:
-            raise ValueError(
+            raise ConfigError(
                 f"`--data.metric_family` must be one of {', '.join(METRIC_FAMILIES)}, "
                 f"got {metric_family!r}"
             )
@@ -178,7 +179,7 @@ class EditDataModule(LightningDataModule):
         _check_positive("edits_per_step", edits_per_step)
         _check_positive("eval_batch_size", eval_batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"`--data.seed` must be a non-negative integer, got {seed!r}")
+            raise ConfigError(f"`--data.seed` must be a non-negative integer, got {seed!r}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.format = format
@@ -206,7 +207,7 @@ class EditDataModule(LightningDataModule):
                 self.dataset, self.format, self.split, skip_malformed=self.skip_malformed
             )
             if self.num_edits > len(records):
-                raise ValueError(
+                raise ConfigError(
                     f"`--data.num_edits` is {self.num_edits} but {self.dataset!r} has only "
                     f"{len(records)} records"
                 )

@@ -19,7 +19,10 @@ Every reader takes a local JSON file (a list of records), a JSONL file (one reco
 Hugging Face hub dataset id (anything that is not an existing path and does not look like one),
 which is loaded with ``datasets.load_dataset(id, split=split)``. Records are validated when they
 are read: a malformed one raises :class:`MalformedRecordError` naming the file (or hub id), the
-record's 0-based index and the field.
+record's 0-based index and the field. Every error about the data is a
+:class:`~sphere_lightning.errors.DataError` (a file that is not JSON, holds no records…), every
+error about the arguments a :class:`~sphere_lightning.errors.ConfigError`; the command line prints
+either as one line, without a traceback.
 
 Conventions shared by all readers: leading/trailing whitespace is stripped from every string (the
 zsRE files have ``alt`` values such as ``" Captain Universe"``), and a prompt written out in full
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ FORMATS: tuple[str, ...] = (
 _MISSING = object()
 
 
-class MalformedRecordError(ValueError):
+class MalformedRecordError(DataError):
     """A record of an edit data set is missing a field, has a wrong type or is inconsistent.
 
     The message reads ``"<source>, record <index>, field '<field>': <problem>"``, e.g.
@@ -175,6 +179,18 @@ class _Record:
             )
         return prompt[:start] + "{}" + prompt[start + len(subject) :]
 
+    def check_targets_differ(
+        self, target_new: str, target_true: str | None, new_field: str, true_field: str
+    ) -> None:
+        """A CounterFact edit whose new target is its true one changes nothing, and efficacy
+        (is the new target preferred to the true one?) has no answer for it: reject it."""
+        if target_new == target_true:
+            raise self.error(
+                new_field,
+                f"equals {true_field!r} ({target_new!r}): the edit would change nothing; "
+                "give it another target or drop the record",
+            )
+
 
 # ------------------------------------------------------------------------------------------ parsing
 
@@ -184,12 +200,19 @@ def _parse_counterfact_rome(rec: _Record) -> EditRequest:
     if not isinstance(rec.get(rw), Mapping):
         raise rec.error(rw, f"expected an object, got {type(rec.get(rw)).__name__}")
     neighborhood, answers = _prompts_with_optional_targets(rec, "neighborhood_prompts")
+    target_new, target_true = (
+        rec.string(f"{rw}.target_new.str"),
+        rec.string(f"{rw}.target_true.str"),
+    )
+    rec.check_targets_differ(
+        target_new, target_true, f"{rw}.target_new.str", f"{rw}.target_true.str"
+    )
     return EditRequest(
         case_id=rec.case_id(),
         subject=rec.string(f"{rw}.subject"),
         prompt=rec.template(f"{rw}.prompt"),
-        target_new=rec.string(f"{rw}.target_new.str"),
-        target_true=rec.string(f"{rw}.target_true.str"),
+        target_new=target_new,
+        target_true=target_true,
         paraphrase_prompts=rec.strings("paraphrase_prompts", allow_single=False),
         neighborhood_prompts=neighborhood,
         neighborhood_answers=answers,
@@ -236,11 +259,13 @@ def _parse_counterfact_easyedit(rec: _Record) -> EditRequest:
     # keep the answers only where some differ (EditRequest: empty means "target_true").
     if all(answer == target_true for answer in answers):
         answers = ()
+    target_new = rec.string("target_new")
+    rec.check_targets_differ(target_new, target_true, "target_new", "ground_truth")
     return EditRequest(
         case_id=rec.case_id(),
         subject=subject,
         prompt=rec.template_from_full("prompt", subject),
-        target_new=rec.string("target_new"),
+        target_new=target_new,
         target_true=target_true,
         paraphrase_prompts=rec.strings("rephrase_prompt"),
         neighborhood_prompts=neighborhood,
@@ -291,12 +316,15 @@ def _parse_builtin(rec: _Record) -> EditRequest:
             "neighborhood_answers",
             f"has {len(answers)} entries but 'neighborhood_prompts' has {len(neighborhood)}",
         )
+    target_new = rec.string("target_new")
+    target_true = rec.string("target_true") if rec.has("target_true") else None
+    rec.check_targets_differ(target_new, target_true, "target_new", "target_true")
     return EditRequest(
         case_id=rec.case_id(),
         subject=rec.string("subject"),
         prompt=rec.template("prompt"),
-        target_new=rec.string("target_new"),
-        target_true=rec.string("target_true") if rec.has("target_true") else None,
+        target_new=target_new,
+        target_true=target_true,
         paraphrase_prompts=_optional_strings(rec, "paraphrase_prompts"),
         neighborhood_prompts=neighborhood,
         neighborhood_answers=answers,
@@ -330,11 +358,14 @@ def parse_records(
         One request per (valid) record, in file order.
 
     Raises:
-        MalformedRecordError: A record is malformed and ``skip_malformed`` is false.
-        ValueError: ``format`` is not a concrete layout name.
+        MalformedRecordError: A record is malformed (in a CounterFact layout, also one whose
+            ``target_new`` equals its ``target_true``) and ``skip_malformed`` is false.
+        ConfigError: ``format`` is not a concrete layout name.
     """
     if format not in _PARSERS:
-        raise ValueError(f"unknown record layout {format!r}; expected one of {sorted(_PARSERS)}")
+        raise ConfigError(
+            f"`--data.format`: unknown record layout {format!r}; expected one of {sorted(_PARSERS)}"
+        )
     parse = _PARSERS[format]
     requests: list[EditRequest] = []
     skipped: list[MalformedRecordError] = []
@@ -360,8 +391,13 @@ def parse_records(
             skipped[0],
         )
     same = sum(r.target_true is not None and r.target_new == r.target_true for r in requests)
-    if same:
-        log.info("%s: %d record(s) have target_new == target_true (no-op edits)", source, same)
+    if same:  # zsRE as EasyEdit reads it: an ``alt`` equal to ``answers[0]``
+        log.warning(
+            "%s: %d record(s) have target_new == target_true (they edit towards the answer "
+            "the model should already give)",
+            source,
+            same,
+        )
     return requests
 
 
@@ -386,11 +422,11 @@ def _read_json_file(path: Path) -> list[Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path.name}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            raise DataError(
+                f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
             ) from err
         if not isinstance(data, list):
-            raise ValueError(f"{path.name}: expected a JSON list of records")
+            raise DataError(f"{path}: expected a JSON list of records")
         return data
     records: list[Any] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -408,7 +444,13 @@ def _read_json_file(path: Path) -> list[Any]:
 def _load_hub(name: str, split: str) -> list[Any]:
     import datasets  # deferred: importing datasets is slow and only needed for hub ids
 
-    dataset = datasets.load_dataset(name, split=split)
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except OSError as err:  # no network and not cached, no such dataset, …
+        raise DataError(
+            f"`--data.dataset` is {name!r}, which is no local file or folder, and it could not "
+            f"be loaded as a Hugging Face hub dataset ({str(err).strip() or type(err).__name__})"
+        ) from err
     return dataset.to_list()
 
 
@@ -436,7 +478,7 @@ def load_raw_records(source: str | Path, split: str = "train") -> tuple[str, lis
         return str(source), _load_hub(str(path), split)
     text = str(source)
     if isinstance(source, Path) or _looks_like_path(text):
-        raise FileNotFoundError(f"edit data file not found: {text}")
+        raise MissingFileError(f"edit data file not found: {text} (`--data.dataset`)")
     return text, _load_hub(text, split)
 
 
@@ -593,10 +635,12 @@ def load_requests_with_format(
         ``(requests, layout)`` where ``layout`` is the concrete format name (never ``"auto"``).
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown data format {format!r}; expected one of {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"`--data.format`: unknown data format {format!r}; expected one of {', '.join(FORMATS)}"
+        )
     if str(source) == "builtin" and not Path(source).exists():
         if format not in ("auto", "builtin"):
-            raise ValueError(
+            raise ConfigError(
                 f"the built-in fact set has the 'builtin' format, not {format!r}; "
                 "use format 'auto' or 'builtin'"
             )
@@ -604,18 +648,26 @@ def load_requests_with_format(
 
         return load_builtin_facts(), "builtin"
     name, records = load_raw_records(source, split)
+    if not records:
+        raise DataError(
+            f"{_where(source, name)}: contains no records; edit data needs at least one"
+        )
     if format == "auto":
-        if not records:
-            raise ValueError(f"{name}: contains no records, cannot detect its format")
         detected = sniff_format(records[0])
         if detected is None:
             keys = sorted(records[0]) if isinstance(records[0], Mapping) else type(records[0])
-            raise ValueError(
+            raise DataError(
                 f"{name}: cannot detect the data format from the first record's keys {keys}; "
                 f"pass one of {', '.join(FORMATS[1:])} explicitly"
             )
         format = detected
     return parse_records(records, name, format, skip_malformed=skip_malformed), format
+
+
+def _where(source: str | Path, name: str) -> str:
+    """The data set as a message names it: the path of a file, else the hub id or folder."""
+    path = Path(source).expanduser()
+    return str(path) if path.is_file() else name
 
 
 def load_requests(
@@ -640,9 +692,10 @@ def load_requests(
         The requests in file order.
 
     Raises:
-        ValueError: Unknown ``format`` or undetectable layout.
+        ConfigError: Unknown ``format``.
+        DataError: No records, undetectable layout, a file that is not JSON.
         MalformedRecordError: A malformed record (unless ``skip_malformed``).
-        FileNotFoundError: A path-like ``source`` that does not exist.
+        MissingFileError: A path-like ``source`` that does not exist (a ``FileNotFoundError``).
     """
     requests, _ = load_requests_with_format(source, format, split, skip_malformed=skip_malformed)
     return requests

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sphere_lightning.errors import DataError
+
 
 @dataclass(frozen=True)
 class EditRequest:
@@ -38,18 +40,18 @@ class EditRequest:
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:
-            raise ValueError(
+            raise DataError(
                 f"EditRequest {self.case_id!r}: field 'prompt' must contain exactly one '{{}}' "
                 f"for the subject, got {self.prompt!r}"
             )
         if not self.subject.strip():
-            raise ValueError(f"EditRequest {self.case_id!r}: field 'subject' is empty")
+            raise DataError(f"EditRequest {self.case_id!r}: field 'subject' is empty")
         if not self.target_new.strip():
-            raise ValueError(f"EditRequest {self.case_id!r}: field 'target_new' is empty")
+            raise DataError(f"EditRequest {self.case_id!r}: field 'target_new' is empty")
         if self.neighborhood_answers and len(self.neighborhood_answers) != len(
             self.neighborhood_prompts
         ):
-            raise ValueError(
+            raise DataError(
                 f"EditRequest {self.case_id!r}: 'neighborhood_answers' has "
                 f"{len(self.neighborhood_answers)} entries but 'neighborhood_prompts' has "
                 f"{len(self.neighborhood_prompts)}"

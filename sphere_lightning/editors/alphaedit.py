@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import LocateThenEditEditor
+from sphere_lightning.errors import ConfigError
 
 
 def null_space_projector(covariance: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -38,9 +39,9 @@ class AlphaEdit(LocateThenEditEditor):
     def __init__(self, nullspace_threshold: float = 2e-2, l2: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if nullspace_threshold <= 0:
-            raise ValueError("`editor.init_args.nullspace_threshold` must be > 0")
+            raise ConfigError("`editor.init_args.nullspace_threshold` must be > 0")
         if l2 < 0:
-            raise ValueError("`editor.init_args.l2` must be ≥ 0")
+            raise ConfigError("`editor.init_args.l2` must be ≥ 0")
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.projectors: dict[int, torch.Tensor] | None = None

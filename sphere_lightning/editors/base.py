@@ -22,6 +22,7 @@ from sphere_lightning.editors.hooks import (
 )
 from sphere_lightning.editors.statistics import GENERATED, second_moments
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Editor(ABC):
 
     def __init__(self, layers: Sequence[int]) -> None:
         if not layers:
-            raise ValueError("`layers` must name at least one layer")
+            raise ConfigError("`layers` must name at least one layer")
         self.layers = sorted(int(i) for i in layers)
         self.last_metrics: dict[str, float] = {}
         #: Seconds spent per phase in the last ``compute_deltas`` call.
@@ -184,12 +185,12 @@ class LocateThenEditEditor(Editor):
             ("key_batch_size", key_batch_size),
         ]:
             if value < 1:
-                raise ValueError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
+                raise ConfigError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
         if num_context_templates < 0:
-            raise ValueError("`editor.init_args.num_context_templates` must be ≥ 0")
+            raise ConfigError("`editor.init_args.num_context_templates` must be ≥ 0")
         self.target_layer = self.layers[-1] if target_layer is None else int(target_layer)
         if self.target_layer < self.layers[-1]:
-            raise ValueError(
+            raise ConfigError(
                 f"`editor.init_args.target_layer` ({self.target_layer}) must not be below the "
                 f"last edited layer ({self.layers[-1]})"
             )

@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.editors.base import LocateThenEditEditor
+from sphere_lightning.errors import ConfigError
 
 
 class MEMIT(LocateThenEditEditor):
@@ -23,7 +24,7 @@ class MEMIT(LocateThenEditEditor):
     def __init__(self, mom2_update_weight: float = 15000.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if mom2_update_weight < 0:
-            raise ValueError("`editor.init_args.mom2_update_weight` must be ≥ 0")
+            raise ConfigError("`editor.init_args.mom2_update_weight` must be ≥ 0")
         self.mom2_update_weight = mom2_update_weight
         self.covariances: dict[int, torch.Tensor] | None = None
 

@@ -5,6 +5,11 @@ input to each edited MLP out-projection over a text corpus. All layers are colle
 forward pass that stops at the deepest edited layer, and the result is cached under a key of model,
 layer, corpus and sample count. Beside each cached ``<key>.pt`` a ``<key>.json`` records what the
 entry was computed from and what it cost (texts, tokens, seconds).
+
+Cache files are written atomically (a temporary file renamed into place), so a run that stops
+mid-write, or two runs sharing the cache, never leave a half-written entry. An entry that cannot be
+loaded anyway (truncated, not a tensor, the wrong shape, NaN/inf) is reported, deleted and
+computed again; it is never used.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.editors.hooks import capture, model_device
-from sphere_lightning.models.architectures import ArchitectureSpec
-from sphere_lightning.models.loading import cache_root
+from sphere_lightning.errors import DataError, MissingFileError
+from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
+from sphere_lightning.models.loading import atomic_write, cache_root
 
 log = logging.getLogger(__name__)
 
 GENERATED = "generated"
+_CORPUS_FLAG = "model.editor.init_args.stats_corpus"
 _SEED_WORDS = ["The", "In", "A", "It", "He", "She", "This", "When", "After", "Many", "I", "We"]
 
 
@@ -99,17 +107,24 @@ def _read_hub_corpus(source: str, num_samples: int) -> list[str]:
 
     rest, _, split = source.partition("@")
     name, _, config = rest.partition(":")
-    rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
 
     def texts() -> Iterable[str]:
+        rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for row in rows:
             if "text" not in row:
-                raise ValueError(
-                    f"Statistics corpus {source!r} has no `text` column (columns: {sorted(row)})"
+                raise DataError(
+                    f"`{_CORPUS_FLAG}`: corpus {source!r} has no `text` column (columns: "
+                    f"{sorted(row)})"
                 )
             yield row["text"] or ""
 
-    return _first_usable(texts(), num_samples)
+    try:
+        return _first_usable(texts(), num_samples)
+    except OSError as error:  # streamed rows are fetched lazily: no network, no such dataset
+        raise DataError(
+            f"`{_CORPUS_FLAG}` is {source!r}, which is no local file, and it could not be read "
+            f"as a Hugging Face hub dataset ({str(error).strip() or type(error).__name__})"
+        ) from error
 
 
 def read_corpus(source: str, num_samples: int) -> list[str]:
@@ -126,12 +141,20 @@ def read_corpus(source: str, num_samples: int) -> list[str]:
         if len(texts) < num_samples:
             texts = _first_usable(raw.splitlines(), num_samples)
     elif source.endswith(".txt") or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Statistics corpus file not found: {source}")
+        raise MissingFileError(f"Statistics corpus file not found: {source} (`{_CORPUS_FLAG}`)")
     else:
         texts = _read_hub_corpus(source, num_samples)
     if not texts:
-        raise ValueError(f"Statistics corpus {source!r} holds no usable text")
+        raise DataError(
+            f"Statistics corpus {source!r} holds no usable text (paragraphs over 20 characters "
+            f"that are not headings; `{_CORPUS_FLAG}`)"
+        )
     return texts
+
+
+def stats_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where statistics are cached: ``cache_dir``, else ``$SPHERE_LIGHTNING_CACHE/stats``."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "stats"
 
 
 def _fingerprint(model: PreTrainedModel, spec: ArchitectureSpec, upto: int) -> str:
@@ -182,10 +205,41 @@ class SecondMoments:
 
 
 def _read_record(file: Path) -> CollectionRecord | None:
+    """The record stored in ``file``; ``None`` if there is none or it cannot be read."""
     if not file.exists():
         return None
-    stored = json.loads(file.read_text(encoding="utf-8")).get("record")
-    return CollectionRecord(**stored) if stored else None
+    try:
+        stored = json.loads(file.read_text(encoding="utf-8")).get("record")
+        return CollectionRecord(**stored) if stored else None
+    except (ValueError, TypeError, AttributeError, OSError) as error:
+        log.warning("Ignoring the unreadable statistics record %s (%s)", file, error)
+        return None
+
+
+def _load_cached(file: Path, dim: int) -> torch.Tensor | None:
+    """The cached ``dim × dim`` moment in ``file``, or ``None`` if there is none. A file that
+    fails to load or holds anything else is reported and deleted (with its record), so it is
+    computed again and never used."""
+    if not file.exists():
+        return None
+    try:
+        moment = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(moment, torch.Tensor) or not moment.is_floating_point():
+            raise ValueError(f"holds {type(moment).__name__}, not a floating-point tensor")
+        if tuple(moment.shape) != (dim, dim):
+            raise ValueError(f"has shape {tuple(moment.shape)}, expected {(dim, dim)}")
+        if not bool(torch.isfinite(moment).all()):
+            raise ValueError("holds NaN or inf")
+    except Exception as error:  # a cache entry must never stop a run: recompute it
+        log.warning(
+            "Statistics cache file %s is corrupt (%s); deleting it and computing it again",
+            file,
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+        )
+        file.unlink(missing_ok=True)
+        file.with_suffix(".json").unlink(missing_ok=True)
+        return None
+    return moment.float()
 
 
 def collect_second_moments(
@@ -217,7 +271,7 @@ def collect_second_moments(
         cache_dir: Where results are cached; default ``<cache_root>/stats``.
     """
     layers = sorted(set(layers))
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
+    cache = stats_cache_dir(cache_dir)
     fingerprint = _fingerprint(model, spec, max(layers))
     corpus_path = Path(corpus).expanduser()
     corpus_id = str(corpus_path.resolve()) if corpus_path.is_file() else corpus
@@ -236,9 +290,10 @@ def collect_second_moments(
         keys[layer] = digest.hexdigest()[:24]
     results: dict[int, torch.Tensor] = {}
     for layer in layers:
-        file = cache / f"{keys[layer]}.pt"
-        if file.exists():
-            results[layer] = torch.load(file, map_location="cpu", weights_only=True)
+        dim = linear_weight(model.get_submodule(spec.mlp_out_name(layer))).shape[1]
+        moment = _load_cached(cache / f"{keys[layer]}.pt", dim)
+        if moment is not None:
+            results[layer] = moment
     missing = [layer for layer in layers if layer not in results]
     if not missing:
         log.info("Loaded cached second moments for layers %s from %s", layers, cache)
@@ -272,12 +327,14 @@ def collect_second_moments(
             keys_ = acts[name][mask].double()
             sums[name] = sums.get(name, 0) + keys_.T @ keys_
     record = CollectionRecord(len(texts), count, text_seconds, time.perf_counter() - start)
-    cache.mkdir(parents=True, exist_ok=True)
     for layer, name in zip(missing, names, strict=True):
         results[layer] = (sums[name] / count).float().cpu()
-        torch.save(results[layer], cache / f"{keys[layer]}.pt")
-        entry = {"meta": metas[layer], "record": asdict(record)}
-        (cache / f"{keys[layer]}.json").write_text(json.dumps(entry, indent=1), encoding="utf-8")
+        # The record first: the tensor's file is what makes an entry a cache hit.
+        entry = json.dumps({"meta": metas[layer], "record": asdict(record)}, indent=1)
+        atomic_write(
+            cache / f"{keys[layer]}.json", partial(Path.write_text, data=entry, encoding="utf-8")
+        )
+        atomic_write(cache / f"{keys[layer]}.pt", partial(torch.save, results[layer]))
     log.info("Collected second moments over %d tokens for layers %s", count, missing)
     return SecondMoments(results, record, from_cache=False)
 

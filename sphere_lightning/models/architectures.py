@@ -13,6 +13,8 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from sphere_lightning.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -51,11 +53,12 @@ class ArchitectureSpec:
         return len(self.blocks(model))
 
     def check_layers(self, model: nn.Module, layers: list[int], flag: str = "layers") -> None:
-        """Raise a clear error if any of ``layers`` is not a block of ``model``."""
+        """Raise a :class:`~sphere_lightning.errors.ConfigError` naming ``flag`` if any of
+        ``layers`` is not a block of ``model``."""
         n = self.num_layers(model)
         bad = [i for i in layers if not 0 <= i < n]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"`{flag}` = {list(layers)} names layer(s) {bad}, but the model has {n} layers "
                 f"(valid: 0..{n - 1})"
             )
@@ -82,7 +85,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 }
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(ConfigError):
     """Raised for a model whose architecture has no row in :data:`ARCHITECTURES`."""
 
 
@@ -94,7 +97,8 @@ def architecture_of(model_or_config: PreTrainedModel | PretrainedConfig) -> Arch
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnknownArchitectureError(
-            f"Unknown architecture model_type={model_type!r}. Known: {sorted(ARCHITECTURES)}. "
+            f"Cannot edit a model of architecture model_type={model_type!r} (`--model.model`): "
+            f"known architectures are {sorted(ARCHITECTURES)}. "
             "To add it, register a row: `sphere_lightning.models.ARCHITECTURES["
             f"{model_type!r}] = ArchitectureSpec(layers=..., mlp_out=..., final_norm=..., "
             "lm_head=...)` giving the dotted module paths of the block list, the MLP "

