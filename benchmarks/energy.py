@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     """One method on one size, in this (fresh) process; prints a JSON line."""
     torch.set_num_threads(args.threads)
     run_method(args.worker, make_weight(64, 96, seed=1), args.s)  # warm-up
-    weight = torch.load(args.data)
+    weight = torch.load(args.data, weights_only=True)
     gc.collect()
     before = reset_peak_rss()
     times = []

@@ -105,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     # Warm-up on a small problem: library initialisation is not part of the measurement.
     w_small, d_small = make_inputs(64, 96, seed=1)
     run_method(args.worker, d_small, w_small, args.beta, args.alpha)
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     weight, delta = data["weight"], data["delta"]
     del data
     gc.collect()
@@ -208,7 +208,7 @@ def main() -> None:
                 results[method] = spawn(
                     method, tmp / "data.pt", tmp / f"{method}.pt", repeats, args
                 )
-            outs = {m: torch.load(tmp / f"{m}.pt") for m in methods}
+            outs = {m: torch.load(tmp / f"{m}.pt", weights_only=True) for m in methods}
             t_plain = statistics.median(results["plain"]["times"])
             t_ours = statistics.median(results["ours"]["times"])
             timing_rows.append(

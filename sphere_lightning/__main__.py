@@ -2,6 +2,8 @@
 data file) ends the run with one paragraph, ``error: <message>``, and exit code 2; a ΔW with
 NaN/inf with one paragraph and exit code 1; anything else is a bug and shows its traceback."""
 
+import sys
+
 from sphere_lightning.callbacks.transform import NonFiniteDeltaError
 from sphere_lightning.cli import cli_main
 from sphere_lightning.errors import exit_on_user_error
@@ -15,4 +17,9 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["export"]:
+        from sphere_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
+    else:
+        main()

@@ -3,6 +3,7 @@
 from sphere_lightning.callbacks.alarm import HEAlarmCallback
 from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
+from sphere_lightning.callbacks.export import ExportCallback
 from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
@@ -14,6 +15,7 @@ __all__ = [
     "DeltaTransform",
     "DriftCallback",
     "EditObserver",
+    "ExportCallback",
     "GeneralAbilityCallback",
     "HEAlarmCallback",
     "HyperSphericalEnergyCallback",

@@ -1,0 +1,457 @@
+"""Export an edited model as a plain Hugging Face folder.
+
+The folder holds what ``transformers.AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` read (``config.json``, ``model.safetensors``, the tokenizer
+files), a ``README.md`` model card and ``edits.jsonl`` (the edited facts, in edit order); nothing
+in it needs sphere_lightning. Two ways in, one writer:
+
+- :func:`export_checkpoint`: from a checkpoint of a run (``python -m sphere_lightning export``).
+  The checkpoint holds only the edited parameters, so the base model is loaded again, checked
+  against the run's fingerprint, and the edited values are put into it.
+- :func:`export_module`: from a module in memory, at the end of a run
+  (:class:`~sphere_lightning.callbacks.ExportCallback`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+import sphere_lightning
+from sphere_lightning.callbacks.sphere import SphereProjectionCallback
+from sphere_lightning.data.datamodule import EditDataModule
+from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
+from sphere_lightning.models.loading import load_model, resolve_dtype, temporary_sibling
+from sphere_lightning.module import (
+    CHECKPOINT_FORMAT,
+    CheckpointMismatchError,
+    base_model_fingerprint,
+)
+
+#: The SPHERE settings a model card reports, in this order.
+SPHERE_SETTINGS = ("cumulative_ratio", "suppression", "stage", "reference")
+
+#: Edit metrics a model card reports, in this order (others follow, sorted).
+CARD_METRICS = ("efficacy", "generalization", "specificity", "fluency")
+
+
+@dataclass(frozen=True)
+class EditedRun:
+    """What an export says about the run that edited the model.
+
+    Attributes:
+        base_model: The model the run edited, as the run named it (``model.model``).
+        run_dtype: The dtype the run edited in.
+        editor: ``class_path`` of the editor.
+        edited_parameters: Names of the parameters that differ from the base model.
+        sphere: The settings (:data:`SPHERE_SETTINGS`) of each SPHERE projection callback of
+            the run; ``[]`` when the run had none, ``None`` when that is unknown.
+        sphere_source: The ``config.yaml`` ``sphere`` was read from (``None``: the run's
+            callbacks, or no config found).
+        requests: The edited facts, in edit order.
+        source: What the export was made from (a checkpoint, or the run in memory).
+        pre_edit_metrics: Edit metrics before the first edit, over every fact of the run.
+        final_edit_metrics: The last lifelong edit metrics (``num_evaluated``: edits so far).
+    """
+
+    base_model: str
+    run_dtype: str
+    editor: str
+    edited_parameters: list[str]
+    sphere: list[dict[str, Any]] | None
+    sphere_source: str | None
+    requests: list[EditRequest]
+    source: str
+    pre_edit_metrics: dict[str, float] = field(default_factory=dict)
+    final_edit_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# -- SPHERE settings --------------------------------------------------------------------------
+
+
+def _sphere_defaults() -> dict[str, Any]:
+    parameters = inspect.signature(SphereProjectionCallback.__init__).parameters
+    return {name: parameters[name].default for name in SPHERE_SETTINGS}
+
+
+def sphere_settings(callbacks: Iterable[Any]) -> list[dict[str, Any]]:
+    """The settings of every :class:`SphereProjectionCallback` among ``callbacks``, in order."""
+    return [
+        {name: getattr(c, name) for name in SPHERE_SETTINGS}
+        for c in callbacks
+        if isinstance(c, SphereProjectionCallback)
+    ]
+
+
+def sphere_settings_from_config(path: str | Path) -> list[dict[str, Any]]:
+    """The SPHERE callbacks' settings in a resolved run config (the ``config.yaml`` LightningCLI
+    saves in the log folder); arguments the config leaves out take the class defaults."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    settings = []
+    for entry in callbacks:
+        if not isinstance(entry, dict):
+            continue
+        if str(entry.get("class_path", "")).rsplit(".", 1)[-1] != SphereProjectionCallback.__name__:
+            continue
+        values = {**_sphere_defaults(), **(entry.get("init_args") or {})}
+        settings.append({name: values[name] for name in SPHERE_SETTINGS})
+    return settings
+
+
+def _run_config(log_dir: str | None, ckpt_path: Path) -> Path | None:
+    """The run's ``config.yaml``: in its log folder, or beside the ``checkpoints`` folder that
+    holds the checkpoint (a relative log folder may not resolve from here)."""
+    candidates = [Path(log_dir) / "config.yaml"] if log_dir else []
+    if ckpt_path.parent.name == "checkpoints":
+        candidates.append(ckpt_path.parent.parent / "config.yaml")
+    return next((p for p in candidates if p.is_file()), None)
+
+
+# -- the folder -------------------------------------------------------------------------------
+
+
+class OutputFolderError(ConfigError, FileExistsError):
+    """The export folder is a file, or a non-empty folder and overwriting was not asked for."""
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool, flag: str = "--out") -> None:
+    """Raise :class:`OutputFolderError` (naming ``flag``) if ``out_dir`` is a file, or a
+    non-empty folder while ``overwrite`` is false."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputFolderError(f"`{flag}` {str(out_dir)!r} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputFolderError(
+            f"`{flag}` {str(out_dir)!r} exists and is not empty; choose another folder or set "
+            "overwrite (`--overwrite`, `overwrite=True`) to replace it"
+        )
+
+
+def request_record(position: int, request: EditRequest) -> dict[str, Any]:
+    """One line of ``edits.jsonl``: the fact and its position in the edit order."""
+    record: dict[str, Any] = {} if request.case_id is None else {"case_id": request.case_id}
+    record.update(
+        prompt=request.prompt,
+        subject=request.subject,
+        target_new=request.target_new,
+        target_true=request.target_true,
+        position=position,
+    )
+    return record
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _sphere_line(run: EditedRun) -> str:
+    if run.sphere is None:
+        return "unknown (no run config found)"
+    if not run.sphere:
+        return "none"
+    return "; ".join(
+        f"β (cumulative_ratio) = {s['cumulative_ratio']}, α (suppression) = {s['suppression']}, "
+        f"stage `{s['stage']}`, reference `{s['reference']}`"
+        for s in run.sphere
+    )
+
+
+def _metrics_section(run: EditedRun) -> str:
+    pre, final = run.pre_edit_metrics, run.final_edit_metrics
+    names = [m for m in CARD_METRICS if m in pre or m in final]
+    names += sorted((set(pre) | set(final)) - set(CARD_METRICS) - {"num_evaluated"})
+    if not names:
+        return "No edit metrics were recorded.\n"
+    rows = "".join(
+        f"| {m} | {_number(pre.get(m, '—'))} | {_number(final.get(m, '—'))} |\n" for m in names
+    )
+    evaluated = final.get("num_evaluated")
+    after = f"after {int(evaluated)} edits, over those facts" if evaluated else "not measured"
+    return (
+        "| metric | pre-edit | final |\n|---|---|---|\n" + rows + "\nPre-edit: before the first "
+        "edit, over every fact of the run. Final: the run's last lifelong evaluation "
+        f"({after}).{' Fluency is ×100.' if 'fluency' in names else ''}\n"
+    )
+
+
+def model_card(run: EditedRun, out_dir: Path, dtype: str) -> str:
+    """The ``README.md`` of an export: what was edited, how, how well, and how to load it."""
+    parameters = "\n".join(f"- `{name}`" for name in run.edited_parameters)
+    sphere_source = f" (read from `{run.sphere_source}`)" if run.sphere_source else ""
+    return f"""---
+library_name: transformers
+tags:
+- knowledge-editing
+- sphere_lightning
+---
+
+# {out_dir.name}
+
+`{run.base_model}` with {len(run.requests)} facts written into it by sequential knowledge
+editing. Only the parameters listed below differ from the base model.
+
+| | |
+|---|---|
+| base model | `{run.base_model}` (edited in {run.run_dtype}) |
+| weights | {dtype} |
+| editor | `{run.editor}` |
+| SPHERE | {_sphere_line(run)}{sphere_source} |
+| edits | {len(run.requests)} (`edits.jsonl`, in edit order) |
+| exported | {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} from {run.source} |
+| sphere_lightning | {sphere_lightning.__version__} |
+
+Edited parameters:
+
+{parameters}
+
+## Edit metrics
+
+{_metrics_section(run)}
+## Use
+
+Plain transformers; sphere_lightning is not needed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{out_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
+```
+
+`edits.jsonl` lists the edited facts, one JSON object per line: `case_id` (when the data set
+has one), `prompt` (`{{}}` marks the subject), `subject`, `target_new`, `target_true` and
+`position` in the edit order.
+"""
+
+
+def write_export(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run: EditedRun,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write the export folder: weights and config, tokenizer, model card and ``edits.jsonl``.
+
+    Everything goes into a temporary folder beside ``out_dir``, which is renamed to ``out_dir``
+    once complete, so ``out_dir`` never holds a half-written export. A non-empty ``out_dir`` is
+    refused unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = temporary_sibling(out_dir)
+    partial.mkdir()
+    try:
+        model.save_pretrained(partial)  # safetensors (the only format of transformers ≥ 5)
+        tokenizer.save_pretrained(partial)
+        dtype = str(model.dtype).removeprefix("torch.")
+        (partial / "README.md").write_text(model_card(run, out_dir, dtype), encoding="utf-8")
+        lines = [
+            json.dumps(request_record(i, r), ensure_ascii=False) for i, r in enumerate(run.requests)
+        ]
+        (partial / "edits.jsonl").write_text("".join(f"{line}\n" for line in lines), "utf-8")
+        check_out_dir(out_dir, overwrite)  # again: it may have been filled meanwhile
+        if out_dir.exists():
+            old = temporary_sibling(out_dir)
+            out_dir.rename(old)
+            partial.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -- from a module in memory ------------------------------------------------------------------
+
+
+def export_module(
+    pl_module: LightningModule,
+    datamodule: LightningDataModule,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Export the model of an :class:`~sphere_lightning.module.EditingModule` as it is now.
+
+    The module must be attached to a trainer (the number of edits and the SPHERE callbacks come
+    from it). Weights are written in the run's dtype; the model in memory is not changed.
+    """
+    trainer = pl_module.trainer
+    num_edited = pl_module.num_edited()
+    run = EditedRun(
+        base_model=pl_module.hparams["model"],
+        run_dtype=pl_module.hparams["dtype"],
+        editor=pl_module.editor_class_path,
+        edited_parameters=list(pl_module.edited_parameter_names),
+        sphere=sphere_settings(trainer.callbacks),
+        sphere_source=None,
+        requests=list(datamodule.requests[:num_edited]),
+        pre_edit_metrics=dict(pl_module.pre_edit_metrics),
+        final_edit_metrics=dict(pl_module.final_edit_metrics),
+        source=f"the run in memory (log folder {trainer.log_dir})",
+    )
+    return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
+
+
+# -- from a checkpoint ------------------------------------------------------------------------
+
+
+def load_edited_model(
+    checkpoint: Mapping[str, Any], base_model: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model of a checkpoint (``base_model`` to load it from elsewhere), checked against
+    the run's fingerprint, with the checkpoint's edited parameters put in.
+
+    Raises:
+        CheckpointMismatchError: The base model's weights are not the ones the run edited, or
+            the checkpoint holds a parameter the base model lacks.
+    """
+    meta = checkpoint.get("sphere_lightning")
+    if not isinstance(meta, Mapping) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            "Not a sphere_lightning checkpoint of format "
+            f"{CHECKPOINT_FORMAT} (no `sphere_lightning` entry, or another format)"
+        )
+    hparams = checkpoint["hyper_parameters"]
+    name = base_model or hparams["model"]
+    model, tokenizer = load_model(name, hparams["dtype"])
+    edited = {}
+    for key, value in checkpoint["state_dict"].items():
+        if not key.startswith("model."):
+            raise CheckpointMismatchError(f"Checkpoint key {key!r} is not a `model.` parameter")
+        edited[key.removeprefix("model.")] = value
+    missing = sorted(set(edited) - set(model.state_dict()))
+    if missing:
+        raise CheckpointMismatchError(
+            f"The checkpoint edits {missing}, which base model {name!r} does not have"
+        )
+    run_base = meta["base_model"]
+    fingerprint = base_model_fingerprint(model, list(edited))
+    if fingerprint != run_base["fingerprint"]:
+        raise CheckpointMismatchError(
+            f"The run edited base model {run_base['name']!r} ({run_base['dtype']}, fingerprint "
+            f"{str(run_base['fingerprint'])[:12]}…), but {name!r} ({hparams['dtype']}) has other "
+            f"weights in the edited parameters (fingerprint {fingerprint[:12]}…); give the "
+            "base model the run started from (`--base_model`)"
+        )
+    result = model.load_state_dict(edited, strict=False)
+    unmatched = sorted(set(edited) & set(result.missing_keys)) + list(result.unexpected_keys)
+    if unmatched:
+        raise CheckpointMismatchError(f"Edited parameters not loaded into the model: {unmatched}")
+    return model, tokenizer
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    base_model: str | None = None,
+) -> Path:
+    """Export the edited model of a run's checkpoint as a plain Hugging Face folder.
+
+    Args:
+        ckpt_path: A checkpoint of an editing run (``.ckpt``).
+        out_dir: The folder to create.
+        dtype: Weight dtype of the export (``float32``, ``bfloat16``, ``float16``); default: the
+            dtype the run edited in.
+        overwrite: Replace ``out_dir`` if it exists and is not empty.
+        base_model: Load the base model from here instead of the name the run gave (e.g. the
+            same weights in another folder); its fingerprint must match the run's.
+
+    Returns:
+        ``out_dir``.
+    """
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    export_dtype = None if dtype is None else resolve_dtype(dtype, flag="--dtype")
+    if not ckpt_path.is_file():
+        raise MissingFileError(f"`--ckpt_path` {str(ckpt_path)!r}: no such file")
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model, tokenizer = load_edited_model(checkpoint, base_model)
+    if export_dtype is not None:
+        model.to(export_dtype)
+    meta = checkpoint["sphere_lightning"]
+    # LightningCLI adds its own entries (``_instantiator``…) to the saved init arguments.
+    data_args = checkpoint["datamodule_hyper_parameters"].items()
+    datamodule = EditDataModule(**{k: v for k, v in data_args if not k.startswith("_")})
+    config = _run_config(meta.get("log_dir"), ckpt_path)
+    run = EditedRun(
+        base_model=meta["base_model"]["name"],
+        run_dtype=meta["base_model"]["dtype"],
+        editor=meta["editor"]["class_path"],
+        edited_parameters=[key.removeprefix("model.") for key in checkpoint["state_dict"]],
+        sphere=None if config is None else sphere_settings_from_config(config),
+        sphere_source=None if config is None else str(config),
+        requests=list(datamodule.requests[: meta["num_edited"]]),
+        pre_edit_metrics=dict(meta.get("pre_edit_metrics") or {}),
+        final_edit_metrics=dict(meta.get("final_edit_metrics") or {}),
+        source=f"checkpoint `{ckpt_path}`",
+    )
+    return write_export(model, tokenizer, run, out_dir, overwrite=overwrite)
+
+
+def newest_checkpoint(root: str | Path = "logs") -> Path:
+    """The most recently written ``last.ckpt`` (or ``last-v<n>.ckpt``) under ``root``."""
+    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
+    if not found:
+        raise MissingFileError(f"`--ckpt_path last`: no last.ckpt under {str(root)!r}")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python -m sphere_lightning export --ckpt_path PATH --out DIR [--overwrite]``.
+
+    A mistake in the input ends it with ``error: <message>`` and exit code 2, a checkpoint that
+    does not fit its base model with exit code 1 (no traceback either way).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m sphere_lightning export",
+        description="Export the edited model of a checkpoint as a plain Hugging Face folder "
+        "(weights, tokenizer, README.md model card, edits.jsonl).",
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="checkpoint of an editing run, or `last` (the newest last.ckpt under ./logs)",
+    )
+    parser.add_argument("--out", required=True, help="folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--dtype", default=None, help="weight dtype of the export (default: the run's dtype)"
+    )
+    parser.add_argument(
+        "--base_model",
+        default=None,
+        help="load the base model from here instead of the run's `model.model` (its weights "
+        "must be the ones the run edited)",
+    )
+    args = parser.parse_args(argv)
+    with exit_on_user_error(CheckpointMismatchError):
+        ckpt = newest_checkpoint() if args.ckpt_path == "last" else Path(args.ckpt_path)
+        out = export_checkpoint(
+            ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, base_model=args.base_model
+        )
+    rank_zero_info(f"Exported {ckpt} to {out}")
+    return out
