@@ -19,6 +19,7 @@ from sphere_lightning.editors.base import Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import check_fluency_protocol, measure_fluency
+from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import load_model
 
@@ -244,12 +245,15 @@ class EditingModule(LightningModule):
             deltas = {name: transform(name, delta) for name, delta in raw.items()}
         self._add_time("compute_deltas", start)
         self.pending_deltas = deltas
-        start = time.perf_counter()
-        self.optimizers().step()
-        self._add_time("transform_and_apply", start)
-        start = time.perf_counter()
-        self.editor.after_apply(self.model, self.tokenizer, batch.requests)
-        self._add_time("after_apply", start)
+        # The step lands as a whole: a Ctrl-C from here on is delivered once the weights and the
+        # editor's state are both updated (before here, nothing in the model has changed).
+        with sigint_deferred():
+            start = time.perf_counter()
+            self.optimizers().step()
+            self._add_time("transform_and_apply", start)
+            start = time.perf_counter()
+            self.editor.after_apply(self.model, self.tokenizer, batch.requests)
+            self._add_time("after_apply", start)
         self.pending_deltas = {}
         if self.batch_metrics:
             start = time.perf_counter()

@@ -27,6 +27,7 @@ from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.callbacks.timing import add_seconds
+from sphere_lightning.interrupts import sigint_deferred
 
 AlarmAction = Literal["warn", "stop", "rollback"]
 RetryPolicy = Literal["retry", "skip"]
@@ -395,12 +396,13 @@ class HEAlarmCallback(EditObserver):
         return delta, attempt, action == "skip", raised[0]
 
     def _restore(self, pl_module: LightningModule, before: _Snapshot) -> None:
-        """Put the edited weights and the editor's state back as they were before the step."""
-        with torch.no_grad():
+        """Put the edited weights and the editor's state back as they were before the step
+        (all of it, also when Ctrl-C arrives meanwhile)."""
+        with torch.no_grad(), sigint_deferred():
             for name, saved in before.weights.items():
                 pl_module.edited_weight(name).copy_(saved)
-        # A fresh copy each time: load_state_dict may keep references that later steps mutate.
-        pl_module.editor.load_state_dict(copy.deepcopy(before.editor_state))
+            # A fresh copy each time: load_state_dict may keep references later steps mutate.
+            pl_module.editor.load_state_dict(copy.deepcopy(before.editor_state))
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
 
 
@@ -161,8 +162,8 @@ class WeightSnapshot:
             weight.add_(delta.to(weight.dtype))
 
     def restore(self) -> None:
-        """Copy every saved weight back."""
-        with torch.no_grad():
+        """Copy every saved weight back (all of them, also when Ctrl-C arrives meanwhile)."""
+        with torch.no_grad(), sigint_deferred():
             for layer, original in self.saved.items():
                 linear_weight(self.model.get_submodule(self.spec.mlp_out_name(layer))).copy_(
                     original

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 
 from sphere_lightning.callbacks import (
@@ -26,6 +26,7 @@ from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.functional import hyperspherical_energy
 from sphere_lightning.module import EditingModule
 from tests.callbacks.test_transforms import EDITOR
+from tests.helpers import quiet_trainer
 
 LAYERS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 ALWAYS = 1e-12  # a max_abs_delta every real step exceeds: the alarm fires at every attempt
@@ -225,16 +226,7 @@ def fit(tiny_model_dir, requests, write_rome_json, tmp_path):
         data = EditDataModule(dataset=str(data_path), num_edits=num_edits, edits_per_step=2)
         module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir, fluency_prompts=0)
         logger = _ListLogger()
-        trainer = Trainer(
-            callbacks=callbacks,
-            max_epochs=1,
-            logger=logger,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=root,
-        )
+        trainer = quiet_trainer(callbacks, logger=logger, default_root_dir=root)
         trainer.fit(module, datamodule=data)
         return module, trainer, logger
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
 from sphere_lightning.callbacks import DeltaTransform, SphereProjectionCallback
 from sphere_lightning.cli import cli_main
@@ -15,6 +14,7 @@ from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.functional import project_delta
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
+from tests.helpers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 EDITOR = {
@@ -170,15 +170,7 @@ def _two_facts(write_rome_json, requests, tmp_path) -> EditDataModule:
 
 
 def _fit_module(module, data: EditDataModule, callbacks) -> None:
-    trainer = Trainer(
-        callbacks=callbacks,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(callbacks)
     trainer.fit(module, datamodule=data)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sphere_lightning.data import EditBatch, EditDataModule, load_builtin_facts
+from tests.helpers import quiet_trainer
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -131,7 +132,7 @@ def test_shared_counterfact(tmp_path: Path) -> None:
 
 
 def test_fit_loop_receives_edit_batches() -> None:
-    from lightning.pytorch import LightningModule, Trainer
+    from lightning.pytorch import LightningModule
 
     class Recorder(LightningModule):
         def __init__(self) -> None:
@@ -154,16 +155,7 @@ def test_fit_loop_receives_edit_batches() -> None:
 
     dm = EditDataModule(num_edits=12, edits_per_step=5, seed=2, eval_batch_size=8)
     model = Recorder()
-    trainer = Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer()
     trainer.fit(model, datamodule=dm)
     assert model.seen == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
     assert model.val_seen == [list(range(8)), [8, 9, 10, 11]]
