@@ -90,9 +90,14 @@ class EditingCLI(LightningCLI):
         self._fit_started = time.perf_counter()
         ckpt_path = self.config["fit"].get("ckpt_path")
         logger = self.trainer.logger
-        if ckpt_path and Path(ckpt_path).is_file() and hasattr(logger, "_kwargs"):
-            step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            logger._kwargs.setdefault("purge_step", int(step["global_step"]) + 1)
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            # Refuse a checkpoint of another model before anything is written into the run's
+            # folder (its config.yaml, a new TensorBoard events file).
+            self.model.configure_model()
+            self.model.check_checkpoint(checkpoint)
+            if hasattr(logger, "_kwargs"):
+                logger._kwargs.setdefault("purge_step", int(checkpoint["global_step"]) + 1)
 
     def after_fit(self) -> None:
         """Log final edit metrics at the last step if validation did not run there; summarise."""

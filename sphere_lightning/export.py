@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "must be the ones the run edited)",
     )
     args = parser.parse_args(argv)
-    with exit_on_user_error(CheckpointMismatchError):
+    with exit_on_user_error():
         ckpt = newest_checkpoint() if args.ckpt_path == "last" else Path(args.ckpt_path)
         out = export_checkpoint(
             ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, base_model=args.base_model

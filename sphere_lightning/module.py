@@ -29,8 +29,9 @@ EDIT_METRICS = ("efficacy", "generalization", "specificity")
 CHECKPOINT_FORMAT = 1
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not belong to this run's base model, editor or edited layers."""
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint (``--ckpt_path``) that does not belong to this run's base model, editor or
+    edited layers."""
 
 
 def base_model_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
@@ -437,21 +438,22 @@ class EditingModule(LightningModule):
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
 
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint belongs to this base model, editor and edited layers, then
-        restore the editor's state, the metrics and the RNG states (Lightning then loads the
-        edited parameters over the freshly loaded base model)."""
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` was written by a run on
+        this base model (fingerprint of the unedited weights), editor and edited layers. Needs
+        the model loaded (:meth:`configure_model`)."""
         meta = checkpoint.get("sphere_lightning")
         if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointMismatchError(
-                "The checkpoint was not written by this version of sphere_lightning (no "
+                "The checkpoint (`--ckpt_path`) was not written by this version of "
+                "sphere_lightning (no "
                 f"`sphere_lightning` entry of format {CHECKPOINT_FORMAT}); it cannot be resumed"
             )
         base = meta["base_model"]
         if base["fingerprint"] != self.base_fingerprint:
             raise CheckpointMismatchError(
-                f"The checkpoint edits base model {base['name']!r} ({base['dtype']}), but "
+                f"The checkpoint (`--ckpt_path`) edits base model {base['name']!r} "
+                f"({base['dtype']}), but "
                 f"`model.model` is {self.model_name!r} ({self.dtype_name}) and its weights differ "
                 f"(fingerprint {str(base['fingerprint'])[:12]}… vs "
                 f"{str(self.base_fingerprint)[:12]}…): resume on the base model the run "
@@ -460,16 +462,24 @@ class EditingModule(LightningModule):
         editor = self.editor_class_path
         if meta["editor"]["class_path"] != editor:
             raise CheckpointMismatchError(
-                f"The checkpoint was written by editor {meta['editor']['class_path']}, the "
-                f"config asks for {editor}"
+                "The checkpoint (`--ckpt_path`) was written by editor "
+                f"{meta['editor']['class_path']}, the config asks for {editor}"
             )
         names = self.edited_parameter_names
         stored = [key.removeprefix("model.") for key in checkpoint.get("state_dict", {})]
         if sorted(stored) != sorted(names):
             raise CheckpointMismatchError(
-                f"The checkpoint holds edited parameters {sorted(stored)}, but the config edits "
-                f"{sorted(names)} (`model.editor.init_args.layers`)"
+                f"The checkpoint (`--ckpt_path`) holds edited parameters {sorted(stored)}, but "
+                f"the config edits {sorted(names)} (`model.editor.init_args.layers`)"
             )
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint belongs to this base model, editor and edited layers, then
+        restore the editor's state, the metrics and the RNG states (Lightning then loads the
+        edited parameters over the freshly loaded base model)."""
+        self.check_checkpoint(checkpoint)
+        meta = checkpoint["sphere_lightning"]
         self.editor.load_state_dict(meta["editor_state"])
         # The model is still the base model here (Lightning loads the edited parameters after
         # this hook): rebuild the statistics-derived state from it, as the first run did.

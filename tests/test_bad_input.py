@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -605,3 +606,31 @@ def test_every_torch_load_is_weights_only():
 def test_user_errors_are_value_errors():
     assert issubclass(ConfigError, UserInputError) and issubclass(DataError, UserInputError)
     assert issubclass(UserInputError, ValueError)
+
+
+# ------------------------------------------------------------------ a checkpoint of another model
+
+
+def test_checkpoint_of_another_base_model(tmp_path, tiny_model_dir, make_tiny_model, run_main):
+    """Resuming on other base weights (the model folder was overwritten since the checkpoint)
+    is one paragraph naming `--ckpt_path`, before any weight or file changes."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    data = tmp_path / "facts.json"
+    data.write_text(records_json(*GOOD), encoding="utf-8")
+    args = fit_args(tmp_path, str(model_dir), data)
+    cli_main(args)
+    (checkpoint,) = (tmp_path / "logs").rglob("last.ckpt")
+    other = make_tiny_model("llama")
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    other.save_pretrained(model_dir)
+    before = files_in(tmp_path / "logs")
+    message = run_main(*args, f"--ckpt_path={checkpoint}")
+    assert re.search(
+        r"^The checkpoint \(`--ckpt_path`\) edits base model '.*model' \(float32\), but "
+        r"`model\.model` is .* and its weights differ .*: resume on the base model the run "
+        r"started from$",
+        message,
+    ), message
+    assert files_in(tmp_path / "logs") == before
