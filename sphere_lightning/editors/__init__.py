@@ -2,6 +2,8 @@
 
 from sphere_lightning.editors.alphaedit import AlphaEdit
 from sphere_lightning.editors.base import Editor, LocateThenEditEditor
+from sphere_lightning.editors.ft import FT
 from sphere_lightning.editors.memit import MEMIT
+from sphere_lightning.editors.rome import ROME
 
-__all__ = ["AlphaEdit", "Editor", "LocateThenEditEditor", "MEMIT"]
+__all__ = ["FT", "ROME", "AlphaEdit", "Editor", "LocateThenEditEditor", "MEMIT"]

@@ -296,9 +296,14 @@ class LocateThenEditEditor(Editor):
         )
         t = len(self.context_templates)
         return {
-            layer: average_over_templates(acts[name].view(len(requests), t, -1))
+            layer: self.average_templates(acts[name].view(len(requests), t, -1))
             for layer, name in zip(layers, names, strict=True)
         }
+
+    def average_templates(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys ``(n, t, d)`` read through ``t`` templates into ``(n, d)``; MEMIT's two-level
+        mean (:func:`average_over_templates`) unless an editor's reference averages otherwise."""
+        return average_over_templates(keys)
 
     transform_in_loop = True
 
