@@ -7,6 +7,8 @@ from sphere_lightning.callbacks.export import ExportCallback
 from sphere_lightning.callbacks.figures import CosineHeatmapCallback, MetricTrendsCallback
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
+from sphere_lightning.callbacks.prune import PruneCallback
+from sphere_lightning.callbacks.rect import RectCallback
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.callbacks.transform import DeltaTransform
 
@@ -20,6 +22,8 @@ __all__ = [
     "HEAlarmCallback",
     "HyperSphericalEnergyCallback",
     "MetricTrendsCallback",
+    "PruneCallback",
+    "RectCallback",
     "SphereProjectionCallback",
     "changes_since",
 ]
