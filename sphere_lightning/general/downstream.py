@@ -48,7 +48,11 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    """Whether the normalised prediction equals any normalised gold answer."""
+    """Whether the normalised prediction equals any normalised gold answer.
+
+    As in the SQuAD script, a gold answer that normalises to nothing (``"A+"``, an article and
+    punctuation) is matched by an empty prediction.
+    """
     normalized = normalize_answer(prediction)
     return any(normalized == normalize_answer(answer) for answer in answers)
 

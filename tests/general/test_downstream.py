@@ -133,6 +133,7 @@ def test_exact_match_against_any_gold_answer():
     assert not answer_exact_match("the Beatles and the Stones", golds)
     assert not answer_exact_match("", golds)
     assert answer_exact_match("May 18, 2018", ["May 18 , 2018"])  # punctuation, not spacing
+    assert answer_exact_match("", ["A+"])  # the SQuAD script's verdict: both normalise to ""
 
 
 def test_token_f1_by_hand_and_against_the_squad_script():
@@ -367,7 +368,8 @@ def test_boolq_predictions_equal_a_naive_per_option_loop(tmp_path, yes_no_tokeni
     task = get_task("boolq")
     examples = task.read(_write(tmp_path / "boolq.jsonl", records))
     assert all(len(tok(e.prompt)["input_ids"]) < 100 for e in examples)
-    naive = [_naive_option_logprobs(model, tok, e.prompt, task.options) for e in examples]
+    # [no, yes] written out: prediction 1 must mean "yes", the label of a true answer.
+    naive = [_naive_option_logprobs(model, tok, e.prompt, [" no", " yes"]) for e in examples]
     assert len({round(s[1] - s[0], 4) for s in naive}) == len(examples), "options must differ"
     expected = torch.tensor([max(range(2), key=s.__getitem__) for s in naive])
     for batch_size in (1, 2, 16):
