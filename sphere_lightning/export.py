@@ -113,13 +113,37 @@ def sphere_settings_from_config(path: str | Path) -> list[dict[str, Any]]:
     return settings
 
 
-def _run_config(log_dir: str | None, ckpt_path: Path) -> Path | None:
-    """The run's ``config.yaml``: in its log folder, or beside the ``checkpoints`` folder that
-    holds the checkpoint (a relative log folder may not resolve from here)."""
-    candidates = [Path(log_dir) / "config.yaml"] if log_dir else []
+def _run_file(log_dir: str | None, ckpt_path: Path, name: str) -> Path | None:
+    """The run's file ``name`` (``config.yaml``, ``summary.json``): in its log folder, or beside
+    the ``checkpoints`` folder that holds the checkpoint (a relative log folder may not resolve
+    from here)."""
+    candidates = [Path(log_dir) / name] if log_dir else []
     if ckpt_path.parent.name == "checkpoints":
-        candidates.append(ckpt_path.parent.parent / "config.yaml")
+        candidates.append(ckpt_path.parent.parent / name)
     return next((p for p in candidates if p.is_file()), None)
+
+
+def _final_metrics(checkpoint: Mapping[str, Any], ckpt_path: Path) -> dict[str, float]:
+    """The last lifelong edit metrics of the edits in ``checkpoint``. A checkpoint written
+    after the last batch precedes the run's final evaluation; the run's ``summary.json`` then
+    holds those metrics, taken when it describes the same step and the same number of edits."""
+    meta = checkpoint["sphere_lightning"]
+    final = dict(meta.get("final_edit_metrics") or {})
+    if final.get("num_evaluated") == meta["num_edited"]:
+        return final
+    path = _run_file(meta.get("log_dir"), ckpt_path, "summary.json")
+    if path is None:
+        return final
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        same = (summary["global_step"], summary["num_edited"]) == (
+            checkpoint["global_step"],
+            meta["num_edited"],
+        )
+        from_summary = dict(summary["edit"]["final"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return final
+    return from_summary if same and from_summary else final
 
 
 # -- the folder -------------------------------------------------------------------------------
@@ -396,7 +420,7 @@ def export_checkpoint(
     # LightningCLI adds its own entries (``_instantiator``…) to the saved init arguments.
     data_args = checkpoint["datamodule_hyper_parameters"].items()
     datamodule = EditDataModule(**{k: v for k, v in data_args if not k.startswith("_")})
-    config = _run_config(meta.get("log_dir"), ckpt_path)
+    config = _run_file(meta.get("log_dir"), ckpt_path, "config.yaml")
     run = EditedRun(
         base_model=meta["base_model"]["name"],
         run_dtype=meta["base_model"]["dtype"],
@@ -406,7 +430,7 @@ def export_checkpoint(
         sphere_source=None if config is None else str(config),
         requests=list(datamodule.requests[: meta["num_edited"]]),
         pre_edit_metrics=dict(meta.get("pre_edit_metrics") or {}),
-        final_edit_metrics=dict(meta.get("final_edit_metrics") or {}),
+        final_edit_metrics=_final_metrics(checkpoint, ckpt_path),
         source=f"checkpoint `{ckpt_path}`",
     )
     return write_export(model, tokenizer, run, out_dir, overwrite=overwrite)

@@ -252,6 +252,36 @@ trainer:
 
 
 @pytest.mark.parametrize(
+    ("summary_step", "expected"),
+    [(2, "| efficacy | 0.125 | 0.5 |"), (1, "| efficacy | 0.125 | — |")],
+)
+def test_model_card_takes_final_metrics_from_the_runs_summary_of_the_same_step(
+    summary_step, expected, tmp_path, base_dir, facts
+):
+    """``last.ckpt`` is written after the last batch, before the run's final evaluation: the
+    card then reads the final metrics from the run's summary.json, if it is of the same step."""
+    module, _ = _edited_module(base_dir("llama"))
+    log_dir = tmp_path / "logs" / "edit" / "version_0"
+    log_dir.mkdir(parents=True)
+    ckpt = _save_checkpoint(module, facts, tmp_path / "run.ckpt", log_dir=log_dir)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["global_step"] = 2
+    checkpoint["sphere_lightning"]["final_edit_metrics"] = {}  # not evaluated at step 2 yet
+    torch.save(checkpoint, ckpt)
+    summary = {
+        "global_step": summary_step,
+        "num_edited": 4,
+        "edit": {"final": {"num_evaluated": 4.0, "efficacy": 0.5, "specificity": 0.75}},
+    }
+    (log_dir / "summary.json").write_text(json.dumps(summary))
+
+    card = (export_checkpoint(ckpt, tmp_path / "export") / "README.md").read_text()
+
+    efficacy = next(line for line in card.splitlines() if line.startswith("| efficacy |"))
+    assert expected in efficacy
+
+
+@pytest.mark.parametrize(
     ("config", "expected"),
     [(None, "| SPHERE | unknown"), ("trainer: {callbacks: []}\n", "| SPHERE | none")],
 )
