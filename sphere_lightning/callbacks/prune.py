@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.sphere import short_name
@@ -81,8 +81,12 @@ class PruneCallback(DeltaTransform):
 
     def __init__(self, stage: TransformStage = "after_loop") -> None:
         super().__init__(stage)
-        # σ_max of each original weight; W₀ never changes, so computed once per layer.
+        # σ_max of each original weight; W₀ never changes during a fit, so computed once per layer.
         self._bounds: dict[str, float] = {}
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._bounds = {}  # a new fit may edit another model
 
     def bound(self, pl_module: LightningModule, name: str) -> float:
         """σ_max of the original weight of parameter ``name``."""

@@ -37,6 +37,8 @@ def rect_mask(delta: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.
             f"`delta` and `weight` must have one shape, got {tuple(delta.shape)} and "
             f"{tuple(weight.shape)}"
         )
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"`ratio` must be in (0, 1], got {ratio}")
     numel = delta.numel()
     k = math.floor(numel * (1 - Fraction(repr(float(ratio)))))
     if k < 1:

@@ -118,6 +118,17 @@ def test_prune_leaves_delta_untouched_below_the_bound():
     assert module.step_metrics["prune/num_rescaled/layer"] == 0.0
 
 
+def test_prune_reads_the_bound_of_each_fits_own_original_weight():
+    _, _, _, accumulated = _with_singular_values([8.0], (4, 6), seed=6)
+    callback = PruneCallback()
+    for sigma_max in (2.0, 4.0):  # the same callback over two models, one fit each
+        module = _Module(_with_singular_values([sigma_max], (4, 6), seed=7)[3])
+        callback.setup(None, module, "fit")
+        out = callback.transform_delta(NAME, accumulated, module)
+        expected = sigma_max + math.log(8.0 / sigma_max)
+        assert float(torch.linalg.matrix_norm(out, ord=2)) == pytest.approx(expected)
+
+
 def test_restrain_singular_values_is_continuous_and_logarithmic():
     sigma = torch.tensor([0.5, 2.0, 2.0 * math.e, 2.0 * math.e**3], dtype=torch.float64)
     got = restrain_singular_values(sigma, 2.0)
