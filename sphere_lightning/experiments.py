@@ -1,4 +1,4 @@
-"""SPHERE against the base editor: one command runs a config with and without SPHERE and compares.
+"""SPHERE against the base editors: one command runs configs with and without SPHERE and compares.
 
 ``python -m sphere_lightning.experiments --config configs/experiments/alphaedit.yaml
 --dataset ../shared/data/counterfact/counterfact-edit.json`` runs the config as given ("with
@@ -13,7 +13,14 @@ TensorBoard event files and ``summary.json`` and writes the comparison at every 
   ``summary.json``) and ``fit.log``, the output of each run;
 - ``table.md``, ``table.json``, ``figure.png``: the comparison.
 
-The runner only launches and reads runs; everything a run does is in its config.
+Several configs (``--config a.yaml b.yaml`` or ``--suite configs/experiments/suite.yaml``) run
+every pair, ``--parallel`` processes at a time; each pair's output goes to
+``<out>/<config name>/`` as above, and ``<out>/table.md`` and ``<out>/table.json`` hold one
+combined table, a row per editor and SPHERE setting, from the runs' ``summary.json``.
+
+A run with a ``summary.json`` is not run again; a run with a ``last.ckpt`` and no summary is
+resumed from it (``fit --ckpt_path``). The runner only launches and reads runs; everything a run
+does is in its config.
 """
 
 from __future__ import annotations
@@ -173,19 +180,36 @@ def write_run_config(config: dict[str, Any], path: Path, source: Path, note: str
 
 @dataclass
 class RunProcess:
-    """A ``fit`` subprocess of one run, its log file and its outcome."""
+    """A ``fit`` subprocess of one run, its log file and its outcome.
+
+    With ``ckpt_path`` the run continues from that checkpoint (``fit --ckpt_path``) and its log
+    is appended to; otherwise the log is started afresh. ``name`` is how the status line and the
+    messages call the run (default: the run's label).
+    """
 
     run: Run
     config: Path
     log: Path
+    ckpt_path: Path | None = None
+    name: str = ""
     process: subprocess.Popen | None = None
     log_handle: TextIO | None = None
     started: float = 0.0
     finished: float | None = None
     returncode: int | None = None
 
+    def __post_init__(self) -> None:
+        self.name = self.name or self.run.label
+
+    def command(self) -> list[str]:
+        """``python -m sphere_lightning fit --config <config> [--ckpt_path <checkpoint>]``."""
+        command = [sys.executable, "-m", "sphere_lightning", "fit", "--config", str(self.config)]
+        if self.ckpt_path is not None:
+            command += ["--ckpt_path", str(self.ckpt_path)]
+        return command
+
     def start(self, threads: int) -> None:
-        """Start ``python -m sphere_lightning fit --config <config>``, output to the log."""
+        """Start :meth:`command`, output to the log."""
         env = dict(os.environ)
         env.update(
             OMP_NUM_THREADS=str(threads),
@@ -194,10 +218,13 @@ class RunProcess:
             TOKENIZERS_PARALLELISM="false",
         )
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.log_handle = self.log.open("w")
+        self.log_handle = self.log.open("w" if self.ckpt_path is None else "a")
+        if self.ckpt_path is not None:
+            self.log_handle.write(f"\n=== resumed from {self.ckpt_path} ===\n")
+            self.log_handle.flush()
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sphere_lightning", "fit", "--config", str(self.config)],
+            self.command(),
             stdout=self.log_handle,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -235,19 +262,19 @@ class RunProcess:
     def status(self) -> str:
         """``<label>: <state> <elapsed> <progress>`` for the status line."""
         if self.process is None:
-            return f"{self.run.label}: waiting"
+            return f"{self.name}: waiting"
         end = self.finished if self.finished is not None else time.monotonic()
         elapsed = _clock(end - self.started)
         if self.returncode is None:
-            return f"{self.run.label}: {elapsed} {log_progress(self.log)}".rstrip()
+            return f"{self.name}: {elapsed} {log_progress(self.log)}".rstrip()
         state = "done" if self.returncode == 0 else f"FAILED (exit {self.returncode})"
-        return f"{self.run.label}: {state} after {elapsed}"
+        return f"{self.name}: {state} after {elapsed}"
 
     def failure_message(self, lines: int = 15) -> str:
         """Which run failed, where its log is, and the log's last lines."""
         tail = _log_tail(self.log).splitlines()[-lines:]
         return (
-            f"run '{self.run.label}' failed (exit code {self.returncode}); its log: {self.log}\n"
+            f"run '{self.name}' failed (exit code {self.returncode}); its log: {self.log}\n"
             + "\n".join(f"    {line}" for line in tail)
         )
 
@@ -324,27 +351,30 @@ class StatusLine:
             self._shown = False
 
 
-def run_all(processes: Sequence[RunProcess], threads: int, sequential: bool) -> None:
-    """Run the processes side by side (or one after another), with a status line; a failed run
-    is reported at once and the others carry on."""
+def run_all(processes: Sequence[RunProcess], threads: int, parallel: int = 2) -> None:
+    """Run the processes, at most ``parallel`` at a time in list order, with a status line; a
+    failed run is reported at once and the others carry on."""
+    if parallel < 1:
+        raise ValueError(f"`parallel` should be ≥ 1, got {parallel}")
     status = StatusLine()
     pending = list(processes)
     running: list[RunProcess] = []
     try:
         while pending or running:
-            while pending and (not sequential or not running):
+            while pending and len(running) < parallel:
                 process = pending.pop(0)
                 process.start(threads)
                 running.append(process)
-                status.message(f"started '{process.run.label}': log {process.log}")
+                how = f"resumed from {process.ckpt_path}" if process.ckpt_path else "started"
+                status.message(f"{how} '{process.name}': log {process.log}")
             for process in list(running):
                 if process.poll() is not None:
                     running.remove(process)
                     if process.failed:
                         status.message(process.failure_message())
                     else:
-                        status.message(f"finished '{process.run.label}'")
-            status.show("  |  ".join(p.status() for p in processes), force=False)
+                        status.message(f"finished '{process.name}'")
+            status.show(_status_text(processes, running), force=False)
             time.sleep(0.5)
     except KeyboardInterrupt:
         status.message("interrupted: stopping the runs")
@@ -353,6 +383,16 @@ def run_all(processes: Sequence[RunProcess], threads: int, sequential: bool) -> 
         raise
     finally:
         status.end()
+
+
+def _status_text(processes: Sequence[RunProcess], running: Sequence[RunProcess]) -> str:
+    """Every run's status for a pair; for more runs, the counts and the running ones."""
+    if len(processes) <= 2:
+        return "  |  ".join(p.status() for p in processes)
+    done = sum(p.returncode is not None for p in processes)
+    waiting = len(processes) - done - len(running)
+    counts = f"{done}/{len(processes)} ended, {waiting} waiting"
+    return "  |  ".join([counts, *(p.status() for p in running)])
 
 
 # ------------------------------------------------------------------------------- reading
@@ -615,6 +655,200 @@ def write_report(out: Path) -> tuple[Path, Path, Path]:
     return markdown, data, figure
 
 
+# ------------------------------------------------------------------------------- suite
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One base editor's comparison: its name (the config's file name), config and folder."""
+
+    name: str
+    config: Path
+    directory: Path
+
+
+@dataclass(frozen=True)
+class SuiteColumn:
+    """A column of the combined table: its key in ``table.json``, label and number format."""
+
+    key: str
+    label: str
+    fmt: str
+
+
+#: General-ability tasks whose accuracy change has a column, with their labels.
+SUITE_TASKS = {"sst2": "SST-2", "nli": "NLI", "boolq": "BoolQ"}
+SUITE_COLUMNS = (
+    SuiteColumn("num_edited", "edits", "d"),
+    SuiteColumn("efficacy", "efficacy", ".3f"),
+    SuiteColumn("generalization", "generalization", ".3f"),
+    SuiteColumn("specificity", "specificity", ".3f"),
+    SuiteColumn("fluency", "fluency", ".1f"),
+    *(
+        SuiteColumn(f"{task}_accuracy_change", f"{label} Δacc", "+.3f")
+        for task, label in SUITE_TASKS.items()
+    ),
+    SuiteColumn("drift_kl", "drift KL", ".4f"),
+    SuiteColumn("he_change", "HE change", ".4g"),
+    SuiteColumn("wall_seconds", "seconds", ".0f"),
+)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
+    """The combined table's values of one run, all read from its ``summary.json``.
+
+    Edit metrics are ``edit.final``; an accuracy change is ``general.<task>.final.accuracy``
+    minus its ``baseline``; drift KL is ``drift.kl``; HE change is the mean over the edited
+    layers of ``energy.<layer>.final − baseline``; seconds are ``wall_seconds``. A value the
+    run did not record is ``None``.
+    """
+    values: dict[str, float | int | None] = {}
+    num_edited = summary.get("num_edited")
+    values["num_edited"] = int(num_edited) if _number(num_edited) is not None else None
+    final = (summary.get("edit") or {}).get("final") or {}
+    for key in ("efficacy", "generalization", "specificity", "fluency"):
+        values[key] = _number(final.get(key))
+    general = summary.get("general") or {}
+    for task in SUITE_TASKS:
+        entry = general.get(task) or {}
+        after = _number((entry.get("final") or {}).get("accuracy"))
+        before = _number((entry.get("baseline") or {}).get("accuracy"))
+        change = None if after is None or before is None else after - before
+        values[f"{task}_accuracy_change"] = change
+    values["drift_kl"] = _number((summary.get("drift") or {}).get("kl"))
+    changes = [
+        final_value - base
+        for layer in (summary.get("energy") or {}).values()
+        if isinstance(layer, dict)
+        and (base := _number(layer.get("baseline"))) is not None
+        and (final_value := _number(layer.get("final"))) is not None
+    ]
+    values["he_change"] = sum(changes) / len(changes) if changes else None
+    values["wall_seconds"] = _number(summary.get("wall_seconds"))
+    return values
+
+
+def build_suite_table(pairs: Sequence[Pair]) -> dict[str, Any]:
+    """The combined table (the content of the suite's ``table.json``): one row per editor and
+    SPHERE setting, from each run's ``summary.json`` (values ``None`` where it has none)."""
+    rows = []
+    for pair in pairs:
+        for run in RUNS:
+            directory = pair.directory / run.name
+            summary_path = directory / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            rows.append(
+                {
+                    "editor": pair.name,
+                    "config": str(pair.config),
+                    "run": run.name,
+                    "label": run.label,
+                    "log_dir": str(directory),
+                    "finished": summary is not None,
+                    "values": summary_values(summary or {}),
+                }
+            )
+    return {"columns": [{"key": c.key, "label": c.label} for c in SUITE_COLUMNS], "rows": rows}
+
+
+def format_suite_markdown(table: dict[str, Any]) -> str:
+    """The suite's ``table.md``: one row per editor × {without, with SPHERE}."""
+    header = ["editor", "SPHERE", *(c.label for c in SUITE_COLUMNS)]
+    lines = [
+        "# Every base editor without and with SPHERE",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * len(SUITE_COLUMNS),
+    ]
+    for row in table["rows"]:
+        cells = [row["editor"], row["label"].split()[0]]
+        cells += [_cell(row["values"][c.key], c.fmt) for c in SUITE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    unfinished = [row for row in table["rows"] if not row["finished"]]
+    lines += [
+        "",
+        "Every value is the run's `summary.json`, after its last edit:",
+        "",
+        "- edits: facts written; efficacy, generalization, specificity, fluency: `edit.final`, "
+        "over all facts edited;",
+        "- Δacc: general-ability accuracy minus its value before the first edit;",
+        "- drift KL: KL(original ‖ edited) of next-token distributions on held-out text;",
+        "- HE change: mean over the edited layers of HE minus HE before editing;",
+        "- seconds: `wall_seconds` of the run's last `fit` process (a resumed run counts from its "
+        "resume);",
+        f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",
+    ]
+    if unfinished:
+        lines += ["", "No `summary.json` (still running, failed or stopped):", ""]
+        lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
+    return "\n".join(lines) + "\n"
+
+
+def write_suite_report(out: Path, pairs: Sequence[Pair]) -> tuple[Path, Path]:
+    """Write the combined ``table.md`` and ``table.json`` into ``out``; returns their paths."""
+    table = build_suite_table(pairs)
+    markdown, data = out / "table.md", out / "table.json"
+    markdown.write_text(format_suite_markdown(table))
+    data.write_text(json.dumps(table, indent=2))
+    return markdown, data
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """``<run_dir>/checkpoints/last.ckpt`` if the run wrote one (``ModelCheckpoint(save_last)``
+    under the run's TensorBoard folder), else ``None``."""
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def _set_aside(run_dir: Path) -> Path:
+    """Rename an unfinished run's folder without a checkpoint, so that the run starts afresh
+    without mixing two runs' events; returns the new name."""
+    index = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.incomplete-{index}")).exists():
+        index += 1
+    run_dir.rename(aside)
+    return aside
+
+
+def plan_pair(
+    pair: Pair,
+    config: dict[str, Any],
+    dataset: str,
+    num_edits: int | None,
+    report: Any = print,
+) -> list[RunProcess]:
+    """Write the pair's two run configs and return the runs still to do.
+
+    A run with a ``summary.json`` has finished and is skipped; one with a ``last.ckpt`` and no
+    summary is resumed from it; one with a folder but neither is set aside
+    (``<run>.incomplete-<n>``) and started again.
+    """
+    pair.directory.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for run in RUNS:
+        run_dir = pair.directory / run.name
+        name = f"{pair.name} {run.label}"
+        if (run_dir / "summary.json").is_file():  # its run config stays as it ran
+            report(f"skipping '{name}': finished ({run_dir / 'summary.json'})")
+            continue
+        derived = run_config(config, dataset, pair.directory, run, num_edits)
+        note = "the config as given"
+        if run is WITHOUT_SPHERE:
+            derived, note = without_sphere(derived), "every SphereProjectionCallback removed"
+        path = pair.directory / f"{run.name}.yaml"
+        write_run_config(derived, path, pair.config, note)
+        checkpoint = last_checkpoint(run_dir)
+        if checkpoint is None and run_dir.exists():
+            report(f"'{name}' stopped before its first checkpoint: {run_dir} moved to "
+                   f"{_set_aside(run_dir)}")  # fmt: skip
+        processes.append(RunProcess(run, path, run_dir / "fit.log", checkpoint, name))
+    return processes
+
+
 # ------------------------------------------------------------------------------- command
 
 
@@ -623,21 +857,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sphere_lightning.experiments",
         description=(
-            "Run an edit config with SPHERE (as given) and without it (every "
-            "SphereProjectionCallback removed) as two `python -m sphere_lightning fit` "
-            "processes, then write table.md, table.json and figure.png comparing them at every "
-            "evaluation step."
+            "Run each edit config with SPHERE (as given) and without it (every "
+            "SphereProjectionCallback removed) as `python -m sphere_lightning fit` processes, "
+            "then write table.md, table.json and figure.png comparing each pair at every "
+            "evaluation step and, for several configs, one combined table of every editor "
+            "without and with SPHERE. Finished runs are skipped; a run with a last.ckpt and "
+            "no summary.json is resumed from it."
         ),
     )
     parser.add_argument(
         "--config",
         type=Path,
-        help="run config with at least one SphereProjectionCallback, e.g. "
-        "configs/experiments/alphaedit.yaml (required unless --report-only with --out)",
+        nargs="+",
+        action="extend",
+        help="run config(s) with at least one SphereProjectionCallback, one per base editor, "
+        "e.g. configs/experiments/alphaedit.yaml (required unless --suite, or --report-only "
+        "with --out)",
+    )
+    parser.add_argument(
+        "--suite",
+        type=Path,
+        help="YAML file listing the configs (`configs: [...]`, relative to the file), e.g. "
+        "configs/experiments/suite.yaml; runs them after any --config",
     )
     parser.add_argument(
         "--dataset",
-        help="edit data for both runs (data.dataset), e.g. "
+        help="edit data for every run (data.dataset), e.g. "
         "../shared/data/counterfact/counterfact-edit.json (required unless --report-only)",
     )
     parser.add_argument(
@@ -648,8 +893,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         type=Path,
-        help="folder for both runs, their configs and logs, and the report; it must not hold "
-        "runs already (default: logs/experiments/<config name>)",
+        help="folder for the runs, their configs and logs, and the report (default: "
+        "logs/experiments/<config name> for one config, logs/experiments/<suite name> for a "
+        "suite, logs/experiments/suite for several configs); with several configs each pair "
+        "goes to <out>/<config name>",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="fit processes at a time (default: 2)",
     )
     parser.add_argument(
         "--threads",
@@ -660,12 +913,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sequential",
         action="store_true",
-        help="run without SPHERE first, then with SPHERE (default: both at once)",
+        help="one process at a time, without SPHERE first (the same as --parallel 1)",
     )
     parser.add_argument(
         "--report-only",
         action="store_true",
-        help="only (re)write the report from the runs already under --out (finished or not)",
+        help="only (re)write the reports from the runs already under --out (finished or not)",
     )
     return parser
 
@@ -677,91 +930,119 @@ def _prepare_model(config: dict[str, Any]) -> None:
     resolve_model_path(str((config.get("model") or {}).get("model", "smollm2-135m")))
 
 
-def _existing_runs(out: Path) -> list[Path]:
-    return [
-        out / run.name
-        for run in RUNS
-        if (out / run.name / "summary.json").exists()
-        or any((out / run.name).rglob("events.out.tfevents*"))
-    ]
+def read_suite(path: Path) -> list[Path]:
+    """The configs a suite file lists (``configs: [...]``), relative to the file's folder."""
+    content = yaml.safe_load(path.read_text()) or {}
+    configs = content.get("configs") if isinstance(content, dict) else None
+    if not isinstance(configs, list) or not configs:
+        raise ValueError(f"--suite {path}: expected `configs:` with a list of config files")
+    return [path.parent / str(entry) for entry in configs]
+
+
+def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pair]:
+    """The pairs to run or report, and ``args.out`` filled in."""
+    configs = list(args.config or [])
+    if args.suite is not None:
+        if not args.suite.is_file():
+            parser.error(f"--suite {args.suite}: no such file")
+        try:
+            configs += read_suite(args.suite)
+        except ValueError as error:
+            parser.error(str(error))
+    single = len(configs) <= 1 and args.suite is None
+    if args.out is None:
+        if not configs:
+            parser.error("--config, --suite or --out is required")
+        name = configs[0].stem if single else args.suite.stem if args.suite else "suite"
+        args.out = Path("logs") / "experiments" / name
+    if not configs:  # --report-only on an existing --out
+        if any((args.out / run.name).is_dir() for run in RUNS):
+            return [Pair(args.out.name, args.out, args.out)]
+        found = sorted(
+            d for d in args.out.glob("*") if any((d / run.name).is_dir() for run in RUNS)
+        )
+        return [Pair(d.name, d, d) for d in found]
+    names = [config.stem for config in configs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        parser.error(f"--config/--suite name {', '.join(repeated)} twice: one config per name")
+    if single:
+        return [Pair(configs[0].stem, configs[0], args.out)]
+    return [Pair(config.stem, config, args.out / config.stem) for config in configs]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the comparison (or only its report); returns the exit code."""
+    """Run the comparisons (or only their reports); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.out is None:
-        if args.config is None:
-            parser.error("--config or --out is required")
-        args.out = Path("logs") / "experiments" / args.config.stem
+    pairs = _pairs(parser, args)
+    suite = len(pairs) > 1 or args.suite is not None
     if args.report_only:
-        if not any((args.out / run.name).is_dir() for run in RUNS):
+        if not pairs or not any((p.directory / r.name).is_dir() for p in pairs for r in RUNS):
             parser.error(
                 f"--report-only: no runs under --out {args.out} "
                 f"(expected {' and '.join(run.name + '/' for run in RUNS)})"
             )
-        return _report(args.out)
+        return _report(args.out, pairs, suite)
 
-    if args.config is None:
-        parser.error("--config is required")
     if args.dataset is None:
         parser.error(
             "--dataset is required (e.g. ../shared/data/counterfact/counterfact-edit.json)"
         )
-    if args.threads < 1:
-        parser.error(f"--threads should be ≥ 1, got {args.threads}")
+    for flag, value in (("--threads", args.threads), ("--parallel", args.parallel)):
+        if value < 1:
+            parser.error(f"{flag} should be ≥ 1, got {value}")
     if args.num_edits is not None and args.num_edits < 1:
         parser.error(f"--num-edits should be ≥ 1, got {args.num_edits}")
-    if not args.config.is_file():
-        parser.error(f"--config {args.config}: no such file")
-    config = yaml.safe_load(args.config.read_text()) or {}
-    if count_sphere_callbacks(config) == 0:
-        parser.error(
-            f"--config {args.config} has no {SPHERE_CALLBACK} in trainer.callbacks: "
-            "nothing to compare"
-        )
-    existing = _existing_runs(args.out)
-    if existing:
-        parser.error(
-            f"--out {args.out} already holds run(s) {', '.join(map(str, existing))}: choose "
-            "another --out, delete them, or use --report-only"
-        )
+    configs = {}
+    for pair in pairs:
+        if not pair.config.is_file():
+            parser.error(f"--config {pair.config}: no such file")
+        configs[pair.name] = yaml.safe_load(pair.config.read_text()) or {}
+        if count_sphere_callbacks(configs[pair.name]) == 0:
+            parser.error(
+                f"--config {pair.config} has no {SPHERE_CALLBACK} in trainer.callbacks: "
+                "nothing to compare"
+            )
 
     args.out.mkdir(parents=True, exist_ok=True)
     processes = []
-    for run in RUNS:
-        derived = run_config(config, args.dataset, args.out, run, args.num_edits)
-        note = "the config as given"
-        if run is WITHOUT_SPHERE:
-            derived, note = without_sphere(derived), "every SphereProjectionCallback removed"
-        path = args.out / f"{run.name}.yaml"
-        write_run_config(derived, path, args.config, note)
-        processes.append(RunProcess(run, path, args.out / run.name / "fit.log"))
+    for pair in pairs:
+        processes += plan_pair(pair, configs[pair.name], args.dataset, args.num_edits)
+    models = {str((c.get("model") or {}).get("model")): c for c in configs.values()}
     try:
-        _prepare_model(config)
-    except Exception as error:  # the runs would fail the same way, twice
-        print(f"error: cannot load model.model of {args.config}: {error}", file=sys.stderr)
+        for config in models.values():
+            if processes:
+                _prepare_model(config)
+    except Exception as error:  # every run would fail the same way
+        print(f"error: cannot load model.model: {error}", file=sys.stderr)
         return 1
     try:
-        run_all(processes, args.threads, args.sequential)
+        run_all(processes, args.threads, 1 if args.sequential else args.parallel)
     except KeyboardInterrupt:
         print(f"interrupted; logs under {args.out}", file=sys.stderr)
         return 130
-    code = _report(args.out)
+    code = _report(args.out, pairs, suite)
     failed = [p for p in processes if p.failed]
     for process in failed:
         print(
-            f"error: run '{process.run.label}' failed (exit code {process.returncode}); "
+            f"error: run '{process.name}' failed (exit code {process.returncode}); "
             f"its log: {process.log}",
             file=sys.stderr,
         )
     return 1 if failed else code
 
 
-def _report(out: Path) -> int:
-    markdown, data, figure = write_report(out)
-    print(markdown.read_text())
-    print(f"Wrote {markdown}, {data} and {figure}")
+def _report(out: Path, pairs: Sequence[Pair], suite: bool) -> int:
+    for pair in pairs:
+        markdown, data, figure = write_report(pair.directory)
+        if not suite:
+            print(markdown.read_text())
+        print(f"Wrote {markdown}, {data} and {figure}")
+    if suite:
+        markdown, data = write_suite_report(out, pairs)
+        print(markdown.read_text())
+        print(f"Wrote {markdown} and {data}")
     return 0
 
 

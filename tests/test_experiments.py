@@ -1,4 +1,5 @@
-"""The with/without-SPHERE runner: config derivation, the report from event files, end to end."""
+"""The with/without-SPHERE runner: config derivation, the report from event files, the combined
+table of several editors, skipping and resuming runs, end to end."""
 
 from __future__ import annotations
 
@@ -26,15 +27,52 @@ from sphere_lightning.experiments import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENT_CONFIGS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+SUITE = ROOT / "configs" / "experiments" / "suite.yaml"
+EXPERIMENT_CONFIGS = sorted(p for p in SUITE.parent.glob("*.yaml") if p != SUITE)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
 
 
 # ------------------------------------------------------------------------------- configs
 
 
 def test_there_are_experiment_configs():
-    assert [p.name for p in EXPERIMENT_CONFIGS] == ["alphaedit.yaml", "memit.yaml"]
+    names = ["alphaedit.yaml", "ft.yaml", "memit.yaml", "prune.yaml", "rect.yaml"]
+    assert [p.name for p in EXPERIMENT_CONFIGS] == names
+    assert sorted(p.name for p in experiments.read_suite(SUITE)) == names
+
+
+def _callback(config, name):
+    (entry,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(name)]
+    return entry.get("init_args", {})
+
+
+@pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
+def test_experiment_configs_follow_the_paper(path):
+    config = yaml.safe_load(path.read_text())
+    sphere = _callback(config, "SphereProjectionCallback")
+    assert sphere["cumulative_ratio"] == 0.5
+    assert sphere["suppression"] == (0.5 if path.stem == "alphaedit" else 0.8)
+    general = _callback(config, "GeneralAbilityCallback")
+    assert set(general["tasks"]) == {"sst2", "nli", "boolq"}
+    assert general["tasks"]["boolq"]["limit"] == 100
+    assert general["every_n_steps"] == 5
+    assert config["data"]["edits_per_step"] == 100
+    assert config["data"]["num_edits"] == (2000 if path.stem == "alphaedit" else 1000)
+    assert _callback(config, "ModelCheckpoint")["every_n_train_steps"] == 5
+    editor = config["model"]["editor"]["class_path"].rsplit(".", 1)[-1]
+    assert editor == {"ft": "FT", "alphaedit": "AlphaEdit"}.get(path.stem, "MEMIT")
+    # PRUNE and RECT transform MEMIT's batch update before SPHERE projects it, as the official
+    # code composes them; the run without SPHERE keeps the transform.
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+    transform = {"prune": "PruneCallback", "rect": "RectCallback"}.get(path.stem)
+    if transform:
+        assert classes.index(transform) == classes.index("SphereProjectionCallback") - 1
+        assert sphere["reference"] == ("original" if path.stem == "prune" else "current")
+        kept = [c["class_path"] for c in without_sphere(config)["trainer"]["callbacks"]]
+        assert any(c.endswith(transform) for c in kept)
+    else:
+        assert not {"PruneCallback", "RectCallback"} & set(classes)
 
 
 @pytest.mark.parametrize("path", EXPERIMENT_CONFIGS, ids=lambda p: p.stem)
@@ -275,14 +313,111 @@ def test_a_config_without_sphere_is_refused(tmp_path, capsys):
     assert "nothing to compare" in capsys.readouterr().err
 
 
-def test_existing_runs_are_not_overwritten(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
-    _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
-    args = ["--config", str(EXPERIMENT_CONFIGS[0]), "--dataset", "x.json", "--out", str(out)]
+def test_plan_skips_finished_resumes_checkpointed_and_restarts_bare_runs(tmp_path):
+    config = yaml.safe_load(EXPERIMENT_CONFIGS[0].read_text())
+    pair = experiments.Pair("alphaedit", EXPERIMENT_CONFIGS[0], tmp_path / "alphaedit")
+    messages: list[str] = []
+
+    def plan():
+        messages.clear()
+        return experiments.plan_pair(pair, config, "x.json", None, report=messages.append)
+
+    # Nothing there yet: both runs start from scratch.
+    assert [(p.run, p.ckpt_path) for p in plan()] == [(WITHOUT_SPHERE, None), (WITH_SPHERE, None)]
+
+    # Without SPHERE finished; with SPHERE was killed after a checkpoint.
+    without_dir, with_dir = (pair.directory / run.name for run in RUNS_ORDER)
+    without_dir.mkdir()
+    (without_dir / "summary.json").write_text("{}")
+    (without_dir / "without_sphere_marker").write_text("")
+    checkpoint = with_dir / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"ckpt")
+    (processes,) = [plan()]
+    assert [(p.run, p.ckpt_path) for p in processes] == [(WITH_SPHERE, checkpoint)]
+    assert processes[0].command()[-2:] == ["--ckpt_path", str(checkpoint)]
+    assert processes[0].name == "alphaedit with SPHERE"
+    assert any("skipping 'alphaedit without SPHERE'" in m for m in messages)
+
+    # Killed before its first checkpoint: the folder is set aside and the run starts again.
+    checkpoint.unlink()
+    (with_dir / "fit.log").write_text("old")
+    (processes,) = [plan()]
+    assert [(p.run, p.ckpt_path) for p in processes] == [(WITH_SPHERE, None)]
+    assert not with_dir.exists()
+    assert (pair.directory / "with_sphere.incomplete-1" / "fit.log").read_text() == "old"
+    with_dir.mkdir()
+    plan()
+    assert (pair.directory / "with_sphere.incomplete-2").is_dir()
+    assert (without_dir / "without_sphere_marker").exists(), "a finished run is left alone"
+
+
+def test_suite_table_takes_every_value_from_summary_json(tmp_path):
+    summary = {
+        "num_edited": 300,
+        "global_step": 3,
+        "edit": {
+            "final": {
+                "efficacy": 0.75,
+                "generalization": 0.5,
+                "specificity": 0.625,
+                "fluency": 480.25,
+            }
+        },  # fmt: skip
+        "general": {
+            "sst2": {"baseline": {"accuracy": 0.5}, "final": {"accuracy": 0.375}},
+            "nli": {"baseline": {"accuracy": 0.25}, "final": {"accuracy": 0.5}},
+            "boolq": {"baseline": {"accuracy": 0.625}, "final": {"accuracy": 0.625}},
+        },
+        "drift": {"kl": 0.0625, "perplexity": 9.0},
+        "energy": {"a": {"baseline": 10.0, "final": 12.0}, "b": {"baseline": 5.0, "final": 9.0}},
+        "wall_seconds": 1234.4,
+    }
+    pairs = [experiments.Pair(name, Path(f"{name}.yaml"), tmp_path / name) for name in "xy"]
+    (tmp_path / "x" / "with_sphere").mkdir(parents=True)
+    (tmp_path / "x" / "with_sphere" / "summary.json").write_text(json.dumps(summary))
+
+    markdown, data = experiments.write_suite_report(tmp_path, pairs)
+
+    table = json.loads(data.read_text())
+    assert [(r["editor"], r["run"], r["finished"]) for r in table["rows"]] == [
+        ("x", "without_sphere", False), ("x", "with_sphere", True),
+        ("y", "without_sphere", False), ("y", "with_sphere", False),
+    ]  # fmt: skip
+    assert table["rows"][1]["values"] == {
+        "num_edited": 300,
+        "efficacy": 0.75,
+        "generalization": 0.5,
+        "specificity": 0.625,
+        "fluency": 480.25,
+        "sst2_accuracy_change": -0.125,
+        "nli_accuracy_change": 0.25,
+        "boolq_accuracy_change": 0.0,
+        "drift_kl": 0.0625,
+        "he_change": 3.0,  # mean of 2 and 4
+        "wall_seconds": 1234.4,
+    }
+    assert set(table["rows"][0]["values"].values()) == {None}
+    rows = _markdown_rows(markdown.read_text())
+    assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
+                       "+0.250", "+0.000", "0.0625", "3", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 11
+    assert "y with SPHERE: `" in markdown.read_text()
+
+
+def test_two_configs_of_one_name_are_refused(tmp_path, capsys):
+    other = tmp_path / "memit.yaml"
+    other.write_text("{}")
+    memit = ROOT / "configs" / "experiments" / "memit.yaml"
     with pytest.raises(SystemExit):
-        main(args)
-    assert "already holds run(s)" in capsys.readouterr().err
-    assert not (out / "without_sphere.yaml").exists()
+        main(["--config", str(memit), str(other), "--dataset", "x.json"])
+    assert "name memit twice" in capsys.readouterr().err
+
+
+def test_parallel_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["--suite", str(SUITE), "--dataset", "x.json", "--parallel", "0"])
+    assert "--parallel should be ≥ 1, got 0" in capsys.readouterr().err
 
 
 def test_help_documents_every_flag(capsys):
@@ -291,8 +426,8 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for action in experiments.build_parser()._actions:
         assert action.help, f"{action.option_strings} has no help"
-    for flag in ("--config", "--dataset", "--num-edits", "--out", "--threads", "--sequential",
-                 "--report-only"):  # fmt: skip
+    for flag in ("--config", "--suite", "--dataset", "--num-edits", "--out", "--parallel",
+                 "--threads", "--sequential", "--report-only"):  # fmt: skip
         assert flag in text
 
 
@@ -312,8 +447,19 @@ def test_status_shows_the_batch_count_and_what_the_run_does_now(tmp_path):
 # ------------------------------------------------------------------------------- end to end
 
 
-def _tiny_experiment(tmp_path: Path, model_dir: str, requests) -> tuple[Path, Path]:
-    """The AlphaEdit experiment config scaled down to the tiny model, and a fact file."""
+#: Editor settings that scale each experiment config down to the tiny model.
+TINY_EDITORS = {
+    "alphaedit": dict(layers=[1, 2], v_num_steps=4, num_context_templates=1,
+                      context_template_length=4, stats_num_samples=8, stats_max_length=12,
+                      nullspace_threshold=1e9),
+    "ft": dict(layers=[1], num_steps=3, batch_size=4),
+}  # fmt: skip
+
+
+def _tiny_experiment(
+    tmp_path: Path, model_dir: str, requests, name: str = "alphaedit"
+) -> tuple[Path, Path]:
+    """The experiment config ``name`` scaled down to the tiny model, and a fact file."""
     facts = tmp_path / "facts.json"  # the EasyEdit CounterFact layout, as the shared data
     records = [
         {
@@ -330,16 +476,21 @@ def _tiny_experiment(tmp_path: Path, model_dir: str, requests) -> tuple[Path, Pa
     ]
     facts.write_text(json.dumps(records))
     general = tmp_path / "general"
-    general.mkdir()
     sst2 = [{"sentence": f"the film is {w}", "label": i % 2, "idx": i} for i, w in enumerate("ab")]
     nli = [
         {"index": i, "sentence1": "The city is big .", "sentence2": s, "label": label}
         for i, (s, label) in enumerate([("It is big .", "entailment"), ("No .", "not_entailment")])
     ]
-    for name, rows in (("sst2", sst2), ("nli", nli)):
-        (general / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    boolq = [
+        {"question": "is the city big", "passage": "The city is big .", "answer": answer}
+        for answer in (True, False)
+    ]
+    for task, rows in (("sst2", sst2), ("nli", nli), ("boolq", boolq)):
+        general.mkdir(exist_ok=True)
+        if not (general / f"{task}.jsonl").exists():
+            (general / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    config = yaml.safe_load((ROOT / "configs" / "experiments" / "alphaedit.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "experiments" / f"{name}.yaml").read_text())
     config["trainer"].update(val_check_interval=1, enable_model_summary=False)
     for callback in config["trainer"]["callbacks"]:
         args = callback.get("init_args", {})
@@ -347,18 +498,12 @@ def _tiny_experiment(tmp_path: Path, model_dir: str, requests) -> tuple[Path, Pa
             args.update(data_dir=str(general), limit=2, every_n_steps=1)
         elif callback["class_path"].endswith("DriftCallback"):
             args.update(num_texts=2, max_length=8, every_n_steps=1)
+        elif callback["class_path"].endswith("ModelCheckpoint"):  # keep every step's checkpoint
+            args.update(every_n_train_steps=1, save_top_k=-1)
     config["model"].update(model=model_dir, fluency_prompts=1, fluency_max_new_tokens=3)
-    config["model"]["editor"]["init_args"].update(
-        layers=[1, 2],
-        v_num_steps=4,
-        num_context_templates=1,
-        context_template_length=4,
-        stats_num_samples=8,
-        stats_max_length=12,
-        nullspace_threshold=1e9,
-    )
+    config["model"]["editor"]["init_args"].update(TINY_EDITORS[name])
     config["data"]["edits_per_step"] = 2
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / ("tiny.yaml" if name == "alphaedit" else f"{name}.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path, facts
 
@@ -401,3 +546,90 @@ def test_runner_runs_both_and_writes_the_report(tmp_path, tiny_model_dir, reques
             }
     assert (out / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "| 4 |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
+    tmp_path, tiny_model_dir, requests, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    alphaedit, facts = _tiny_experiment(tmp_path, tiny_model_dir, requests, "alphaedit")
+    ft, _ = _tiny_experiment(tmp_path, tiny_model_dir, requests, "ft")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"configs": [ft.name, alphaedit.name]}))
+    out = tmp_path / "out"
+    args = ["--suite", str(suite), "--dataset", str(facts), "--num-edits", "4", "--out", str(out)]
+    pairs = {"ft": out / "ft", "tiny": out / "tiny"}
+
+    def summaries():
+        return {
+            (name, run.name): json.loads((folder / run.name / "summary.json").read_text())
+            for name, folder in pairs.items()
+            for run in RUNS_ORDER
+        }
+
+    def check_table():
+        table = json.loads((out / "table.json").read_text())
+        expected = summaries()
+        assert [(r["editor"], r["run"]) for r in table["rows"]] == list(expected)
+        for row in table["rows"]:
+            summary = expected[row["editor"], row["run"]]
+            values = row["values"]
+            assert values["num_edited"] == summary["num_edited"] == 4
+            for key in ("efficacy", "generalization", "specificity", "fluency"):
+                assert values[key] == summary["edit"]["final"][key]
+            for task in ("sst2", "nli", "boolq"):
+                accuracy = {
+                    k: summary["general"][task][k]["accuracy"] for k in ("baseline", "final")
+                }
+                assert values[f"{task}_accuracy_change"] == accuracy["final"] - accuracy["baseline"]
+            assert values["drift_kl"] == summary["drift"]["kl"]
+            he = [e["final"] - e["baseline"] for e in summary["energy"].values()]
+            assert values["he_change"] == pytest.approx(sum(he) / len(he), rel=1e-12)
+            assert values["wall_seconds"] == summary["wall_seconds"]
+        assert len(_markdown_rows((out / "table.md").read_text())) == 4
+
+    code = main([*args, "--parallel", "2"])
+
+    logs = {(n, r.name): pairs[n] / r.name / "fit.log" for n in pairs for r in RUNS_ORDER}
+    assert code == 0, {k: v.read_text()[-2000:] for k, v in logs.items()}
+    check_table()
+    for folder in pairs.values():  # each pair's own report is still written
+        assert (folder / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
+        assert [r["edits"] for r in json.loads((folder / "table.json").read_text())["rows"]] == [
+            0, 2, 4,
+        ]  # fmt: skip
+    given = yaml.safe_load((pairs["ft"] / "with_sphere.yaml").read_text())
+    assert given["model"]["editor"]["class_path"] == "sphere_lightning.editors.FT"
+    assert experiments.count_sphere_callbacks(given) == 1
+
+    # Everything finished: nothing is run again.
+    before = {k: (v.stat().st_mtime_ns, v.read_text()) for k, v in logs.items()}
+    started = []
+    monkeypatch.setattr(experiments.RunProcess, "start", lambda self, threads: started.append(self))
+    assert main(args) == 0
+    assert started == []
+    assert {k: (v.stat().st_mtime_ns, v.read_text()) for k, v in logs.items()} == before
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+
+    # AlphaEdit with SPHERE "killed" after its first batch: no summary, the step-1 checkpoint as
+    # its last one. It alone is resumed from that checkpoint and finishes the remaining batch.
+    killed = pairs["tiny"] / "with_sphere"
+    first = json.loads((killed / "summary.json").read_text())
+    (killed / "summary.json").unlink()
+    (step_1,) = (killed / "checkpoints").glob("*step=1*.ckpt")
+    (killed / "checkpoints" / "last.ckpt").write_bytes(step_1.read_bytes())
+    untouched = {k: v for k, v in before.items() if k != ("tiny", "with_sphere")}
+
+    assert main(args) == 0
+
+    log = logs["tiny", "with_sphere"].read_text()
+    assert log.startswith(before["tiny", "with_sphere"][1]), "the log is appended to"
+    assert "Restoring states from the checkpoint path" in log
+    assert {
+        k: (v.stat().st_mtime_ns, v.read_text()) for k, v in logs.items() if k in untouched
+    } == (untouched)
+    resumed = json.loads((killed / "summary.json").read_text())
+    assert resumed["global_step"] == first["global_step"] == 2
+    check_table()
