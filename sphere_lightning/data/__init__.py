@@ -1,4 +1,5 @@
-"""Edit requests, data set readers, the built-in fact set and the edit data module.
+"""Edit requests, the registry of record layouts, data set readers, the built-in fact set and
+the edit data module.
 
 The data module (and with it Lightning) is imported lazily, so reading data sets does not pay
 for importing Lightning.
@@ -10,6 +11,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from sphere_lightning.data.builtin import builtin_relations, load_builtin_facts
+from sphere_lightning.data.formats import FORMAT_REGISTRY, RecordFormat
 from sphere_lightning.data.readers import (
     FORMATS,
     MalformedRecordError,
@@ -37,11 +39,13 @@ _LAZY = {"EditDataModule", "EditRequestDataset", "collate_edit_batch"}
 
 __all__ = [
     "FORMATS",
+    "FORMAT_REGISTRY",
     "EditBatch",
     "EditDataModule",
     "EditRequest",
     "EditRequestDataset",
     "MalformedRecordError",
+    "RecordFormat",
     "builtin_relations",
     "collate_edit_batch",
     "load_builtin_facts",

@@ -17,7 +17,7 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-from sphere_lightning.data.readers import parse_records
+from sphere_lightning.data.formats import parse_records
 from sphere_lightning.data.requests import EditRequest
 
 BUILTIN_FACTS_FILE = "builtin_facts.json"
