@@ -158,7 +158,40 @@ REFERENCE = {
 EDITORS = {
     "alphaedit": {"class": "AlphaEdit", "suppression": 0.5, "stage": "in_loop"},
     "memit": {"class": "MEMIT", "suppression": 0.8, "stage": "after_loop"},
+    # --alg_name=MEMIT_prune / MEMIT_rect read hparams/MEMIT/<model>.json (evaluate.py); PRUNE
+    # prunes, then projects with the unedited W (evaluate.py), RECT keeps k_percent = 40 of the
+    # entries, then projects with the live W (memit/memit_rect_main.py); both after the loop.
+    "prune": {
+        "class": "MEMIT",
+        "suppression": 0.8,
+        "stage": "after_loop",
+        "reference": "original",
+        "transform": ("PruneCallback", {"stage": "after_loop"}),
+    },
+    "rect": {
+        "class": "MEMIT",
+        "suppression": 0.8,
+        "stage": "after_loop",
+        "transform": ("RectCallback", {"ratio": 0.4, "stage": "after_loop"}),
+    },
 }
+# hparams/ROME/<model>.json. Every file: v_lr 0.5, clamp 4, KL 0.0625, fact_token subject_last,
+# context_template_length_params [[5, 10], [10, 10]] (20 generated templates).
+ROME_REFERENCE = {
+    "llama3-8b": {"layers": [5], "v_num_steps": 25, "v_weight_decay": 1e-3, "mom2": False},
+    "qwen2.5-7b": {"layers": [5], "v_num_steps": 25, "v_weight_decay": 1e-3, "mom2": False},
+    "gpt-j-6b": {"layers": [5], "v_num_steps": 20, "v_weight_decay": 0.5, "mom2": True},
+    "gpt2-xl": {"layers": [17], "v_num_steps": 20, "v_weight_decay": 0.5, "mom2": True},
+}
+# hparams/FT/<model>.json (GPT-J and GPT-2 XL: the `_unconstr` files). Every file: 25 steps,
+# lr 5e-4, weight decay 0, norm_constraint false; batch_size is FTHyperParams' default, 64.
+FT_REFERENCE = {"llama3-8b": [21], "qwen2.5-7b": [27], "gpt-j-6b": [21], "gpt2-xl": [1]}
+# SPHERE on ROME (per request, in the loop) and FT (on the tuned ΔW) with the live W, α 0.8.
+OTHER_EDITORS = {
+    "rome": {"class": "ROME", "suppression": 0.8, "stage": "in_loop"},
+    "ft": {"class": "FT", "suppression": 0.8, "stage": "after_loop"},
+}
+ALL_EDITORS = [*EDITORS, *OTHER_EDITORS]
 DATASETS = {
     "counterfact": {"num_edits": 15000, "format": "counterfact_rome", "family": "counterfact"},
     "zsre": {"num_edits": 3000, "format": "zsre_mend", "family": "zsre"},
@@ -166,13 +199,13 @@ DATASETS = {
 
 
 def test_paper_folder_holds_exactly_the_presets():
-    expected = {f"{m}_{e}.yaml" for m in REFERENCE for e in EDITORS}
+    expected = {f"{m}_{e}.yaml" for m in REFERENCE for e in ALL_EDITORS}
     expected |= {f"{d}.yaml" for d in DATASETS}
     assert {p.name for p in PAPER.iterdir()} == expected
 
 
 @pytest.mark.parametrize("model_name", REFERENCE)
-@pytest.mark.parametrize("editor_name", EDITORS)
+@pytest.mark.parametrize("editor_name", ALL_EDITORS)
 def test_paper_preset_header_composes_each_dataset(model_name, editor_name):
     preset = f"configs/paper/{model_name}_{editor_name}.yaml"
     assert sorted(header_compositions(ROOT / preset)) == sorted(
@@ -212,11 +245,24 @@ def test_paper_preset_matches_reference(model_name, editor_name, dataset_name):
         assert args["mom2_update_weight"] == pytest.approx(ref["mom2_update_weight"])
         assert "l2" not in args
 
+    check_sphere_and_data(config, editor, data)
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+    if "transform" in editor:
+        name, init_args = editor["transform"]
+        assert callback(config, name) == init_args
+        # the reference transforms the update first, then projects it
+        assert classes.index(name) < classes.index("SphereProjectionCallback")
+    else:
+        assert not {"PruneCallback", "RectCallback"} & set(classes)
+
+
+def check_sphere_and_data(config: dict, editor: dict, data: dict) -> None:
+    """SPHERE as the paper runs it on ``editor``, and the paper's edits of ``data``."""
     sphere = callback(config, "SphereProjectionCallback")
     assert sphere["cumulative_ratio"] == pytest.approx(0.5)
     assert sphere["suppression"] == pytest.approx(editor["suppression"])
     assert sphere["stage"] == editor["stage"]
-    assert sphere["reference"] == "current"
+    assert sphere["reference"] == editor.get("reference", "current")
     callback(config, "HyperSphericalEnergyCallback")
 
     assert config["data"]["edits_per_step"] == 100
@@ -225,3 +271,43 @@ def test_paper_preset_matches_reference(model_name, editor_name, dataset_name):
     assert config["data"]["format"] == data["format"]
     assert config["data"]["metric_family"] == data["family"]
     assert config["data"]["dataset"].startswith("PATH/TO/")
+
+
+@pytest.mark.parametrize("dataset_name", DATASETS)
+@pytest.mark.parametrize("editor_name", OTHER_EDITORS)
+@pytest.mark.parametrize("model_name", REFERENCE)
+def test_paper_rome_ft_preset_matches_reference(model_name, editor_name, dataset_name):
+    editor, data = OTHER_EDITORS[editor_name], DATASETS[dataset_name]
+    config = resolve(
+        f"configs/paper/{model_name}_{editor_name}.yaml", f"configs/paper/{dataset_name}.yaml"
+    )
+    model = config["model"]
+    assert model["model"] == REFERENCE[model_name]["model"]
+    assert model["dtype"] == "float32"
+    assert model["editor"]["class_path"] == f"sphere_lightning.editors.{editor['class']}"
+    args = model["editor"]["init_args"]
+    if editor["class"] == "ROME":
+        ref = ROME_REFERENCE[model_name]
+        assert args["layers"] == ref["layers"]
+        assert args.get("target_layer") is None  # ROME optimises v* at the edited layer
+        assert args["v_num_steps"] == ref["v_num_steps"]
+        assert args["v_lr"] == pytest.approx(0.5)
+        assert args["clamp_norm_factor"] == pytest.approx(4)
+        assert args["kl_factor"] == pytest.approx(0.0625)
+        assert args["v_weight_decay"] == pytest.approx(ref["v_weight_decay"])
+        assert args["v_loss_threshold"] == pytest.approx(5e-2)  # hard-coded in compute_v
+        assert args["mom2_adjustment"] is ref["mom2"]
+        assert args["num_context_templates"] == 20
+        assert args["stats_num_samples"] == 100000
+        assert "wikitext-103" in args["stats_corpus"]
+    else:
+        assert args["layers"] == FT_REFERENCE[model_name]
+        assert args["num_steps"] == 25
+        assert args["lr"] == pytest.approx(5e-4)
+        assert args["weight_decay"] == 0
+        assert args["norm_constraint"] is None
+        assert args["batch_size"] == 64
+        assert args["loss_threshold"] == pytest.approx(1e-2)  # hard-coded in ft_main.py
+    check_sphere_and_data(config, editor, data)
+    classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+    assert not {"PruneCallback", "RectCallback"} & set(classes)
