@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -270,6 +271,266 @@ def _assemble_cache(
     return layers
 
 
+class TargetOptimisation:
+    """The v* optimisation of one batch of requests, one method per phase.
+
+    :meth:`prepare` tokenises the prompts and targets into chunks, :meth:`measure_initial` runs
+    them once without δ, :meth:`install_hook` adds δ to block ``layer``'s output, :meth:`optimise`
+    runs the Adam steps and :meth:`finish` reads v*. :meth:`run` does all of it in order; most
+    callers want :func:`compute_target_values`.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: ArchitectureSpec,
+        requests: Sequence[EditRequest],
+        layer: int,
+        context_templates: Sequence[str],
+        options: TargetOptions | None = None,
+    ) -> None:
+        """Set up the optimisation (nothing runs yet).
+
+        Args:
+            model: The model, its weights as they are now.
+            tokenizer: Its tokenizer.
+            spec: Its architecture spec (where the blocks are).
+            requests: The requests; all are optimised together.
+            layer: The block at whose output v* is read and δ added.
+            context_templates: Templates, the first ``"{}"`` (the bare prompt).
+            options: Hyper-parameters (defaults: :class:`TargetOptions`).
+        """
+        if context_templates[0] != "{}":
+            raise ValueError("The first context template must be '{}' (the bare prompt)")
+        self.opts = options or TargetOptions()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.requests = requests
+        self.layer = layer
+        self.context_templates = context_templates
+        self.device = model_device(model)
+        self.blocks = spec.blocks(model)
+        self.block = self.blocks[layer]
+        self.lm_head = model.get_output_embeddings()
+        self.base = model.base_model
+        self.n = len(requests)
+        # transformers renamed `past_key_values` to `cache` during 5.x.
+        self.cache_arg = (
+            "cache"
+            if "cache" in inspect.signature(self.base.forward).parameters
+            else "past_key_values"
+        )
+        self.seqs: list[_Sequence] = []
+        self.groups: list[list[_Sequence]] = []
+        self.chunks: list[_Chunk] = []
+        self.initial = torch.zeros(0)
+        self.delta = torch.zeros(0)
+        self.losses = torch.zeros(0)
+        self.steps = torch.zeros(0, dtype=torch.long)
+        # What the δ hook adds, and at which column, in the forward pass now running.
+        self._add: torch.Tensor | None = None
+        self._col: int | None = None
+
+    @property
+    def rows_per_chunk(self) -> int:
+        """Sequences per forward pass: ``batch_size`` requests' worth."""
+        return self.opts.batch_size * (len(self.context_templates) + 1)
+
+    def prepare(self) -> None:
+        """Tokenise every prompt with its target and group the sequences into chunks."""
+        self.seqs = _sequences(self.tokenizer, self.requests, self.context_templates)
+        rows_per_chunk = self.rows_per_chunk
+        groups: list[list[_Sequence]] = []
+        if self.opts.group_by_suffix:
+            # Every step runs each sequence from its subject's last token on, so a chunk holds
+            # sequences of one suffix length (sorted by prefix length): no step computes padding.
+            # Each request's optimisation is independent of which chunks its prompts are in.
+            for seq in sorted(self.seqs, key=lambda s: (s.suffix, s.lookup)):
+                full = groups and len(groups[-1]) == rows_per_chunk
+                if not groups or groups[-1][0].suffix != seq.suffix or full:
+                    groups.append([])
+                groups[-1].append(seq)
+        else:
+            groups = [
+                self.seqs[s : s + rows_per_chunk] for s in range(0, len(self.seqs), rows_per_chunk)
+            ]
+        self.groups = groups
+        self.chunks = [_build_chunk(self.tokenizer, group, self.device) for group in groups]
+
+    def measure_initial(self) -> None:
+        """Pass 0, without δ: the residual stream h at the edit point, the initial KL
+        distribution, the block output to replay and the prefix keys/values.
+
+        With the prefix reused, the prefixes run once, in batches of similar length, and each
+        chunk's suffix continues from their cache, so every token is computed once.
+        """
+        opts = self.opts
+        if opts.reuse_prefix:
+            prefix_kv = _prefix_caches(
+                self.base, self.tokenizer, self.seqs, self.rows_per_chunk, self.device
+            )
+        captured: dict[str, object] = {}
+
+        def keep(module, args, output):
+            captured["out"] = output
+
+        self.initial = torch.zeros(self.n, self.model.config.hidden_size, device=self.device)
+        replay = opts.skip_lower_layers
+        for chunk, group in zip(self.chunks, self.groups, strict=True):
+            inputs = {"attention_mask": chunk.mask}
+            if opts.reuse_prefix and chunk.split > 0:
+                chunk.start = chunk.split
+                chunk.prefix_kv = _assemble_cache(group, prefix_kv, chunk.split)
+                inputs.update({self.cache_arg: _cache_from(chunk.prefix_kv), "use_cache": True})
+            else:
+                inputs["use_cache"] = False
+            start = chunk.start
+            handle = self.block.register_forward_hook(keep)
+            try:
+                with torch.no_grad():
+                    hidden = self.base(
+                        input_ids=chunk.ids[:, start:],
+                        position_ids=chunk.positions[:, start:],
+                        **inputs,
+                    ).last_hidden_state
+            finally:
+                handle.remove()
+            out = captured.pop("out")
+            if isinstance(out, tuple):  # a block type that returns more than the hidden state
+                replay, out = False, out[0]
+            self.initial[chunk.seq_request[chunk.h_rows]] = out[
+                chunk.h_rows, chunk.split - start
+            ].float()
+            chunk.kl_init = F.log_softmax(
+                self.lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
+            )
+            chunk.replay_out = out.detach() if replay else None
+
+    def _inject(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, self._col] += self._add.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def install_hook(self) -> RemovableHandle:
+        """Add δ to block ``layer``'s output at the subject's last token of every forward pass
+        that :meth:`chunk_loss` runs; the caller removes the returned handle."""
+        return self.block.register_forward_hook(self._inject)
+
+    def chunk_loss(self, chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """The chunk's contribution (NLL and KL terms) to every request's loss, for ``rows``."""
+        device, opts = self.device, self.opts
+        remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
+        remap[rows] = torch.arange(len(rows), device=device)
+        start = chunk.start
+        end = int(chunk.ends[rows].max())  # right padding past every row's end is not run
+        self._add = self.delta[chunk.seq_request[rows]]
+        self._col = chunk.split - start
+        kwargs = {
+            "input_ids": chunk.ids[rows, start:end],
+            "attention_mask": chunk.mask[rows, :end],
+            "position_ids": chunk.positions[rows, start:end],
+        }
+        if chunk.prefix_kv is not None:
+            kwargs.update({self.cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
+        else:
+            kwargs.update(use_cache=False)
+        if chunk.replay_out is not None:
+            with _ReplayBelow(self.blocks, self.layer, chunk.replay_out[rows, : end - start]):
+                hidden = self.base(**kwargs).last_hidden_state
+        else:
+            hidden = self.base(**kwargs).last_hidden_state
+
+        kl_keep = remap[chunk.kl_rows] >= 0
+        tgt_keep = remap[chunk.tgt_row] >= 0
+        kl_rows = chunk.kl_rows[kl_keep]
+        tgt_rows = chunk.tgt_row[tgt_keep]
+        picked = torch.cat(
+            [
+                hidden[remap[kl_rows], chunk.split - start],
+                hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
+            ]
+        )
+        logp = F.log_softmax(self.lm_head(picked).float(), dim=-1)
+        kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
+        # NLL: mean over target tokens, then over templates, per request.
+        token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
+        # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
+        kl = F.kl_div(chunk.kl_init[kl_keep], kl_logp, log_target=True, reduction="none")
+        terms = torch.zeros(self.n, device=device)
+        terms = terms.index_add(
+            0, chunk.seq_request[tgt_rows], token_nll * chunk.tgt_weight[tgt_keep]
+        )
+        return terms.index_add(0, chunk.seq_request[kl_rows], opts.kl_factor * kl.sum(-1))
+
+    def optimise(self, progress: bool = True) -> None:
+        """Run the Adam steps on δ (with the hook installed), freezing each request whose loss
+        falls below the threshold and clamping ‖δ‖ after every step."""
+        n, device, opts = self.n, self.device, self.opts
+        self.delta = torch.zeros_like(self.initial, requires_grad=True)
+        delta = self.delta
+        optimizer = torch.optim.Adam([delta], lr=opts.lr)
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        self.losses = losses = torch.full((n,), math.inf, device=device)
+        self.steps = steps = torch.zeros(n, dtype=torch.long, device=device)
+        init_norm = self.initial.norm(dim=-1)
+        bar = tqdm(range(opts.num_steps), desc="Optimising v*", leave=False, disable=not progress)
+        try:
+            for step in bar:
+                optimizer.zero_grad(set_to_none=False)
+                total = torch.zeros(n, device=device)
+                # As in ROME, the last step only measures the loss: no gradient is needed.
+                last = step == opts.num_steps - 1
+                with torch.set_grad_enabled(not last):
+                    for chunk in self.chunks:
+                        rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
+                        if len(rows) == 0:
+                            continue
+                        terms = self.chunk_loss(chunk, rows)
+                        total += terms.detach()
+                        if not last:
+                            terms.sum().backward()
+                    # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
+                    decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
+                    if not last:
+                        decay[active].sum().backward()
+                total += decay.detach()
+                losses[active] = total[active]
+                steps[active] = step
+                # ROME's early stop: a request whose loss is below the threshold keeps its δ.
+                active &= losses >= opts.loss_threshold
+                bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))
+                if last or not active.any():
+                    break
+                frozen = delta.detach().clone()
+                optimizer.step()
+                with torch.no_grad():
+                    delta[~active] = frozen[~active]
+                    max_norm = opts.clamp_norm_factor * init_norm
+                    norm = delta.norm(dim=-1)
+                    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), 1.0)
+                    delta.mul_(scale[:, None])
+        finally:
+            bar.close()
+
+    def finish(self) -> TargetResult:
+        """v* = h + δ for every request, with each request's last loss and step count."""
+        values = (self.initial + self.delta.detach()).float()
+        return TargetResult(values, self.initial, self.losses.tolist(), (self.steps + 1).tolist())
+
+    def run(self, progress: bool = True) -> TargetResult:
+        """All phases in order; the model is left as it was."""
+        self.prepare()
+        self.measure_initial()
+        handle = self.install_hook()
+        try:
+            self.optimise(progress)
+        finally:
+            handle.remove()
+        return self.finish()
+
+
 def compute_target_values(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -284,180 +545,8 @@ def compute_target_values(
     """Optimise v* at the output of block ``layer`` for every request.
 
     ``context_templates`` must start with ``"{}"`` (the bare prompt); v* is read relative to the
-    residual stream of that first template.
+    residual stream of that first template. See :class:`TargetOptimisation` for the phases.
     """
-    opts = options or TargetOptions()
-    if context_templates[0] != "{}":
-        raise ValueError("The first context template must be '{}' (the bare prompt)")
-    device = model_device(model)
-    blocks = spec.blocks(model)
-    block = blocks[layer]
-    lm_head = model.get_output_embeddings()
-    base = model.base_model
-    n = len(requests)
-    seqs = _sequences(tokenizer, requests, context_templates)
-    per_request = len(context_templates) + 1
-    rows_per_chunk = opts.batch_size * per_request
-    groups: list[list[_Sequence]] = []
-    if opts.group_by_suffix:
-        # Every step runs each sequence from its subject's last token on, so a chunk holds
-        # sequences of one suffix length (sorted by prefix length): no step computes padding.
-        # Each request's optimisation is independent of which chunks its prompts are in.
-        for seq in sorted(seqs, key=lambda s: (s.suffix, s.lookup)):
-            full = groups and len(groups[-1]) == rows_per_chunk
-            if not groups or groups[-1][0].suffix != seq.suffix or full:
-                groups.append([])
-            groups[-1].append(seq)
-    else:
-        groups = [seqs[s : s + rows_per_chunk] for s in range(0, len(seqs), rows_per_chunk)]
-    chunks = [_build_chunk(tokenizer, group, device) for group in groups]
-
-    # transformers renamed `past_key_values` to `cache` during 5.x.
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    )
-
-    # Pass 0, without δ: the residual stream h at the edit point, the initial KL distribution,
-    # the block output to replay and the prefix keys/values. With the prefix reused, the prefixes
-    # run once, in batches of similar length, and each chunk's suffix continues from their cache,
-    # so every token is computed once.
-    if opts.reuse_prefix:
-        prefix_kv = _prefix_caches(base, tokenizer, seqs, rows_per_chunk, device)
-    captured: dict[str, object] = {}
-
-    def keep(module, args, output):
-        captured["out"] = output
-
-    initial = torch.zeros(n, model.config.hidden_size, device=device)
-    replay = opts.skip_lower_layers
-    for chunk, group in zip(chunks, groups, strict=True):
-        inputs = {"attention_mask": chunk.mask}
-        if opts.reuse_prefix and chunk.split > 0:
-            chunk.start = chunk.split
-            chunk.prefix_kv = _assemble_cache(group, prefix_kv, chunk.split)
-            inputs.update({cache_arg: _cache_from(chunk.prefix_kv), "use_cache": True})
-        else:
-            inputs["use_cache"] = False
-        start = chunk.start
-        handle = block.register_forward_hook(keep)
-        try:
-            with torch.no_grad():
-                hidden = base(
-                    input_ids=chunk.ids[:, start:],
-                    position_ids=chunk.positions[:, start:],
-                    **inputs,
-                ).last_hidden_state
-        finally:
-            handle.remove()
-        out = captured.pop("out")
-        if isinstance(out, tuple):  # a block type that returns more than the hidden state
-            replay, out = False, out[0]
-        initial[chunk.seq_request[chunk.h_rows]] = out[chunk.h_rows, chunk.split - start].float()
-        chunk.kl_init = F.log_softmax(
-            lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
-        )
-        chunk.replay_out = out.detach() if replay else None
-    if opts.reuse_prefix:
-        del prefix_kv
-
-    state: dict[str, torch.Tensor | None] = {"add": None, "col": None}
-
-    def inject(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.clone()
-        hidden[:, state["col"]] += state["add"].to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def chunk_loss(chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
-        """The chunk's contribution (NLL and KL terms) to every request's loss, for ``rows``."""
-        remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
-        remap[rows] = torch.arange(len(rows), device=device)
-        start = chunk.start
-        end = int(chunk.ends[rows].max())  # right padding past every row's end is not run
-        state["add"] = delta[chunk.seq_request[rows]]
-        state["col"] = chunk.split - start
-        kwargs = {
-            "input_ids": chunk.ids[rows, start:end],
-            "attention_mask": chunk.mask[rows, :end],
-            "position_ids": chunk.positions[rows, start:end],
-        }
-        if chunk.prefix_kv is not None:
-            kwargs.update({cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
-        else:
-            kwargs.update(use_cache=False)
-        if chunk.replay_out is not None:
-            with _ReplayBelow(blocks, layer, chunk.replay_out[rows, : end - start]):
-                hidden = base(**kwargs).last_hidden_state
-        else:
-            hidden = base(**kwargs).last_hidden_state
-
-        kl_keep = remap[chunk.kl_rows] >= 0
-        tgt_keep = remap[chunk.tgt_row] >= 0
-        kl_rows = chunk.kl_rows[kl_keep]
-        tgt_rows = chunk.tgt_row[tgt_keep]
-        picked = torch.cat(
-            [
-                hidden[remap[kl_rows], chunk.split - start],
-                hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
-            ]
-        )
-        logp = F.log_softmax(lm_head(picked).float(), dim=-1)
-        kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
-        # NLL: mean over target tokens, then over templates, per request.
-        token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
-        # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
-        kl = F.kl_div(chunk.kl_init[kl_keep], kl_logp, log_target=True, reduction="none")
-        terms = torch.zeros(n, device=device)
-        terms = terms.index_add(
-            0, chunk.seq_request[tgt_rows], token_nll * chunk.tgt_weight[tgt_keep]
-        )
-        return terms.index_add(0, chunk.seq_request[kl_rows], opts.kl_factor * kl.sum(-1))
-
-    delta = torch.zeros_like(initial, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=opts.lr)
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    losses = torch.full((n,), math.inf, device=device)
-    steps = torch.zeros(n, dtype=torch.long, device=device)
-    init_norm = initial.norm(dim=-1)
-    handle = block.register_forward_hook(inject)
-    bar = tqdm(range(opts.num_steps), desc="Optimising v*", leave=False, disable=not progress)
-    try:
-        for step in bar:
-            optimizer.zero_grad(set_to_none=False)
-            total = torch.zeros(n, device=device)
-            # As in ROME, the last step only measures the loss: no gradient is needed.
-            last = step == opts.num_steps - 1
-            with torch.set_grad_enabled(not last):
-                for chunk in chunks:
-                    rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
-                    if len(rows) == 0:
-                        continue
-                    terms = chunk_loss(chunk, rows)
-                    total += terms.detach()
-                    if not last:
-                        terms.sum().backward()
-                # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
-                decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
-                if not last:
-                    decay[active].sum().backward()
-            total += decay.detach()
-            losses[active] = total[active]
-            steps[active] = step
-            # ROME's early stop: a request whose loss is below the threshold keeps its δ.
-            active &= losses >= opts.loss_threshold
-            bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))
-            if last or not active.any():
-                break
-            frozen = delta.detach().clone()
-            optimizer.step()
-            with torch.no_grad():
-                delta[~active] = frozen[~active]
-                max_norm = opts.clamp_norm_factor * init_norm
-                norm = delta.norm(dim=-1)
-                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), 1.0)
-                delta.mul_(scale[:, None])
-    finally:
-        handle.remove()
-        bar.close()
-    values = (initial + delta.detach()).float()
-    return TargetResult(values, initial, losses.tolist(), (steps + 1).tolist())
+    return TargetOptimisation(
+        model, tokenizer, spec, requests, layer, context_templates, options
+    ).run(progress)
