@@ -12,7 +12,8 @@ from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
 
-#: Per-task settings accepted in the dict form of ``tasks``.
+#: Per-task settings of the callback accepted in the dict form of ``tasks``; any other setting
+#: is an argument of the task's constructor (``max_new_tokens`` of the generating tasks).
 _TASK_SETTINGS = ("limit", "batch_size")
 
 
@@ -35,9 +36,11 @@ class GeneralAbilityCallback(EditObserver):
     ``summary.json``'s ``general.<task>.{baseline,final}`` (with ``final_step``).
 
     Args:
-        tasks: Task names (``sst2``, ``mrpc``, ``cola``, ``rte``, ``mmlu``, ``nli``), or a mapping
-            from task name to per-task overrides of ``limit`` and ``batch_size``, e.g.
-            ``{"sst2": {}, "mmlu": {"limit": 500, "batch_size": 4}}``.
+        tasks: Task names (``sst2``, ``mrpc``, ``cola``, ``rte``, ``mmlu``, ``nli``, ``boolq``,
+            ``nq_open``, ``gsm8k``), or a mapping from task name to per-task overrides of
+            ``limit`` and ``batch_size`` and arguments of the task itself, e.g.
+            ``{"sst2": {}, "mmlu": {"limit": 500, "batch_size": 4}, "gsm8k": {"max_new_tokens":
+            8}}``.
         data_dir: Folder holding ``<task>.jsonl`` for every task (the layouts of
             ``../shared/data/general``); relative paths are relative to the working directory.
             ``None`` reads every task not in ``paths`` from its Hugging Face hub dataset
@@ -67,21 +70,23 @@ class GeneralAbilityCallback(EditObserver):
         if not tasks:
             raise ValueError(f"`tasks` should name at least one task of {sorted(TASKS)}")
         overrides = dict(tasks) if isinstance(tasks, dict) else {name: {} for name in tasks}
+        self.tasks: dict[str, GeneralTask] = {}
         for name, settings in overrides.items():
-            get_task(name)  # raises, listing the known tasks
-            unknown = set(settings or {}) - set(_TASK_SETTINGS)
-            if unknown:
+            options = {k: v for k, v in (settings or {}).items() if k not in _TASK_SETTINGS}
+            try:
+                self.tasks[name] = get_task(name, **options)  # raises, listing the known tasks
+            except TypeError as error:
                 raise ValueError(
-                    f"Unknown setting(s) {sorted(unknown)} for task {name!r}; "
-                    f"per-task settings are {list(_TASK_SETTINGS)}"
-                )
+                    f"Unknown setting(s) {sorted(options)} for task {name!r}: {error}; the "
+                    f"callback's per-task settings are {list(_TASK_SETTINGS)}, any other is an "
+                    "argument of the task"
+                ) from None
         paths = dict(paths or {})
         stray = sorted(set(paths) - set(overrides))
         if stray:
             raise ValueError(
                 f"`paths` names task(s) {stray} that are not in `tasks` ({list(overrides)})"
             )
-        self.tasks: dict[str, GeneralTask] = {name: get_task(name) for name in overrides}
         self.limits: dict[str, int | None] = {}
         self.batch_sizes: dict[str, int] = {}
         for name, settings in overrides.items():

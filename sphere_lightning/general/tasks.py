@@ -205,8 +205,9 @@ TASKS: dict[str, type[GeneralTask]] = {
 }
 
 
-def get_task(name: str) -> GeneralTask:
-    """An instance of the task called ``name``; a ValueError lists the known names otherwise."""
+def get_task(name: str, **options: Any) -> GeneralTask:
+    """An instance of the task called ``name``, built with ``options`` (e.g. ``max_new_tokens``
+    of a generating task); a ValueError lists the known names otherwise."""
     if name not in TASKS:
         raise ValueError(f"Unknown general-ability task {name!r}; known tasks: {sorted(TASKS)}")
-    return TASKS[name]()
+    return TASKS[name](**options)

@@ -202,3 +202,14 @@ def test_cli_builds_the_callback_from_a_config(data_dir):
     assert callback.every_n_steps == 5
     help_text = parser.format_help()
     assert "Score the first ``limit`` examples" in help_text
+
+
+def test_task_arguments_in_the_per_task_settings_reach_the_task():
+    callback = GeneralAbilityCallback(
+        tasks={"gsm8k": {"max_new_tokens": 8, "limit": 3}, "nq_open": {}}, data_dir=None
+    )
+    assert callback.tasks["gsm8k"].max_new_tokens == 8
+    assert callback.limits["gsm8k"] == 3
+    assert callback.tasks["nq_open"].max_new_tokens == 20  # the reference's number
+    with pytest.raises(ValueError, match=r"`max_new_tokens` should be ≥ 1, got 0"):
+        GeneralAbilityCallback(tasks={"gsm8k": {"max_new_tokens": 0}}, data_dir=None)
