@@ -30,6 +30,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,7 +51,11 @@ ROME_GEN_PER_PROMPT = 1
 #: ROME/MEMIT's ``summarize.py`` multiplies the mean n-gram entropy by 100; so do their tables.
 REPORTED_SCALE = 100.0
 
-#: What each fluency protocol is, as written into ``summary.json``.
+#: Values of ``--model.fluency_protocol``: ``auto`` or one of :data:`FLUENCY_PROTOCOLS`.
+FluencyProtocol = Literal["auto", "rome", "greedy"]
+
+#: What each fluency protocol is, as written into ``summary.json`` (every
+#: :data:`FluencyProtocol` but ``auto``).
 FLUENCY_PROTOCOLS: dict[str, str] = {
     "rome": (
         "ROME's: one top-5 sample (seeded) per generation prompt, 100 tokens with the prompt; "
@@ -265,11 +270,12 @@ def top_k_generations(
 
 
 def check_fluency_protocol(protocol: str) -> None:
-    """Raise a ``ValueError`` naming ``model.fluency_protocol`` unless ``protocol`` is
-    ``auto``, ``rome`` or ``greedy``."""
-    if protocol not in ("auto", *FLUENCY_PROTOCOLS):
+    """Raise a ``ValueError`` naming ``model.fluency_protocol`` unless ``protocol`` is one of
+    :data:`FluencyProtocol` (``auto``, ``rome`` or ``greedy``)."""
+    names = get_args(FluencyProtocol)
+    if protocol not in names:
         raise ValueError(
-            f"`model.fluency_protocol` should be auto, {' or '.join(FLUENCY_PROTOCOLS)}, "
+            f"`model.fluency_protocol` should be {', '.join(names[:-1])} or {names[-1]}, "
             f"got {protocol!r}"
         )
 

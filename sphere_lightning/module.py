@@ -18,7 +18,7 @@ from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.editors.base import Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
-from sphere_lightning.fluency import check_fluency_protocol, measure_fluency
+from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import load_model
@@ -117,7 +117,7 @@ class EditingModule(LightningModule):
         batch_metrics: bool = True,
         fluency_prompts: int = 16,
         fluency_max_new_tokens: int = 50,
-        fluency_protocol: str = "auto",
+        fluency_protocol: FluencyProtocol = "auto",
         fluency_seed: int = 0,
     ) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -12,7 +12,8 @@ from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.projection import project_delta
 
-_REFERENCES = ("current", "original")
+#: Which weight the principal directions come from: the current (edited) one or the original.
+ReferenceWeight = Literal["current", "original"]
 _GREEK = {"cumulative_ratio": "β", "suppression": "α"}
 
 
@@ -47,7 +48,7 @@ class SphereProjectionCallback(DeltaTransform):
         self,
         cumulative_ratio: float = 0.5,
         suppression: float = 0.5,
-        reference: Literal["current", "original"] = "current",
+        reference: ReferenceWeight = "current",
         stage: TransformStage = "in_loop",
     ) -> None:
         super().__init__(stage)
@@ -58,10 +59,11 @@ class SphereProjectionCallback(DeltaTransform):
                     f"SphereProjectionCallback: `init_args.{flag}` "
                     f"({_GREEK[flag]}) should be in [0, 1], got {value}"
                 )
-        if reference not in _REFERENCES:
+        if reference not in get_args(ReferenceWeight):
+            names = " or ".join(f"`{name}`" for name in get_args(ReferenceWeight))
             raise ConfigError(
-                "SphereProjectionCallback: `init_args.reference` should be `current` or "
-                f"`original`, got {reference!r}"
+                f"SphereProjectionCallback: `init_args.reference` should be {names}, "
+                f"got {reference!r}"
             )
         self.cumulative_ratio = cumulative_ratio
         self.suppression = suppression

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import final, override
 
+#: When a delta transform runs: per layer inside the editor's loop, or on the whole batch after it.
 TransformStage = Literal["in_loop", "after_loop"]
 
 
@@ -73,7 +74,8 @@ class DeltaTransform(Callback):
 
     def __init__(self, stage: TransformStage = "in_loop") -> None:
         if stage not in get_args(TransformStage):
-            raise ValueError(f"`stage` should be `in_loop` or `after_loop`, got {stage!r}")
+            names = " or ".join(f"`{name}`" for name in get_args(TransformStage))
+            raise ValueError(f"`stage` should be {names}, got {stage!r}")
         whole_batch_only = (
             type(self).transform_deltas is not DeltaTransform.transform_deltas
             and type(self).transform_delta is DeltaTransform.transform_delta

@@ -5,18 +5,23 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sphere_lightning.data.readers import FORMATS, load_requests_with_format
+from sphere_lightning.data.formats import FORMATS, DataFormat
+from sphere_lightning.data.readers import load_requests_with_format
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.errors import ConfigError
 
-METRIC_FAMILIES: tuple[str, ...] = ("auto", "counterfact", "zsre")
+#: Values of ``--data.metric_family``.
+MetricFamily = Literal["auto", "counterfact", "zsre"]
+
+#: The values of :data:`MetricFamily`, in that order.
+METRIC_FAMILIES: tuple[str, ...] = get_args(MetricFamily)
 
 
 class EditRequestDataset(Dataset):
@@ -132,14 +137,14 @@ class EditDataModule(LightningDataModule):
     def __init__(
         self,
         dataset: str = "builtin",
-        format: str = "auto",
+        format: DataFormat = "auto",
         split: str = "train",
         num_edits: int = 100,
         edits_per_step: int = 50,
         seed: int = 0,
         shuffle: bool = True,
         eval_batch_size: int = 32,
-        metric_family: str = "auto",
+        metric_family: MetricFamily = "auto",
         skip_malformed: bool = False,
     ) -> None:
         """Create the data module (loading happens in ``setup``).

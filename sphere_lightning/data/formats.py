@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.errors import ConfigError, DataError
@@ -43,15 +43,18 @@ from sphere_lightning.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 #: Values accepted by ``load_requests(format=...)`` and ``--data.format``: ``auto`` or the name of
-#: a registered layout.
-FORMATS: tuple[str, ...] = (
+#: a layout of :data:`FORMAT_REGISTRY`.
+DataFormat = Literal[
     "auto",
     "builtin",
     "counterfact_rome",
     "counterfact_easyedit",
     "zsre_mend",
     "zsre_easyedit",
-)
+]
+
+#: The values of :data:`DataFormat`, in that order.
+FORMATS: tuple[str, ...] = get_args(DataFormat)
 
 _MISSING = object()
 
@@ -422,7 +425,7 @@ class RecordFormat:
 
 #: The record layouts by name. ``format: auto`` takes the first, in this order, whose ``sniff``
 #: accepts the data (so a ROME record that also has zsRE keys is read as ROME's CounterFact).
-#: A new layout is one entry here and its name in :data:`FORMATS`.
+#: A new layout is one entry here and its name in :data:`DataFormat`.
 FORMAT_REGISTRY: dict[str, RecordFormat] = {
     entry.name: entry
     for entry in (

@@ -24,6 +24,7 @@ from typing import Any
 from sphere_lightning.data.builtin import load_builtin_facts
 from sphere_lightning.data.formats import (
     FORMATS,
+    DataFormat,
     MalformedRecordError,
     detect_format,
     parse_records,
@@ -228,7 +229,7 @@ def read_builtin_format(
 
 def load_requests_with_format(
     source: str | Path,
-    format: str = "auto",
+    format: DataFormat = "auto",
     split: str = "train",
     *,
     skip_malformed: bool = False,
@@ -274,7 +275,7 @@ def _where(source: str | Path, name: str) -> str:
 
 def load_requests(
     source: str,
-    format: str = "auto",
+    format: DataFormat = "auto",
     split: str = "train",
     *,
     skip_malformed: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -11,6 +12,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
+
+#: Which side of a module an activation is read from.
+ActivationSide = Literal["input", "output"]
 
 
 class _StopForward(Exception):
@@ -73,7 +77,7 @@ def capture(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     module_names: Sequence[str],
-    read: str = "input",
+    read: ActivationSide = "input",
 ) -> dict[str, torch.Tensor]:
     """Run the model and return each module's full input or output activation.
 
@@ -83,8 +87,9 @@ def capture(
         read: ``"input"`` (first positional input, e.g. the key of an MLP out-projection) or
             ``"output"`` (e.g. the residual stream after a block).
     """
-    if read not in ("input", "output"):
-        raise ValueError(f"`read` should be 'input' or 'output', got {read!r}")
+    if read not in get_args(ActivationSide):
+        names = " or ".join(repr(name) for name in get_args(ActivationSide))
+        raise ValueError(f"`read` should be {names}, got {read!r}")
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     last = max(module_names, key=lambda n: order[n])
     captured: dict[str, torch.Tensor] = {}
@@ -116,7 +121,7 @@ def gather_at_subject(
     prompts: Sequence[EncodedPrompt],
     module_names: Sequence[str],
     *,
-    read: str = "input",
+    read: ActivationSide = "input",
     batch_size: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Each module's activation at each prompt's subject-last token, ``(len(prompts), dim)``.

@@ -12,6 +12,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
@@ -33,14 +34,23 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 
 _GGUF_PART = re.compile(r"(?P<file>[^/]+\.gguf)\.part(?P<index>\d+)$")
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+#: Weight dtype names (``--model.dtype``), each full name followed by its short form.
+DtypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+
+_DTYPES = dict(
+    zip(
+        get_args(DtypeName),
+        (
+            torch.float32,
+            torch.float32,
+            torch.float16,
+            torch.float16,
+            torch.bfloat16,
+            torch.bfloat16,
+        ),
+        strict=True,
+    )
+)
 
 
 def cache_root() -> Path:
@@ -70,7 +80,7 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
-def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
+def resolve_dtype(dtype: DtypeName | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
     """Turn a dtype name (``float32``, ``bf16``…) into a ``torch.dtype``; an unknown name is a
     :class:`~sphere_lightning.errors.ConfigError` naming ``flag``."""
     if isinstance(dtype, torch.dtype):
@@ -277,7 +287,7 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_model(
-    name: str = "smollm2-135m", dtype: str | torch.dtype = "float32"
+    name: str = "smollm2-135m", dtype: DtypeName | torch.dtype = "float32"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizer]:
     """Load a causal LM and its tokenizer for editing.
 

@@ -155,3 +155,25 @@ def test_each_module_imports_first_in_a_fresh_interpreter(first: str) -> None:
     result = _fresh_python(code)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 300
+
+
+@pytest.mark.parametrize(
+    ("flag", "bad", "choices"),
+    [("format", "csv", FORMATS), ("metric_family", "squad", ("auto", "counterfact", "zsre"))],
+)
+def test_choices_are_validated_by_the_parser_and_by_init(
+    flag: str, bad: str, choices: tuple[str, ...]
+) -> None:
+    from jsonargparse import ArgumentParser
+
+    from sphere_lightning.data.datamodule import EditDataModule
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(EditDataModule, "data")
+    for good in choices:
+        assert parser.parse_args([f"--data.{flag}={good}"]).data[flag] == good
+    with pytest.raises(Exception, match=rf"data\.{flag}"):
+        parser.parse_args([f"--data.{flag}={bad}"])
+    with pytest.raises(ValueError) as info:
+        EditDataModule(**{flag: bad})
+    assert f"`--data.{flag}` must be one of {', '.join(choices)}, got {bad!r}" in str(info.value)
