@@ -38,10 +38,22 @@ def header_compositions(path: Path) -> list[tuple[str, ...]]:
     return compositions
 
 
+def suite_files() -> list[Path]:
+    """Experiment suites: files whose top level is ``configs:``, a list of experiment configs
+    for ``python -m sphere_lightning.experiments --suite``."""
+    return [
+        path
+        for path in sorted(CONFIGS.rglob("*.yaml"))
+        if set(yaml.safe_load(path.read_text()) or {}) == {"configs"}
+    ]
+
+
 def compositions_to_check() -> list[tuple[str, ...]]:
     """Each file's header commands that name the file itself, or else the file alone."""
     found: dict[tuple[str, ...], None] = {}
     for path in sorted(CONFIGS.rglob("*.yaml")):
+        if path in suite_files():
+            continue  # a list of experiment configs (checked below), not a fit config
         relative = path.relative_to(ROOT).as_posix()
         own = [c for c in header_compositions(path) if relative in c]
         for composition in own or [(relative,)]:
@@ -102,6 +114,19 @@ def test_config_parses(composition):
     resolved = resolve(*composition)
     assert resolved["model"]["editor"]["class_path"].startswith("sphere_lightning.editors.")
     assert resolved["data"]["edits_per_step"] >= 1
+
+
+@pytest.mark.parametrize("suite", suite_files(), ids=lambda p: p.name)
+def test_suite_lists_experiment_configs_that_parse(suite):
+    """Each config a suite lists (relative to the suite) exists and is itself a fit config
+    checked by ``test_config_parses``."""
+    listed = yaml.safe_load(suite.read_text())["configs"]
+    assert listed, f"{suite} lists no configs"
+    checked = {c for composition in compositions_to_check() for c in composition}
+    for name in listed:
+        config = (suite.parent / name).resolve()
+        assert config.is_file(), f"{suite} lists a missing file: {name}"
+        assert config.relative_to(ROOT).as_posix() in checked
 
 
 def test_header_parser_reads_commands(tmp_path):
