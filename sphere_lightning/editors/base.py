@@ -66,6 +66,8 @@ class Editor(ABC):
         self.last_metrics: dict[str, float] = {}
         #: Seconds spent per phase in the last ``compute_deltas`` call.
         self.last_timings: dict[str, float] = {}
+        #: Show tqdm bars while computing deltas.
+        self.progress = True
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check the layers against the model and prepare anything the editor needs."""
@@ -219,7 +221,6 @@ class LocateThenEditEditor(Editor):
         self.seed = seed
         self.key_batch_size = key_batch_size
         self.context_templates: list[str] | None = None
-        self.progress = True
 
     # -- setup -------------------------------------------------------------------------------
 

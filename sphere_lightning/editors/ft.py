@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
@@ -120,7 +121,9 @@ class FT(Editor):
         chunks = self._chunk_inputs(tokenizer, requests, device)
         eps = self.norm_constraint
         passes, mean_loss = 0, float("nan")
-        for _ in range(self.num_steps):
+        steps = range(self.num_steps)
+        bar = tqdm(steps, desc="Fine-tuning", leave=False, disable=not self.progress)
+        for _ in bar:
             passes += 1
             total = 0.0
             for ids, mask, labels in chunks:
@@ -144,6 +147,7 @@ class FT(Editor):
                             original = originals[name].float()
                             torch.clamp(t, original - eps, original + eps, out=t)
             mean_loss = total / len(requests)
+            bar.set_postfix(loss=f"{mean_loss:.3f}")
             if mean_loss < self.loss_threshold:
                 break
         deltas = {}
