@@ -37,9 +37,9 @@ from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
 from sphere_lightning.models.loading import load_model, resolve_dtype, temporary_sibling
 from sphere_lightning.module import (
-    CHECKPOINT_FORMAT,
     CheckpointMismatchError,
     base_model_fingerprint,
+    checkpoint_meta,
 )
 
 #: The SPHERE settings a model card reports, in this order.
@@ -350,12 +350,7 @@ def load_edited_model(
         CheckpointMismatchError: The base model's weights are not the ones the run edited, or
             the checkpoint holds a parameter the base model lacks.
     """
-    meta = checkpoint.get("sphere_lightning")
-    if not isinstance(meta, Mapping) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointMismatchError(
-            "Not a sphere_lightning checkpoint of format "
-            f"{CHECKPOINT_FORMAT} (no `sphere_lightning` entry, or another format)"
-        )
+    meta = checkpoint_meta(checkpoint)
     hparams = checkpoint["hyper_parameters"]
     name = base_model or hparams["model"]
     model, tokenizer = load_model(name, hparams["dtype"])

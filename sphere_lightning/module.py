@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,6 +33,18 @@ CHECKPOINT_FORMAT = 1
 class CheckpointMismatchError(ConfigError):
     """A checkpoint (``--ckpt_path``) that does not belong to this run's base model, editor or
     edited layers."""
+
+
+def checkpoint_meta(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sphere_lightning`` entry of a checkpoint; :class:`CheckpointMismatchError` if it has
+    none of this format (a checkpoint of another program or version)."""
+    meta = checkpoint.get("sphere_lightning")
+    if not isinstance(meta, Mapping) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            "The checkpoint (`--ckpt_path`) was not written by this version of "
+            f"sphere_lightning (no `sphere_lightning` entry of format {CHECKPOINT_FORMAT})"
+        )
+    return dict(meta)
 
 
 def base_model_fingerprint(model: torch.nn.Module, names: list[str]) -> str:
@@ -442,13 +455,7 @@ class EditingModule(LightningModule):
         """Raise :class:`CheckpointMismatchError` unless ``checkpoint`` was written by a run on
         this base model (fingerprint of the unedited weights), editor and edited layers. Needs
         the model loaded (:meth:`configure_model`)."""
-        meta = checkpoint.get("sphere_lightning")
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointMismatchError(
-                "The checkpoint (`--ckpt_path`) was not written by this version of "
-                "sphere_lightning (no "
-                f"`sphere_lightning` entry of format {CHECKPOINT_FORMAT}); it cannot be resumed"
-            )
+        meta = checkpoint_meta(checkpoint)
         base = meta["base_model"]
         if base["fingerprint"] != self.base_fingerprint:
             raise CheckpointMismatchError(

@@ -20,7 +20,7 @@ from sphere_lightning.cli import cli_main
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.errors import ConfigError
-from sphere_lightning.export import export_checkpoint, main
+from sphere_lightning.export import export_checkpoint, load_edited_model, main
 from sphere_lightning.models import load_model
 from sphere_lightning.module import CheckpointMismatchError, EditingModule
 
@@ -434,3 +434,12 @@ trainer:
         card = (folder / "README.md").read_text()
         assert "β (cumulative_ratio) = 0.5, α (suppression) = 0.5, stage `in_loop`" in card
         assert "| edits | 4 (" in card
+
+
+def test_a_checkpoint_of_another_program_is_refused_by_export_and_by_resume(tmp_path):
+    foreign = {"state_dict": {}, "hyper_parameters": {}}  # no `sphere_lightning` entry
+    message = r"not written by this version of sphere_lightning.*format"
+    with pytest.raises(CheckpointMismatchError, match=message):
+        load_edited_model(foreign)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        EditingModule(editor=AlphaEdit(layers=[1])).check_checkpoint(foreign)
