@@ -16,7 +16,12 @@ from sphere_lightning.editors.hooks import encode_target, encode_with_subject
 from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
-from tests.editors.test_editors import STATS, apply_deltas, nullspace_threshold, target_logprob
+from tests.editors.test_editors import (
+    STATS,
+    apply_deltas,
+    logprob_gains,
+    nullspace_threshold,
+)
 
 FAMILIES = ["gpt2", "llama"]
 EDITORS = ["rome", "ft", "memit", "alphaedit"]
@@ -107,11 +112,7 @@ def test_one_delta_per_edited_layer_in_the_weights_shape(edited):
 
 
 def test_applied_deltas_raise_the_new_targets_probability(edited, tokenizer, requests):
-    model = copy.deepcopy(edited.model)
-    before = [target_logprob(model, tokenizer, r) for r in requests]
-    apply_deltas(model, edited.deltas)
-    after = [target_logprob(model, tokenizer, r) for r in requests]
-    gains = [a - b for a, b in zip(after, before, strict=True)]
+    gains = logprob_gains(copy.deepcopy(edited.model), tokenizer, requests, edited.deltas)
     # A 32-wide random model mixes positions a lot, so one request's edit can cost another (ROME
     # edits one after another, each against the weights the earlier ones left): the batch as a
     # whole must clearly gain, and most requests with it.

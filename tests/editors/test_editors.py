@@ -78,6 +78,15 @@ def target_logprob(model, tokenizer, request) -> float:
     return sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(target)) / len(target)
 
 
+def logprob_gains(model, tokenizer, requests, deltas) -> list[float]:
+    """Apply ``deltas`` to ``model`` (in place) and return each request's change of
+    :func:`target_logprob`."""
+    before = [target_logprob(model, tokenizer, r) for r in requests]
+    apply_deltas(model, deltas)
+    after = [target_logprob(model, tokenizer, r) for r in requests]
+    return [a - b for a, b in zip(after, before, strict=True)]
+
+
 def _recorder(store: dict, key: str, read: str = "input"):
     """A forward hook that stores the module's first input (or its output) under ``key``."""
 
@@ -156,11 +165,7 @@ def test_one_linear_shaped_delta_per_edited_layer(edited):
 
 
 def test_deltas_raise_the_probability_of_the_new_target(edited, tokenizer, requests):
-    model = copy.deepcopy(edited.model)
-    before = [target_logprob(model, tokenizer, r) for r in requests]
-    apply_deltas(model, edited.deltas)
-    after = [target_logprob(model, tokenizer, r) for r in requests]
-    gains = [a - b for a, b in zip(after, before, strict=True)]
+    gains = logprob_gains(copy.deepcopy(edited.model), tokenizer, requests, edited.deltas)
     # A 32-wide random model mixes positions a lot, so an edit of one request can cost another a
     # little; the batch as a whole must clearly gain, and nearly every request with it.
     assert sum(gains) / len(gains) > 0.1, gains
