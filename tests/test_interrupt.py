@@ -79,8 +79,11 @@ class _CtrlCInAfterApply(AlphaEdit):
 
 @pytest.fixture
 def sigint_handler():
-    """Lightning ignores SIGINT once it has shut down; put the handler back afterwards."""
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test — a process started in the
+    background by a shell inherits SIGINT ignored — and the previous one put back afterwards
+    (Lightning ignores SIGINT once it has shut down)."""
     previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
 
