@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sphere_lightning.callbacks import EditObserver
 from sphere_lightning.data.datamodule import EditDataModule
+from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import check_output_folders
 from sphere_lightning.module import EditingModule
 from sphere_lightning.protocols import edit_protocols
@@ -163,12 +164,13 @@ def write_summary(
     trainer, module: EditingModule, config: dict[str, Any], wall_seconds: float
 ) -> Path | None:
     """Write ``summary.json`` into the run's log folder (rank zero only); returns its path."""
-    if not trainer.is_global_zero or trainer.log_dir is None:
+    log_dir = run_log_dir(trainer)
+    if not trainer.is_global_zero or log_dir is None:
         return None
     summary = summarise(trainer, module)
     summary["wall_seconds"] = wall_seconds
     summary["config"] = config
-    path = Path(trainer.log_dir) / "summary.json"
+    path = Path(log_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str))
     return path

@@ -34,6 +34,7 @@ import sphere_lightning
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
 from sphere_lightning.models.loading import load_model, resolve_dtype, temporary_sibling
 from sphere_lightning.module import (
@@ -332,7 +333,7 @@ def export_module(
         requests=list(datamodule.requests[:num_edited]),
         pre_edit_metrics=dict(pl_module.pre_edit_metrics),
         final_edit_metrics=dict(pl_module.final_edit_metrics),
-        source=f"the run in memory (log folder {trainer.log_dir})",
+        source=f"the run in memory (log folder {run_log_dir(trainer)})",
     )
     return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
 

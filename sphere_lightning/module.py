@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaError, check_delta
 from sphere_lightning.data.requests import EditBatch, EditRequest
+from sphere_lightning.distributed import Collective, EditDDPStrategy
 from sphere_lightning.editors.base import Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
@@ -63,6 +65,18 @@ def _without_nan(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     metrics left with no score are dropped."""
     kept = {name: values[~values.isnan()] for name, values in scores.items()}
     return {name: values for name, values in kept.items() if len(values)}
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse a multi-process strategy other than :class:`EditDDPStrategy`: Lightning's own DDP
+    wraps the model to average gradients, and editing has none to average."""
+    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, EditDDPStrategy):
+        raise ConfigError(
+            f"`trainer.strategy` {type(strategy).__name__} is not supported for editing: use "
+            "`edit_ddp` (Lightning's DDP that splits each batch's requests across the "
+            "processes and applies the same ΔW on every one), e.g. `--trainer.strategy edit_ddp "
+            "--trainer.devices 2`"
+        )
 
 
 class DeltaApplier(torch.optim.Optimizer):
@@ -164,7 +178,11 @@ class EditingModule(LightningModule):
         self.original_weights: dict[str, torch.Tensor] = {}
         self.pre_edit_metrics: dict[str, float] = {}
         self.phase_seconds: dict[str, float] = {}
-        self._metrics = torch.nn.ModuleDict({k: MeanMetric() for k in EDIT_METRICS})
+        # NaN (a request with no prompt of a kind) is left out of the mean; across processes
+        # torchmetrics sums the values and counts of every rank's share.
+        self._metrics = torch.nn.ModuleDict(
+            {k: MeanMetric(nan_strategy="ignore") for k in EDIT_METRICS}
+        )
         self._evaluated_step = -1
         #: :func:`base_model_fingerprint` of the unedited model (set when it loads).
         self.base_fingerprint: str | None = None
@@ -194,6 +212,11 @@ class EditingModule(LightningModule):
         return self
 
     @property
+    def collective(self) -> Collective:
+        """The processes of the run (one unless the strategy is ``edit_ddp``)."""
+        return Collective.of(self._trainer)
+
+    @property
     def edited_parameter_names(self) -> list[str]:
         """Names of the parameters the editor changes."""
         return self.editor.edited_parameter_names(self.model)
@@ -214,9 +237,18 @@ class EditingModule(LightningModule):
         return DeltaApplier(self)
 
     @override
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+
+    @override
     def on_fit_start(self) -> None:
         start = time.perf_counter()
-        self.editor.setup(self.model, self.tokenizer)
+        collective = self.collective
+        self.editor.collective = collective
+        self.editor.progress = self.editor.progress and collective.rank == 0
+        # Rank 0 computes the statistics and writes them to the cache; the others then read it.
+        collective.run_first_on_rank_zero(lambda: self.editor.setup(self.model, self.tokenizer))
+        self.editor.synchronise(collective)
         self._add_time("setup", start, log=False)
 
     @override
@@ -313,22 +345,31 @@ class EditingModule(LightningModule):
                 check_delta(delta, name, self.edited_weight(name).shape, "The ΔW to apply")
             except NonFiniteDeltaError as error:
                 raise NonFiniteDeltaError(f"Step {self.global_step}: {error}") from None
+        collective = self.collective
         with torch.no_grad():
             for name, delta in self.pending_deltas.items():
                 weight = self.edited_weight(name)
-                weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+                delta = delta.to(device=weight.device, dtype=weight.dtype)
+                # Every process applies rank 0's ΔW: the weights stay bit-identical across ranks.
+                weight.add_(collective.broadcast_(delta))
 
     # -- evaluation --------------------------------------------------------------------------
 
     def edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
-        """Per-request efficacy, generalization and specificity under the current weights."""
+        """Per-request efficacy, generalization and specificity under the current weights
+        (each process scores its share of ``requests``; every process returns all rows)."""
+        return self.collective.map(self._local_edit_scores, requests)
+
+    def _local_edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        if not requests:
+            return {name: torch.empty(0) for name in EDIT_METRICS}
         family = self.trainer.datamodule.metric_family
         return METRIC_FAMILIES[family](
             self.model,
             self.tokenizer,
             requests,
             batch_size=self.score_batch_size,
-            progress=self.trainer.progress_bar_callback is not None,
+            progress=self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero,
             desc=f"Edit metrics ({len(requests)} facts)",
         )
 
@@ -354,12 +395,13 @@ class EditingModule(LightningModule):
         return min(self.global_step * per_step, len(self.trainer.datamodule.requests))
 
     def _evaluate(self, batch: EditBatch) -> None:
-        edited = self.num_edited()
-        keep = [i for i, p in enumerate(batch.positions) if p < edited]
-        if not keep:
+        num = self.num_edited()
+        edited = [r for r, p in zip(batch.requests, batch.positions, strict=True) if p < num]
+        if not edited:
             return
-        scores = self.edit_scores([batch.requests[i] for i in keep])
-        for name, values in _without_nan(scores).items():
+        # This process's share only: the metrics sum every process's values and counts.
+        start, stop = self.collective.bounds(len(edited))
+        for name, values in self._local_edit_scores(edited[start:stop]).items():
             self._metrics[name].update(values)
 
     def _log_edit_metrics(self, prefix: str) -> None:
@@ -368,7 +410,9 @@ class EditingModule(LightningModule):
         metrics = {f"{prefix}/num_evaluated": float(self.num_edited())}
         for name, metric in self._metrics.items():
             if metric.update_called:
-                metrics[f"{prefix}/{name}"] = float(metric.compute())
+                value = float(metric.compute())  # on every process: it gathers their shares
+                if value == value:  # NaN: no request had a prompt of this kind
+                    metrics[f"{prefix}/{name}"] = value
             metric.reset()
         start = time.perf_counter()
         fluency = self.fluency(self.trainer.datamodule.requests[: self.num_edited()])

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
+from sphere_lightning.distributed import run_log_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,7 +40,7 @@ def figures_dir(trainer: Trainer, dirpath: str | Path | None = None) -> Path:
     """
     if dirpath is not None:
         return Path(dirpath)
-    root = getattr(trainer, "log_dir", None) or trainer.default_root_dir
+    root = run_log_dir(trainer) or trainer.default_root_dir
     return Path(root) / "figures"
 
 

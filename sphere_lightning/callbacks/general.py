@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
+from sphere_lightning.distributed import Collective
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
 
@@ -142,6 +143,7 @@ class GeneralAbilityCallback(EditObserver):
         """Score every task on the module's model: ``{"general/<task>/<metric>": value}``,
         each task timed as phase ``general/<task>``."""
         examples = self.load_examples()
+        collective = Collective.of(trainer)
         values: dict[str, float] = {}
         for name, task in self.tasks.items():
             with self.timed(f"general/{name}"):
@@ -150,7 +152,8 @@ class GeneralAbilityCallback(EditObserver):
                     pl_module.tokenizer,
                     examples[name],
                     batch_size=self.batch_sizes[name],
-                    progress=self.progress,
+                    progress=self.progress and trainer.is_global_zero,
+                    collective=collective,
                 )
             values.update({f"general/{name}/{metric}": v for metric, v in scores.items()})
         return values

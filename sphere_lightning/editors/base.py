@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.editors.hooks import (
     EncodedPrompt,
     WeightSnapshot,
@@ -21,7 +22,7 @@ from sphere_lightning.editors.hooks import (
     model_device,
 )
 from sphere_lightning.editors.statistics import GENERATED, second_moments
-from sphere_lightning.editors.targets import TargetOptions, compute_target_values
+from sphere_lightning.editors.targets import TargetOptions, TargetResult, compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of
 
@@ -68,10 +69,18 @@ class Editor(ABC):
         self.last_timings: dict[str, float] = {}
         #: Show tqdm bars while computing deltas.
         self.progress = True
+        #: The processes of the run; an editor may split per-request work across them
+        #: (:meth:`Collective.map`) as long as every process returns the same ΔW.
+        self.collective: Collective = SINGLE
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check the layers against the model and prepare anything the editor needs."""
         architecture_of(model).check_layers(model, self.layers, flag="editor.init_args.layers")
+
+    def synchronise(self, collective: Collective) -> None:
+        """Once every process has run :meth:`setup`: make what each derived on its own equal to
+        rank 0's (nothing by default)."""
+        return None
 
     def edited_parameter_names(self, model: PreTrainedModel) -> list[str]:
         """Names of the parameters this editor changes."""
@@ -232,6 +241,10 @@ class LocateThenEditEditor(Editor):
         if self.context_templates is None:
             self.context_templates = self._generate_templates(model, tokenizer)
 
+    def synchronise(self, collective: Collective) -> None:
+        """Rank 0's context templates on every process (sampled text; one set for all)."""
+        self.context_templates = collective.broadcast_object(self.context_templates)
+
     def _generate_templates(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> list[str]:
@@ -284,7 +297,19 @@ class LocateThenEditEditor(Editor):
     ) -> dict[int, torch.Tensor]:
         """Key of each request at each layer, ``(n, d_in)``: the input of the layer's
         out-projection at the subject's last token, averaged over context templates as the
-        reference does (:func:`average_over_templates`)."""
+        reference does (:func:`average_over_templates`). Each process reads its share of the
+        requests; every process returns all keys."""
+        return self.collective.map(
+            lambda share: self._local_keys(model, tokenizer, share, layers), requests
+        )
+
+    def _local_keys(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        layers: Sequence[int],
+    ) -> dict[int, torch.Tensor]:
         spec = architecture_of(model)
         names = [spec.mlp_out_name(layer) for layer in layers]
         acts = gather_at_subject(
@@ -327,16 +352,7 @@ class LocateThenEditEditor(Editor):
         spec = architecture_of(model)
         timings = {"v_star": 0.0, "keys": 0.0, "solve": 0.0, "transform": 0.0}
         start = time.perf_counter()
-        target = compute_target_values(
-            model,
-            tokenizer,
-            spec,
-            requests,
-            self.target_layer,
-            self.context_templates,
-            self.target_options,
-            progress=self.progress,
-        )
+        target = self.target_values(model, tokenizer, requests)
         timings["v_star"] = time.perf_counter() - start
         self.last_metrics = {
             "v_loss": float(torch.tensor(target.losses).mean()),
@@ -351,9 +367,17 @@ class LocateThenEditEditor(Editor):
             ):
                 start = time.perf_counter()
                 keys = self.compute_keys(model, tokenizer, requests, [layer])[layer]
-                current = gather_at_subject(
-                    model, tokenizer, bare, [block], read="output", batch_size=self.key_batch_size
-                )[block]
+                current = self.collective.map(
+                    lambda share: gather_at_subject(
+                        model,
+                        tokenizer,
+                        share,
+                        [block],
+                        read="output",
+                        batch_size=self.key_batch_size,
+                    )[block],
+                    bare,
+                )
                 timings["keys"] += time.perf_counter() - start
                 start = time.perf_counter()
                 residual = (target.values - current) / (len(self.layers) - i)
@@ -368,6 +392,41 @@ class LocateThenEditEditor(Editor):
                 deltas[name] = delta
         self.last_timings = timings
         return deltas
+
+    def target_values(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+    ) -> TargetResult:
+        """v* of every request at :attr:`target_layer`. The optimisation is independent per
+        request, so each process optimises its share and every process returns all of them."""
+
+        def optimise(share: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+            result = compute_target_values(
+                model,
+                tokenizer,
+                architecture_of(model),
+                share,
+                self.target_layer,
+                self.context_templates,
+                self.target_options,
+                progress=self.progress,
+            )
+            return {
+                "values": result.values,
+                "initial": result.initial,
+                "losses": torch.tensor(result.losses, dtype=torch.float64),
+                "steps": torch.tensor(result.steps, dtype=torch.float64),
+            }
+
+        rows = self.collective.map(optimise, requests)
+        return TargetResult(
+            rows["values"],
+            rows["initial"],
+            rows["losses"].tolist(),
+            [int(step) for step in rows["steps"].tolist()],
+        )
 
     @abstractmethod
     def solve(

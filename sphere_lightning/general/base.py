@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.readers import MalformedRecordError
+from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.general.metrics import classification_metrics
 from sphere_lightning.general.scoring import score_options
 
@@ -276,11 +277,15 @@ class GeneralTask:
         examples: Sequence[GeneralExample],
         batch_size: int = 16,
         progress: bool = False,
+        collective: Collective = SINGLE,
     ) -> dict[str, float]:
-        """Predict every example and return the task's metrics."""
+        """Predict every example and return the task's metrics (each process predicts its
+        share of ``examples``; the metrics are computed over all of them)."""
         if not examples:
             raise ValueError(f"{self.name}: no examples to evaluate")
-        preds = self.predict(model, tokenizer, examples, batch_size, progress)
+        preds = collective.map(
+            lambda share: self.predict(model, tokenizer, share, batch_size, progress), examples
+        )
         return self.compute_metrics(preds, torch.tensor([e.label for e in examples]))
 
 

@@ -29,6 +29,7 @@ from torchmetrics.functional.classification import multiclass_f1_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.fluency import greedy_generations
 from sphere_lightning.general.base import GeneralTask, HubDataset, Record
 from sphere_lightning.general.tasks import TASKS
@@ -313,18 +314,27 @@ class GenerationTask(GeneralTask):
         examples: Sequence[GenerationExample],
         batch_size: int = 16,
         progress: bool = False,
+        collective: Collective = SINGLE,
     ) -> dict[str, float]:
-        """Generate an answer for every example and return the mean of each metric."""
+        """Generate an answer for every example and return the mean of each metric (each
+        process generates for its share of ``examples``; the means are over all of them)."""
         if not examples:
             raise ValueError(f"{self.name}: no examples to evaluate")
-        generations = self.generate(
-            model, tokenizer, [e.prompt for e in examples], batch_size, progress
-        )
-        totals: dict[str, float] = {}
-        for example, generation in zip(examples, generations, strict=True):
-            for metric, value in self.score(self.answer_text(generation), example.answers).items():
-                totals[metric] = totals.get(metric, 0.0) + value
-        return {metric: total / len(examples) for metric, total in totals.items()}
+
+        def scores(share: Sequence[GenerationExample]) -> dict[str, torch.Tensor]:
+            generations = self.generate(
+                model, tokenizer, [e.prompt for e in share], batch_size, progress
+            )
+            rows = [
+                self.score(self.answer_text(generation), example.answers)
+                for example, generation in zip(share, generations, strict=True)
+            ]
+            return {m: torch.tensor([row[m] for row in rows], dtype=torch.float64) for m in rows[0]}
+
+        return {
+            metric: float(values.mean())
+            for metric, values in collective.map(scores, examples).items()
+        }
 
 
 class NQOpenTask(GenerationTask):
