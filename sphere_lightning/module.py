@@ -24,7 +24,7 @@ from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
-from sphere_lightning.models.loading import load_model
+from sphere_lightning.models.loading import DeviceMap, load_model
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -119,6 +119,11 @@ class EditingModule(LightningModule):
         editor: Computes ΔW for each batch (``class_path`` of an :class:`Editor`).
         model: ``smollm2-135m`` (embedded), a ``.gguf`` file, a local folder or a hub id.
         dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
+        device_map: Place a model too big for one device across several, with
+            transformers/accelerate: ``auto`` or ``{module name: device}``. Lightning then
+            leaves the model where it was placed (use ``trainer.accelerator: cpu``, one process);
+            every editor, transform and callback works on each layer's own device. ``null``
+            (default): the whole model on the trainer's device.
         score_batch_size: Distinct prompts per forward pass when scoring edit metrics (sequences
             per pass for fluency generations).
         batch_metrics: Score each batch right after it is applied (``edit_batch/*``).
@@ -140,6 +145,7 @@ class EditingModule(LightningModule):
         editor: Editor,
         model: str = "smollm2-135m",
         dtype: str = "float32",
+        device_map: DeviceMap | None = None,
         score_batch_size: int = 64,
         batch_metrics: bool = True,
         fluency_prompts: int = 16,
@@ -153,6 +159,7 @@ class EditingModule(LightningModule):
         self.editor = editor
         self.model_name = model
         self.dtype_name = dtype
+        self.device_map = device_map
         self.score_batch_size = score_batch_size
         self.batch_metrics = batch_metrics
         if fluency_prompts < 0:
@@ -195,13 +202,25 @@ class EditingModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model, self.tokenizer = load_model(self.model_name, self.dtype_name)
+        self.model, self.tokenizer = load_model(self.model_name, self.dtype_name, self.device_map)
         architecture_of(self.model).check_layers(
             self.model, self.editor.layers, flag="model.editor.init_args.layers"
         )
         names = self.edited_parameter_names
         self.original_weights = {name: self.edited_weight(name).detach().clone() for name in names}
         self.base_fingerprint = base_model_fingerprint(self.model, names)
+
+    @override
+    def _apply(self, fn, recurse: bool = True):
+        # A model placed with ``device_map`` stays where it was put: Lightning's move of the
+        # module to the trainer's device (``.to``) reaches the metrics only.
+        if self.device_map is None or self.model is None or not recurse:
+            return super()._apply(fn, recurse)
+        model, self._modules["model"] = self._modules["model"], None  # skipped by _apply
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules["model"] = model
 
     @override
     def train(self, mode: bool = True) -> EditingModule:
@@ -239,6 +258,11 @@ class EditingModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        if self.device_map is not None and self.trainer.world_size > 1:
+            raise ConfigError(
+                "`model.device_map` places one model across devices and `trainer.devices` "
+                f"asks for {self.trainer.world_size} processes: use one or the other"
+            )
 
     @override
     def on_fit_start(self) -> None:

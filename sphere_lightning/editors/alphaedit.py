@@ -77,14 +77,16 @@ class AlphaEdit(LocateThenEditEditor):
     ) -> None:
         """Accumulate K Kᵀ of this batch, read from the model with the updates applied."""
         keys = self.compute_keys(model, tokenizer, requests, self.layers)
-        for layer, k in keys.items():
+        for layer, k in keys.items():  # K Kᵀ stays on its layer's device
             k = k.double()
-            self.key_cache[layer] = (self.key_cache[layer].double() + k.T @ k).float().cpu()
+            cache = self.key_cache[layer].to(k)
+            self.key_cache[layer] = (cache + k.T @ k).float()
 
     def state_dict(self) -> dict[str, Any]:
         """Templates and the accumulated K Kᵀ; the projectors are rebuilt from the (cached)
         statistics by :meth:`setup`, so checkpoints do not carry them."""
-        return {**super().state_dict(), "key_cache": self.key_cache}
+        key_cache = {layer: cache.cpu() for layer, cache in self.key_cache.items()}
+        return {**super().state_dict(), "key_cache": key_cache}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

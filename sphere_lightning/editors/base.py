@@ -24,7 +24,7 @@ from sphere_lightning.editors.hooks import (
 from sphere_lightning.editors.statistics import GENERATED, second_moments
 from sphere_lightning.editors.targets import TargetOptions, TargetResult, compute_target_values
 from sphere_lightning.errors import ConfigError
-from sphere_lightning.models.architectures import architecture_of
+from sphere_lightning.models.architectures import architecture_of, linear_weight
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +272,13 @@ class LocateThenEditEditor(Editor):
     def second_moments(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> dict[int, torch.Tensor]:
-        """``E[k kᵀ]`` per edited layer (cached on disk)."""
-        return second_moments(
-            model, tokenizer, architecture_of(model), self.layers, **self.stats_options
-        )
+        """``E[k kᵀ]`` per edited layer (cached on disk), float32 on that layer's device."""
+        spec = architecture_of(model)
+        moments = second_moments(model, tokenizer, spec, self.layers, **self.stats_options)
+        return {
+            layer: moment.to(linear_weight(model.get_submodule(spec.mlp_out_name(layer))).device)
+            for layer, moment in moments.items()
+        }
 
     # -- the layer loop ----------------------------------------------------------------------
 
@@ -380,7 +383,8 @@ class LocateThenEditEditor(Editor):
                 )
                 timings["keys"] += time.perf_counter() - start
                 start = time.perf_counter()
-                residual = (target.values - current) / (len(self.layers) - i)
+                # On the edited layer's device (the target layer may sit on another one).
+                residual = (target.values - current).to(keys.device) / (len(self.layers) - i)
                 delta = self.solve(i, layer, keys.double(), residual.double()).float()
                 timings["solve"] += time.perf_counter() - start
                 name = spec.weight_name(layer)

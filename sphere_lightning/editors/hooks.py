@@ -68,7 +68,12 @@ def pad_batch(
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
+    """Where the model's inputs go: the device of its input embeddings (of its first parameter
+    for a model without them). A model placed across devices (``device_map``) moves the hidden
+    states from block to block itself."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is not None:
+        return embeddings.weight.device
     return next(model.parameters()).device
 
 
@@ -141,12 +146,13 @@ def gather_at_subject(
         rows = torch.arange(len(chunk), device=device)
         cols = torch.tensor([p.subject_last for p in chunk], device=device)
         captured = capture(model, ids, mask, module_names, read)
-        where = torch.tensor(index, device=device)
         for name in module_names:
-            value = captured[name][rows, cols].float()
+            # On the module's own device (each layer's, for a model placed across devices).
+            value = captured[name][rows.to(captured[name].device), cols.to(captured[name].device)]
+            value = value.float()
             if name not in results:
                 results[name] = value.new_empty(len(prompts), value.shape[-1])
-            results[name][where] = value
+            results[name][torch.tensor(index, device=value.device)] = value
     return results
 
 
@@ -164,7 +170,7 @@ class WeightSnapshot:
         if layer not in self.saved:
             self.saved[layer] = weight.detach().clone()
         with torch.no_grad():
-            weight.add_(delta.to(weight.dtype))
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def restore(self) -> None:
         """Copy every saved weight back (all of them, also when Ctrl-C arrives meanwhile)."""

