@@ -101,6 +101,15 @@ class Collective:
                 tensor.copy_(travelling)
         return tensor
 
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with the sum over the ranks (in place)."""
+        if self.distributed:
+            travelling = tensor.to(self.device).contiguous()
+            dist.all_reduce(travelling)
+            if travelling.data_ptr() != tensor.data_ptr():
+                tensor.copy_(travelling)
+        return tensor
+
     def broadcast_object(self, obj: T, src: int = 0) -> T:
         """Rank ``src``'s picklable ``obj`` on every rank."""
         if not self.distributed:

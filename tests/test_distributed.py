@@ -119,7 +119,8 @@ def test_map_gather_and_broadcast_on_two_gloo_processes(tmp_path):
 # -- a whole editing run on two processes ------------------------------------------------------
 
 # Loaded by the runs (its folder is put on PYTHONPATH): counts which requests each process
-# optimises v* for, and saves each process's edited weights and K Kᵀ at the end of the fit.
+# optimises v* for (and how many FT tunes on), and saves each process's edited weights and K Kᵀ
+# at the end of the fit.
 HELPERS = """
 import json
 import os
@@ -129,6 +130,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback
 
 import sphere_lightning.editors.base as base
+import sphere_lightning.editors.ft as ft
 
 OUT = os.environ["DDP_TEST_OUT"]
 _optimise = base.compute_target_values
@@ -142,12 +144,25 @@ def _counted(model, tokenizer, spec, requests, *args, **kwargs):
 
 
 base.compute_target_values = _counted
+_chunks = ft.FT._chunk_inputs
+
+
+def _counted_chunks(self, tokenizer, requests, device):
+    chunks = _chunks(self, tokenizer, requests, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with open(os.path.join(OUT, f"tuned-{rank}.jsonl"), "a") as file:
+        file.write(json.dumps([0 if c.ids is None else len(c.ids) for c in chunks]) + "\\n")
+    return chunks
+
+
+ft.FT._chunk_inputs = _counted_chunks
 
 
 class SaveEditedState(Callback):
     def on_fit_end(self, trainer, pl_module):
         state = {n: pl_module.edited_weight(n).clone() for n in pl_module.edited_parameter_names}
-        state.update({f"kkt/{k}": v.clone() for k, v in pl_module.editor.key_cache.items()})
+        key_cache = getattr(pl_module.editor, "key_cache", {})
+        state.update({f"kkt/{k}": v.clone() for k, v in key_cache.items()})
         torch.save(state, os.path.join(OUT, f"state-{trainer.global_rank}.pt"))
 """
 
@@ -179,7 +194,30 @@ def nine_facts(tmp_path_factory, requests, write_rome_json) -> Path:
     return write_rome_json(facts, tmp_path_factory.mktemp("data") / "facts.json")
 
 
-def _run(tmp_path: Path, name: str, model_dir: str, data: Path, extra: list[str]) -> Path:
+#: The editor options of the runs: AlphaEdit (``configs/edit.yaml``'s) and FT, small enough for
+#: the tiny model.
+EDITORS = {
+    "alphaedit": [
+        "--model.editor.init_args.layers=[1, 2]",
+        "--model.editor.init_args.v_num_steps=6",
+        "--model.editor.init_args.num_context_templates=1",
+        "--model.editor.init_args.context_template_length=4",
+        "--model.editor.init_args.stats_num_samples=8",
+        "--model.editor.init_args.stats_max_length=12",
+    ],
+    "ft": [
+        "--config",
+        str(ROOT / "configs" / "editors" / "ft.yaml"),
+        "--model.editor.init_args.layers=[1, 2]",
+        "--model.editor.init_args.num_steps=8",
+        "--model.editor.init_args.lr=1e-2",
+    ],
+}
+
+
+def _run(
+    tmp_path: Path, name: str, model_dir: str, data: Path, editor: str, extra: list[str]
+) -> Path:
     out = tmp_path / name
     out.mkdir()
     general = tmp_path / "general"
@@ -204,12 +242,7 @@ def _run(tmp_path: Path, name: str, model_dir: str, data: Path, extra: list[str]
         "--config",
         str(ROOT / "configs" / "edit.yaml"),
         f"--model.model={model_dir}",
-        "--model.editor.init_args.layers=[1, 2]",
-        "--model.editor.init_args.v_num_steps=6",
-        "--model.editor.init_args.num_context_templates=1",
-        "--model.editor.init_args.context_template_length=4",
-        "--model.editor.init_args.stats_num_samples=8",
-        "--model.editor.init_args.stats_max_length=12",
+        *EDITORS[editor],
         "--model.fluency_prompts=2",
         "--model.fluency_max_new_tokens=4",
         f"--data.dataset={data}",
@@ -245,35 +278,44 @@ def _run(tmp_path: Path, name: str, model_dir: str, data: Path, extra: list[str]
     return out
 
 
-def _optimised(out: Path, rank: int) -> list[list[int]]:
-    path = out / f"optimised-{rank}.jsonl"
+def _optimised(out: Path, rank: int, kind: str = "optimised") -> list[list[int]]:
+    path = out / f"{kind}-{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_edit_as_one_process_does(tmp_path, tiny_model_dir, nine_facts):
+@pytest.mark.parametrize("editor", list(EDITORS))
+def test_two_gloo_processes_edit_as_one_process_does(tmp_path, tiny_model_dir, nine_facts, editor):
     (tmp_path / "helpers").mkdir()
     (tmp_path / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
-    one = _run(tmp_path, "one", tiny_model_dir, nine_facts, [])
+    one = _run(tmp_path, "one", tiny_model_dir, nine_facts, editor, [])
     two = _run(
         tmp_path,
         "two",
         tiny_model_dir,
         nine_facts,
+        editor,
         ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"],
     )
 
-    # Every request's v* is optimised exactly once, each batch split 1 + 2 between the ranks.
-    rank0, rank1 = _optimised(two, 0), _optimised(two, 1)
-    assert [len(s) for s in rank0] == [1] * NUM_BATCHES
-    assert [len(s) for s in rank1] == [2] * NUM_BATCHES
-    batches = [a + b for a, b in zip(rank0, rank1, strict=True)]
-    assert batches == _optimised(one, 0), "the same requests, batch by batch, in order"
-    assert sorted(sum(batches, [])) == list(range(NUM_BATCHES * PER_BATCH))
+    if editor == "alphaedit":
+        # Every request's v* is optimised exactly once, each batch split 1 + 2 between ranks.
+        rank0, rank1 = _optimised(two, 0), _optimised(two, 1)
+        assert [len(s) for s in rank0] == [1] * NUM_BATCHES
+        assert [len(s) for s in rank1] == [2] * NUM_BATCHES
+        batches = [a + b for a, b in zip(rank0, rank1, strict=True)]
+        assert batches == _optimised(one, 0), "the same requests, batch by batch, in order"
+        assert sorted(sum(batches, [])) == list(range(NUM_BATCHES * PER_BATCH))
+    else:
+        # FT tunes on each request of a batch in exactly one process (1 + 2), the gradients
+        # summed across them.
+        assert _optimised(two, 0, "tuned") == [[1]] * NUM_BATCHES
+        assert _optimised(two, 1, "tuned") == [[2]] * NUM_BATCHES
+        assert _optimised(one, 0, "tuned") == [[PER_BATCH]] * NUM_BATCHES
 
     # The ranks hold bit-identical weights and K Kᵀ (each ΔW is rank 0's, broadcast) ...
     state0, state1 = (torch.load(two / f"state-{r}.pt", weights_only=True) for r in (0, 1))
-    assert state0.keys() == state1.keys() and len(state0) == 4
+    assert state0.keys() == state1.keys() and len(state0) == (4 if editor == "alphaedit" else 2)
     for key, tensor in state0.items():
         assert torch.equal(tensor, state1[key]), key
     # ... equal to one process's within float32 tolerance (torch.testing's float32 defaults:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,16 @@ from sphere_lightning.editors.base import DeltaFn, Editor
 from sphere_lightning.editors.hooks import encode_target, model_device, pad_batch
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
+
+
+class _Chunk(NamedTuple):
+    """This process's share of one chunk of requests (``ids`` None when it is empty), and the
+    number of requests in the whole chunk."""
+
+    ids: torch.Tensor | None
+    mask: torch.Tensor | None
+    labels: torch.Tensor | None
+    size: int
 
 
 class FT(Editor):
@@ -79,21 +89,48 @@ class FT(Editor):
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         device: torch.device,
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per chunk: ids and mask of ``prompt + target[:-1]`` (right-padded), and the target
-        token each position predicts (−100 where none)."""
+    ) -> list[_Chunk]:
+        """Per chunk of ``batch_size`` requests, this process's share of it (all of it with one
+        process): ids and mask of ``prompt + target[:-1]`` (right-padded), and the target token
+        each position predicts (−100 where none)."""
         chunks = []
         for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            first, stop = self.collective.bounds(len(chunk))
+            if first == stop:  # an empty share: this process only joins the gradient sum
+                chunks.append(_Chunk(None, None, None, len(chunk)))
+                continue
             sequences, labels = [], []
-            for request in requests[start : start + self.batch_size]:
+            for request in chunk[first:stop]:
                 prompt = tokenizer(request.filled_prompt)["input_ids"]
                 target = encode_target(tokenizer, request.target_new)
                 sequences.append(list(prompt) + target[:-1])
                 labels.append([-100] * (len(prompt) - 1) + target)
             ids, mask = pad_batch(sequences, tokenizer.pad_token_id, device)
             label_ids, _ = pad_batch(labels, -100, device)
-            chunks.append((ids, mask, label_ids))
+            chunks.append(_Chunk(ids, mask, label_ids, len(chunk)))
         return chunks
+
+    def _chunk_loss(
+        self,
+        model: PreTrainedModel,
+        tuned: dict[str, torch.Tensor],
+        originals: dict[str, torch.Tensor],
+        chunk: _Chunk,
+    ) -> torch.Tensor:
+        """This process's part of the chunk's mean NLL: the sum of its requests' mean target
+        NLL over the whole chunk's size (0 for an empty share)."""
+        if chunk.ids is None:
+            return torch.zeros((), device=next(iter(tuned.values())).device)
+        weights = {name: t.to(originals[name].dtype) for name, t in tuned.items()}
+        logits = functional_call(
+            model, weights, args=(), kwargs={"input_ids": chunk.ids, "attention_mask": chunk.mask}
+        ).logits
+        token_nll = F.cross_entropy(
+            logits.float().transpose(1, 2), chunk.labels, ignore_index=-100, reduction="none"
+        )
+        counts = (chunk.labels != -100).sum(1)
+        return (token_nll.sum(1) / counts).sum() / chunk.size
 
     def compute_deltas(
         self,
@@ -126,20 +163,19 @@ class FT(Editor):
         for _ in bar:
             passes += 1
             total = 0.0
-            for ids, mask, labels in chunks:
+            for chunk in chunks:
                 optimizer.zero_grad()
-                weights = {name: t.to(originals[name].dtype) for name, t in tuned.items()}
-                logits = functional_call(
-                    model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": mask}
-                ).logits
-                token_nll = F.cross_entropy(
-                    logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-                )
-                counts = (labels != -100).sum(1)
-                loss = (token_nll.sum(1) / counts).mean()
-                total += loss.item() * len(ids)
-                if loss.item() >= self.loss_threshold:
-                    loss.backward()
+                loss = self._chunk_loss(model, tuned, originals, chunk)
+                # The chunk's mean NLL: the sum over the processes' shares.
+                chunk_loss = float(self.collective.all_reduce_(loss.detach().clone()))
+                total += chunk_loss * chunk.size
+                if chunk_loss >= self.loss_threshold:
+                    if loss.requires_grad:
+                        loss.backward()
+                    for t in tuned.values():  # every process steps with the whole gradient
+                        if t.grad is None:
+                            t.grad = torch.zeros_like(t)
+                        self.collective.all_reduce_(t.grad)
                     optimizer.step()
                 if eps is not None:
                     with torch.no_grad():
