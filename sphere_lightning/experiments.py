@@ -690,8 +690,12 @@ SUITE_COLUMNS = (
     ),
     SuiteColumn("drift_kl", "drift KL", ".4f"),
     SuiteColumn("he_change", "HE change", ".4g"),
-    SuiteColumn("wall_seconds", "seconds", ".0f"),
+    SuiteColumn("edit_seconds", "edit seconds", ".0f"),
+    SuiteColumn("wall_seconds", "wall seconds", ".0f"),
 )
+
+#: The phases of ``summary.json``'s ``phase_seconds`` that write edits into the model.
+EDIT_PHASES = ("compute_deltas", "transform_and_apply", "after_apply")
 
 
 def _number(value: Any) -> float | None:
@@ -703,8 +707,9 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
 
     Edit metrics are ``edit.final``; an accuracy change is ``general.<task>.final.accuracy``
     minus its ``baseline``; drift KL is ``drift.kl``; HE change is the mean over the edited
-    layers of ``energy.<layer>.final − baseline``; seconds are ``wall_seconds``. A value the
-    run did not record is ``None``.
+    layers of ``energy.<layer>.final − baseline``; edit seconds are the sum of
+    ``phase_seconds`` over :data:`EDIT_PHASES` (kept across resumes by the checkpoints), wall
+    seconds ``wall_seconds``. A value the run did not record is ``None``.
     """
     values: dict[str, float | int | None] = {}
     num_edited = summary.get("num_edited")
@@ -728,6 +733,9 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
         and (final_value := _number(layer.get("final"))) is not None
     ]
     values["he_change"] = sum(changes) / len(changes) if changes else None
+    phases = summary.get("phase_seconds") or {}
+    edit_seconds = [_number(phases.get(phase)) for phase in EDIT_PHASES]
+    values["edit_seconds"] = None if None in edit_seconds else sum(edit_seconds)
     values["wall_seconds"] = _number(summary.get("wall_seconds"))
     return values
 
@@ -778,8 +786,11 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "- Δacc: general-ability accuracy minus its value before the first edit;",
         "- drift KL: KL(original ‖ edited) of next-token distributions on held-out text;",
         "- HE change: mean over the edited layers of HE minus HE before editing;",
-        "- seconds: `wall_seconds` of the run's last `fit` process (a resumed run counts from its "
-        "resume);",
+        "- edit seconds: time spent computing, transforming and applying the edits "
+        f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
+        "resumes;",
+        "- wall seconds: `wall_seconds` of the run's last `fit` process, evaluations included (a "
+        "resumed run counts from its resume);",
         f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",
     ]
     if unfinished:

@@ -371,6 +371,13 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         },
         "drift": {"kl": 0.0625, "perplexity": 9.0},
         "energy": {"a": {"baseline": 10.0, "final": 12.0}, "b": {"baseline": 5.0, "final": 9.0}},
+        "phase_seconds": {
+            "setup": 9.0,
+            "compute_deltas": 600.25,
+            "transform_and_apply": 2.5,
+            "after_apply": 7.0,
+            "evaluation": 100.0,
+        },  # fmt: skip
         "wall_seconds": 1234.4,
     }
     pairs = [experiments.Pair(name, Path(f"{name}.yaml"), tmp_path / name) for name in "xy"]
@@ -395,13 +402,14 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "boolq_accuracy_change": 0.0,
         "drift_kl": 0.0625,
         "he_change": 3.0,  # mean of 2 and 4
+        "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
         "wall_seconds": 1234.4,
     }
     assert set(table["rows"][0]["values"].values()) == {None}
     rows = _markdown_rows(markdown.read_text())
     assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
-                       "+0.250", "+0.000", "0.0625", "3", "1234"]  # fmt: skip
-    assert rows[0] == ["x", "without"] + ["—"] * 11
+                       "+0.250", "+0.000", "0.0625", "3", "610", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 12
     assert "y with SPHERE: `" in markdown.read_text()
 
 
@@ -587,6 +595,10 @@ def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
             he = [e["final"] - e["baseline"] for e in summary["energy"].values()]
             assert values["he_change"] == pytest.approx(sum(he) / len(he), rel=1e-12)
             assert values["wall_seconds"] == summary["wall_seconds"]
+            phases = summary["phase_seconds"]
+            assert values["edit_seconds"] == pytest.approx(
+                phases["compute_deltas"] + phases["transform_and_apply"] + phases["after_apply"]
+            )
         assert len(_markdown_rows((out / "table.md").read_text())) == 4
 
     code = main([*args, "--parallel", "2"])
