@@ -24,7 +24,12 @@ from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
-from sphere_lightning.models.loading import DeviceMap, load_model
+from sphere_lightning.models.loading import (
+    DeviceMap,
+    load_model,
+    needs_conversion,
+    resolve_model_path,
+)
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -202,6 +207,9 @@ class EditingModule(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if needs_conversion(self.model_name):
+            # A GGUF file is converted into the model cache once, by rank 0.
+            self.collective.run_first_on_rank_zero(lambda: resolve_model_path(self.model_name))
         self.model, self.tokenizer = load_model(self.model_name, self.dtype_name, self.device_map)
         architecture_of(self.model).check_layers(
             self.model, self.editor.layers, flag="model.editor.init_args.layers"
