@@ -89,7 +89,19 @@ def _collective_worker(rank: int, world_size: int, port: int, out: str) -> None:
                 "y": torch.ones(len(share), 2),
             }
 
+        # Rank 0 writes a cache file; the others run after it and find it there.
+        cache = Path(out, "cache.txt")
+        found: list[str] = []
+
+        def fill_or_read() -> None:
+            if cache.exists():
+                found.append(cache.read_text())
+            else:
+                cache.write_text(f"written by rank {rank}")
+
+        c.run_first_on_rank_zero(fill_or_read)
         result = {
+            "found": found,
             # 5 rows over 2 ranks: shares of 2 and 3, gathered in order
             "map": {k: v.tolist() for k, v in c.map(rows, list(range(5))).items()},
             "seen": seen,
@@ -114,6 +126,7 @@ def test_map_gather_and_broadcast_on_two_gloo_processes(tmp_path):
         assert result["broadcast"] == [1.0, 1.0, 1.0]
         assert result["object"] == "from rank 0"
     assert results[0]["seen"] == [[0, 1]] and results[1]["seen"] == [[2, 3, 4]]
+    assert results[0]["found"] == [] and results[1]["found"] == ["written by rank 0"]
 
 
 # -- a whole editing run on two processes ------------------------------------------------------
