@@ -22,3 +22,16 @@ def quiet_trainer(callbacks: list | None = None, **overrides: Any) -> Trainer:
         "num_sanity_val_steps": 0,
     }
     return Trainer(**{**options, **overrides})
+
+
+def tiny_alphaedit_flags(v_num_steps: int = 6) -> list[str]:
+    """Flags that shrink ``configs/edit.yaml``'s AlphaEdit to the tiny Llama: layers 1 and 2,
+    one generated context template of 4 tokens, statistics from 8 texts of 12 tokens."""
+    return [
+        "--model.editor.init_args.layers=[1, 2]",
+        f"--model.editor.init_args.v_num_steps={v_num_steps}",
+        "--model.editor.init_args.num_context_templates=1",
+        "--model.editor.init_args.context_template_length=4",
+        "--model.editor.init_args.stats_num_samples=8",
+        "--model.editor.init_args.stats_max_length=12",
+    ]

@@ -13,6 +13,7 @@ from sphere_lightning.callbacks import CosineHeatmapCallback, EditObserver, chan
 from sphere_lightning.cli import cli_main
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
+from tests.helpers import tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +46,7 @@ def _fit_args(tmp_path: Path, model_dir: str, data: Path) -> list[str]:
         "--config",
         str(ROOT / "configs" / "edit.yaml"),
         f"--model.model={model_dir}",
-        "--model.editor.init_args.layers=[1, 2]",
-        "--model.editor.init_args.v_num_steps=10",
-        "--model.editor.init_args.num_context_templates=1",
-        "--model.editor.init_args.context_template_length=4",
-        "--model.editor.init_args.stats_num_samples=8",
-        "--model.editor.init_args.stats_max_length=12",
+        *tiny_alphaedit_flags(v_num_steps=10),
         "--model.editor.init_args.nullspace_threshold=1e9",
         f"--data.dataset={data}",
         "--data.num_edits=4",

@@ -21,6 +21,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from sphere_lightning.distributed import SINGLE, Collective, EditDDPStrategy
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.module import check_strategy
+from tests.helpers import tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,14 +211,7 @@ def nine_facts(tmp_path_factory, requests, write_rome_json) -> Path:
 #: The editor options of the runs: AlphaEdit (``configs/edit.yaml``'s) and FT, small enough for
 #: the tiny model.
 EDITORS = {
-    "alphaedit": [
-        "--model.editor.init_args.layers=[1, 2]",
-        "--model.editor.init_args.v_num_steps=6",
-        "--model.editor.init_args.num_context_templates=1",
-        "--model.editor.init_args.context_template_length=4",
-        "--model.editor.init_args.stats_num_samples=8",
-        "--model.editor.init_args.stats_max_length=12",
-    ],
+    "alphaedit": tiny_alphaedit_flags(v_num_steps=6),
     "ft": [
         "--config",
         str(ROOT / "configs" / "editors" / "ft.yaml"),

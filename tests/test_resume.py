@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sphere_lightning.cli import cli_main
 from sphere_lightning.module import CheckpointMismatchError
+from tests.helpers import tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
@@ -65,12 +66,7 @@ def _fit_args(model_dir: str, data: Path, logs: Path, positions: Path) -> list[s
         "--config",
         str(ROOT / "configs" / "edit.yaml"),
         f"--model.model={model_dir}",
-        "--model.editor.init_args.layers=[1, 2]",
-        "--model.editor.init_args.v_num_steps=6",
-        "--model.editor.init_args.num_context_templates=1",
-        "--model.editor.init_args.context_template_length=4",
-        "--model.editor.init_args.stats_num_samples=8",
-        "--model.editor.init_args.stats_max_length=12",
+        *tiny_alphaedit_flags(v_num_steps=6),
         "--model.editor.init_args.nullspace_threshold=1e9",
         "--model.fluency_prompts=2",
         "--model.fluency_max_new_tokens=4",
