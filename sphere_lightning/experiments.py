@@ -899,7 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-edits",
         type=int,
-        help="facts each run edits (data.num_edits; default: the config's)",
+        help="facts each run edits (data.num_edits; default: the suite file's num_edits, else "
+        "the config's)",
     )
     parser.add_argument(
         "--out",
@@ -941,13 +942,17 @@ def _prepare_model(config: dict[str, Any]) -> None:
     resolve_model_path(str((config.get("model") or {}).get("model", "smollm2-135m")))
 
 
-def read_suite(path: Path) -> list[Path]:
-    """The configs a suite file lists (``configs: [...]``), relative to the file's folder."""
+def read_suite(path: Path) -> tuple[list[Path], int | None]:
+    """The configs a suite file lists (``configs: [...]``), relative to the file's folder, and
+    its ``num_edits`` (facts every run edits; ``None``: each config's own)."""
     content = yaml.safe_load(path.read_text()) or {}
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
         raise ValueError(f"--suite {path}: expected `configs:` with a list of config files")
-    return [path.parent / str(entry) for entry in configs]
+    num_edits = content.get("num_edits")
+    if num_edits is not None and (not isinstance(num_edits, int) or num_edits < 1):
+        raise ValueError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
+    return [path.parent / str(entry) for entry in configs], num_edits
 
 
 def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pair]:
@@ -957,9 +962,12 @@ def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pa
         if not args.suite.is_file():
             parser.error(f"--suite {args.suite}: no such file")
         try:
-            configs += read_suite(args.suite)
+            listed, num_edits = read_suite(args.suite)
         except ValueError as error:
             parser.error(str(error))
+        configs += listed
+        if args.num_edits is None:  # the command line wins over the suite file
+            args.num_edits = num_edits
     single = len(configs) <= 1 and args.suite is None
     if args.out is None:
         if not configs:

@@ -39,7 +39,29 @@ RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
 def test_there_are_experiment_configs():
     names = ["alphaedit.yaml", "ft.yaml", "memit.yaml", "prune.yaml", "rect.yaml"]
     assert [p.name for p in EXPERIMENT_CONFIGS] == names
-    assert sorted(p.name for p in experiments.read_suite(SUITE)) == names
+    configs, num_edits = experiments.read_suite(SUITE)
+    assert sorted(p.name for p in configs) == names
+    assert num_edits == 1000  # every row of the combined table edits the same facts
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many"])
+def test_a_suite_with_a_bad_num_edits_is_refused(tmp_path, value, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"configs": ["memit.yaml"], "num_edits": value}))
+    with pytest.raises(SystemExit):
+        main(["--suite", str(suite), "--dataset", "x.json"])
+    assert "`num_edits` should be an integer ≥ 1" in capsys.readouterr().err
+
+
+def test_the_suite_num_edits_reaches_every_run_and_the_flag_wins(tmp_path):
+    memit = ROOT / "configs" / "experiments" / "memit.yaml"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"configs": [str(memit)], "num_edits": 300}))
+    parser = experiments.build_parser()
+    for flags, expected in (([], 300), (["--num-edits", "200"], 200)):
+        args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path / "o"), *flags])
+        experiments._pairs(parser, args)
+        assert args.num_edits == expected
 
 
 def _callback(config, name):
