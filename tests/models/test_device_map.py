@@ -3,13 +3,20 @@ states between devices) is edited exactly as the plain load: same deltas for eve
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import dispatch_model
 
+from sphere_lightning.cli import cli_main
 from sphere_lightning.models import load_model
 from sphere_lightning.module import EditingModule
 from tests.editors.test_contract import EDITORS, make_editor
+from tests.helpers import tiny_alphaedit_flags
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def layer_by_layer(model) -> dict[str, str | int]:
@@ -73,3 +80,45 @@ def test_lightning_does_not_move_a_placed_model(tiny_model_dir, placed):
             assert all(p.dtype == torch.float64 for p in after.values())
         else:
             assert all(after[n] is p and p.dtype == torch.float32 for n, p in weights.items())
+
+
+def test_a_whole_run_with_a_device_map_matches_the_plain_run(
+    tmp_path, tiny_model_dir, requests, write_rome_json
+):
+    """``--model.device_map`` through the CLI with SPHERE and HE (``configs/edit.yaml``): the
+    same edited weights, metrics and HE as the run without it."""
+    data = write_rome_json(requests, tmp_path / "facts.json")
+    device_map = json.dumps(layer_by_layer(load_model(tiny_model_dir)[0]))
+    summaries, weights = {}, {}
+    for label, extra in (("plain", []), ("placed", [f"--model.device_map={device_map}"])):
+        logs = tmp_path / label
+        cli_main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "edit.yaml"),
+                f"--model.model={tiny_model_dir}",
+                *tiny_alphaedit_flags(),
+                f"--data.dataset={data}",
+                "--data.num_edits=4",
+                "--data.edits_per_step=2",
+                f"--trainer.logger.init_args.save_dir={logs}",
+                f"--trainer.default_root_dir={logs}",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                *extra,
+            ]
+        )
+        (summary,) = logs.rglob("summary.json")
+        (checkpoint,) = logs.rglob("last.ckpt")
+        summaries[label] = json.loads(summary.read_text())
+        weights[label] = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert summaries["placed"]["config"]["model"]["device_map"] == json.loads(device_map)
+    for name, tensor in weights["plain"].items():
+        torch.testing.assert_close(weights["placed"][name], tensor, msg=name)
+    placed, plain = summaries["placed"], summaries["plain"]
+    for stage in ("pre", "final"):
+        assert placed["edit"][stage] == pytest.approx(plain["edit"][stage])
+    assert placed["energy"].keys() == plain["energy"].keys()
+    for layer, energy in plain["energy"].items():
+        assert placed["energy"][layer] == pytest.approx(energy), layer
