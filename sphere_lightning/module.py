@@ -126,8 +126,8 @@ class EditingModule(LightningModule):
         dtype: Weight dtype: ``float32``, ``bfloat16`` or ``float16``.
         device_map: Place a model too big for one device across several, with
             transformers/accelerate: ``auto`` or ``{module name: device}``. Lightning then
-            leaves the model where it was placed (use ``trainer.accelerator: cpu``, one process);
-            every editor, transform and callback works on each layer's own device. ``null``
+            leaves the model where it was placed (one process: ``trainer.devices: 1``); every
+            editor, transform and callback works on each layer's own device. ``null``
             (default): the whole model on the trainer's device.
         score_batch_size: Distinct prompts per forward pass when scoring edit metrics (sequences
             per pass for fluency generations).
