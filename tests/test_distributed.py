@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
 from sphere_lightning.distributed import SINGLE, Collective, EditDDPStrategy
+from sphere_lightning.editors import MEMIT
 from sphere_lightning.errors import ConfigError
-from sphere_lightning.module import check_strategy
+from sphere_lightning.module import EditingModule, check_strategy
 from tests.helpers import tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +66,15 @@ def test_lightning_ddp_is_refused_with_the_editing_strategy_named():
     with pytest.raises(ConfigError, match="edit_ddp"):
         check_strategy(DDPStrategy())
     check_strategy(EditDDPStrategy())  # accepted
+
+
+def test_a_device_map_with_several_processes_is_refused():
+    module = EditingModule(MEMIT(layers=[1]), device_map="auto")
+    module._trainer = SimpleNamespace(strategy=EditDDPStrategy(), world_size=2)
+    with pytest.raises(ConfigError, match="model.device_map"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(strategy=EditDDPStrategy(), world_size=1)
+    module.setup("fit")  # one process: accepted
 
 
 # -- the collective on two gloo processes ------------------------------------------------------
