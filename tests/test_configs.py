@@ -39,12 +39,13 @@ def header_compositions(path: Path) -> list[tuple[str, ...]]:
 
 
 def suite_files() -> list[Path]:
-    """Experiment suites: files whose top level is ``configs:``, a list of experiment configs
-    for ``python -m sphere_lightning.experiments --suite``."""
+    """Experiment suites: files whose top level is ``configs:`` (a list of experiment configs
+    for ``python -m sphere_lightning.experiments --suite``) and optionally ``num_edits:``."""
     return [
         path
         for path in sorted(CONFIGS.rglob("*.yaml"))
-        if set(yaml.safe_load(path.read_text()) or {}) == {"configs"}
+        if "configs" in (keys := set(yaml.safe_load(path.read_text()) or {}))
+        and keys <= {"configs", "num_edits"}
     ]
 
 
