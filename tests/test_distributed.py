@@ -237,7 +237,7 @@ def _run(
     tmp_path: Path, name: str, model_dir: str, data: Path, editor: str, extra: list[str]
 ) -> Path:
     out = tmp_path / name
-    out.mkdir()
+    out.mkdir(exist_ok=True)  # a resumed run goes on in its folder
     general = tmp_path / "general"
     general.mkdir(exist_ok=True)
     for task, records in (("sst2", SST2), ("nq_open", NQ)):
@@ -367,3 +367,36 @@ def _base_weights(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return {name: model.get_parameter(name).detach() for name in names}
+
+
+@pytest.mark.slow
+def test_a_two_process_run_stopped_and_resumed_ends_as_the_uninterrupted_one(
+    tmp_path, tiny_model_dir, nine_facts
+):
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
+    ddp = ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    straight = _run(tmp_path, "straight", tiny_model_dir, nine_facts, "alphaedit", ddp)
+    stopped = _run(
+        tmp_path,
+        "stopped",
+        tiny_model_dir,
+        nine_facts,
+        "alphaedit",
+        [*ddp, "--trainer.max_steps=2"],
+    )
+    (checkpoint,) = (stopped / "logs").rglob("last.ckpt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
+    _run(tmp_path, "stopped", tiny_model_dir, nine_facts, "alphaedit", [*ddp, "--ckpt_path=last"])
+    assert len(list((stopped / "logs").rglob("summary.json"))) == 1, "the same run folder"
+
+    # Each request optimised once across the stop, by the same process as without it.
+    for rank in (0, 1):
+        assert _optimised(stopped, rank) == _optimised(straight, rank)
+    # Both processes end with the uninterrupted run's weights and K Kᵀ, bit for bit.
+    expected = torch.load(straight / "state-0.pt", weights_only=True)
+    for rank in (0, 1):
+        state = torch.load(stopped / f"state-{rank}.pt", weights_only=True)
+        assert state.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert torch.equal(state[key], tensor), (rank, key)
