@@ -94,18 +94,17 @@ class Collective:
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with rank ``src``'s (in place); returns it."""
-        if self.distributed:
-            travelling = tensor.to(self.device).contiguous()
-            dist.broadcast(travelling, src)
-            if travelling.data_ptr() != tensor.data_ptr():
-                tensor.copy_(travelling)
-        return tensor
+        return self._in_place(tensor, lambda t: dist.broadcast(t, src))
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with the sum over the ranks (in place)."""
+        return self._in_place(tensor, dist.all_reduce)
+
+    def _in_place(self, tensor: torch.Tensor, op: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        """Run the in-place collective ``op`` on ``tensor`` (moved to :attr:`device` to travel)."""
         if self.distributed:
             travelling = tensor.to(self.device).contiguous()
-            dist.all_reduce(travelling)
+            op(travelling)
             if travelling.data_ptr() != tensor.data_ptr():
                 tensor.copy_(travelling)
         return tensor

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def quiet_trainer(callbacks: list | None = None, **overrides: Any) -> Trainer:
@@ -35,3 +41,22 @@ def tiny_alphaedit_flags(v_num_steps: int = 6) -> list[str]:
         "--model.editor.init_args.stats_num_samples=8",
         "--model.editor.init_args.stats_max_length=12",
     ]
+
+
+def run_cli(args: list[str], pythonpath: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m sphere_lightning *args`` in a subprocess from the repository root, with one
+    thread, ``pythonpath`` (test helper modules) first on the path and ``env`` on top of ours."""
+    full = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "sphere_lightning", *args],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +20,7 @@ from sphere_lightning.distributed import SINGLE, Collective, EditDDPStrategy
 from sphere_lightning.editors import MEMIT
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.module import EditingModule, check_strategy
-from tests.helpers import tiny_alphaedit_flags
+from tests.helpers import run_cli, tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,22 +273,10 @@ def _run(
         *extra,
     ]
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(tmp_path / "helpers"), os.environ.get("PYTHONPATH", "")]
-        ),
         "SPHERE_LIGHTNING_CACHE": str(tmp_path / "cache"),  # shared: one set of statistics
         "DDP_TEST_OUT": str(out),
-        "OMP_NUM_THREADS": "1",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "sphere_lightning", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_cli(args, tmp_path / "helpers", env)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 

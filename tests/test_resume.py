@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sphere_lightning.cli import cli_main
 from sphere_lightning.module import CheckpointMismatchError
-from tests.helpers import tiny_alphaedit_flags
+from tests.helpers import run_cli, tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
@@ -85,23 +82,12 @@ def _fit_args(model_dir: str, data: Path, logs: Path, positions: Path) -> list[s
 
 
 def _run(args: list[str], helpers: Path, cache: Path, kill_at: int | None = None):
+    # An empty KILL_AT_STEP matches no step: the run is not killed.
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(helpers), os.environ.get("PYTHONPATH", "")]),
         "SPHERE_LIGHTNING_CACHE": str(cache),
-        "OMP_NUM_THREADS": "1",
+        "KILL_AT_STEP": "" if kill_at is None else str(kill_at),
     }
-    env.pop("KILL_AT_STEP", None)
-    if kill_at is not None:
-        env["KILL_AT_STEP"] = str(kill_at)
-    return subprocess.run(
-        [sys.executable, "-m", "sphere_lightning", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return run_cli(args, helpers, env)
 
 
 def _positions(path: Path) -> list[int]:

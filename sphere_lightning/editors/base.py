@@ -302,32 +302,25 @@ class LocateThenEditEditor(Editor):
         out-projection at the subject's last token, averaged over context templates as the
         reference does (:func:`average_over_templates`). Each process reads its share of the
         requests; every process returns all keys."""
-        return self.collective.map(
-            lambda share: self._local_keys(model, tokenizer, share, layers), requests
-        )
-
-    def _local_keys(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        requests: Sequence[EditRequest],
-        layers: Sequence[int],
-    ) -> dict[int, torch.Tensor]:
         spec = architecture_of(model)
         names = [spec.mlp_out_name(layer) for layer in layers]
-        acts = gather_at_subject(
-            model,
-            tokenizer,
-            self._context_prompts(tokenizer, requests),
-            names,
-            read="input",
-            batch_size=self.key_batch_size,
-        )
         t = len(self.context_templates)
-        return {
-            layer: self.average_templates(acts[name].view(len(requests), t, -1))
-            for layer, name in zip(layers, names, strict=True)
-        }
+
+        def read(share: Sequence[EditRequest]) -> dict[int, torch.Tensor]:
+            acts = gather_at_subject(
+                model,
+                tokenizer,
+                self._context_prompts(tokenizer, share),
+                names,
+                read="input",
+                batch_size=self.key_batch_size,
+            )
+            return {
+                layer: self.average_templates(acts[name].view(len(share), t, -1))
+                for layer, name in zip(layers, names, strict=True)
+            }
+
+        return self.collective.map(read, requests)
 
     def average_templates(self, keys: torch.Tensor) -> torch.Tensor:
         """Keys ``(n, t, d)`` read through ``t`` templates into ``(n, d)``; MEMIT's two-level
