@@ -20,9 +20,7 @@ from sphere_lightning.distributed import SINGLE, Collective, EditDDPStrategy
 from sphere_lightning.editors import MEMIT
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.module import EditingModule, check_strategy
-from tests.helpers import run_cli, tiny_alphaedit_flags
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_cli, tiny_alphaedit_flags
 
 # -- the collective on one process -------------------------------------------------------------
 

@@ -16,9 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sphere_lightning.cli import cli_main
 from sphere_lightning.module import CheckpointMismatchError
-from tests.helpers import run_cli, tiny_alphaedit_flags
+from tests.helpers import ROOT, run_cli, tiny_alphaedit_flags
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 6
 KILL_AT = 3  # applied batches when the kill comes: inside the layer loop of the 4th batch
 
