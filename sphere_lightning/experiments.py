@@ -510,13 +510,22 @@ class RunLog:
 # ------------------------------------------------------------------------------- report
 
 
+def present_runs(directory: Path) -> tuple[Run, ...]:
+    """The runs of :data:`RUNS` that have a folder under ``directory`` (all of them if none has:
+    a report before any run started shows every column empty)."""
+    present = tuple(run for run in RUNS if (directory / run.name).is_dir())
+    return present or RUNS
+
+
 def build_table(out: Path) -> dict[str, Any]:
-    """The comparison of the two runs under ``out`` (the content of ``table.json``).
+    """The comparison of the runs under ``out`` (the content of ``table.json``).
 
     Rows are the evaluation steps of either run (steps at which an edit, general-ability or drift
-    metric was logged; HE steps if there are none).
+    metric was logged; HE steps if there are none). A run that has no folder (``--runs`` left it
+    out) has no columns.
     """
-    logs = {run.name: RunLog.read(out / run.name) for run in RUNS}
+    runs = present_runs(out)
+    logs = {run.name: RunLog.read(out / run.name) for run in runs}
     steps = set().union(*(log.evaluation_steps for log in logs.values()))
     if not steps:
         steps = set().union(*(log.energy_steps for log in logs.values()))
@@ -526,11 +535,11 @@ def build_table(out: Path) -> dict[str, Any]:
         row: dict[str, Any] = {"step": step, "edits": edits}
         row.update({name: log.row(step) for name, log in logs.items()})
         rows.append(row)
-    runs = {}
-    for run in RUNS:
+    infos = {}
+    for run in runs:
         log = logs[run.name]
         summary = log.summary or {}
-        runs[run.name] = {
+        infos[run.name] = {
             "label": run.label,
             "log_dir": str(log.directory),
             "finished": log.summary is not None,
@@ -539,7 +548,7 @@ def build_table(out: Path) -> dict[str, Any]:
             "global_step": summary.get("global_step"),
         }
     return {
-        "runs": runs,
+        "runs": infos,
         "metrics": [{"key": m.key, "label": m.label} for m in METRICS],
         "rows": rows,
         "energy_change": {  # every logged step, for the figure
@@ -558,16 +567,22 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
+def _table_runs(table: dict[str, Any]) -> tuple[Run, ...]:
+    return tuple(run for run in RUNS if run.name in table["runs"])
+
+
 def format_markdown(table: dict[str, Any]) -> str:
-    """``table.md``: one row per number of edits, two columns (without / with SPHERE) per metric."""
+    """``table.md``: one row per number of edits, a column per run (without / with SPHERE) and
+    metric."""
+    runs = _table_runs(table)
     header = ["edits"]
     for metric in METRICS:
-        header += [f"{metric.label} ({run.label.split()[0]})" for run in RUNS]
+        header += [f"{metric.label} ({run.label.split()[0]})" for run in runs]
     lines = [
         "# SPHERE vs the base editor",
         "",
-        "Each metric has two columns: the run without SPHERE (every SphereProjectionCallback "
-        "removed) and the run with SPHERE (the config as given).",
+        "Each metric has a column per run: without SPHERE (every SphereProjectionCallback "
+        "removed) and with SPHERE (the config as given); a run left out (`--runs`) has none.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---:|" * len(header),
@@ -575,7 +590,7 @@ def format_markdown(table: dict[str, Any]) -> str:
     for row in table["rows"]:
         cells = [MISSING if row["edits"] is None else str(row["edits"])]
         for metric in METRICS:
-            cells += [_cell(row[run.name][metric.key], metric.fmt) for run in RUNS]
+            cells += [_cell(row[run.name][metric.key], metric.fmt) for run in runs]
         lines.append("| " + " | ".join(cells) + " |")
     if not table["rows"]:
         lines.append("| " + " | ".join(["(nothing logged yet)"] + [""] * (len(header) - 1)) + " |")
@@ -595,7 +610,7 @@ def format_markdown(table: dict[str, Any]) -> str:
         "Runs:",
         "",
     ]
-    for run in RUNS:
+    for run in runs:
         info = table["runs"][run.name]
         if info["finished"]:
             state = (
@@ -620,7 +635,7 @@ def plot_comparison(table: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, METRICS, strict=False):
         plotted = False
-        for index, run in enumerate(RUNS):
+        for index, run in enumerate(_table_runs(table)):
             if metric is HE_CHANGE:  # logged every batch: the whole curve
                 points = [(p["edits"], p[HE_CHANGE.key]) for p in table["energy_change"][run.name]]
             else:
@@ -831,8 +846,9 @@ def plan_pair(
     dataset: str,
     num_edits: int | None,
     report: Any = print,
+    runs: Sequence[Run] = RUNS,
 ) -> list[RunProcess]:
-    """Write the pair's two run configs and return the runs still to do.
+    """Write the pair's run configs (of ``runs``, default both) and return the runs still to do.
 
     A run with a ``summary.json`` has finished and is skipped; one with a ``last.ckpt`` and no
     summary is resumed from it; one with a folder but neither is set aside
@@ -840,7 +856,7 @@ def plan_pair(
     """
     pair.directory.mkdir(parents=True, exist_ok=True)
     processes = []
-    for run in RUNS:
+    for run in runs:
         run_dir = pair.directory / run.name
         name = f"{pair.name} {run.label}"
         if (run_dir / "summary.json").is_file():  # its run config stays as it ran
@@ -926,6 +942,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequential",
         action="store_true",
         help="one process at a time, without SPHERE first (the same as --parallel 1)",
+    )
+    parser.add_argument(
+        "--runs",
+        choices=["both", *(run.name for run in RUNS)],
+        default="both",
+        help="which run of each pair to run (default: both); e.g. with_sphere for a long "
+        "horizon run of the config as given only",
     )
     parser.add_argument(
         "--report-only",
@@ -1025,9 +1048,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
+    selected = tuple(run for run in RUNS if args.runs in ("both", run.name))
     processes = []
     for pair in pairs:
-        processes += plan_pair(pair, configs[pair.name], args.dataset, args.num_edits)
+        processes += plan_pair(
+            pair, configs[pair.name], args.dataset, args.num_edits, runs=selected
+        )
     models = {str((c.get("model") or {}).get("model")): c for c in configs.values()}
     try:
         for config in models.values():

@@ -281,21 +281,32 @@ def test_report_tabulates_the_logged_values_at_every_evaluation_step(tmp_path, m
     assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_report_with_one_run_missing_shows_dashes(tmp_path, monkeypatch):
+def test_report_of_one_run_has_only_its_columns(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
 
     assert main(["--report-only", "--out", str(out)]) == 0
 
-    rows = _markdown_rows((out / "table.md").read_text())
+    text = (out / "table.md").read_text()
+    assert "(without)" not in text and "efficacy (with)" in text
+    rows = _markdown_rows(text)
     assert [row[0] for row in rows] == ["0", "200"]
-    for row in rows:
-        without_cells = row[1::2]
-        assert without_cells == ["—"] * 9
-    assert rows[1][2::2] == [
+    assert rows[1][1:] == [
         "0.875", "0.625", "0.750", "550.0", "-0.375", "+0.250", "0.0156", "1.25", "130"
     ]  # fmt: skip
+    assert list(json.loads((out / "table.json").read_text())["runs"]) == ["with_sphere"]
     assert (out / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_runs_flag_plans_only_the_chosen_run(tmp_path):
+    config = yaml.safe_load(EXPERIMENT_CONFIGS[0].read_text())
+    pair = experiments.Pair("alphaedit", EXPERIMENT_CONFIGS[0], tmp_path / "alphaedit")
+    processes = experiments.plan_pair(
+        pair, config, "x.json", None, report=lambda _: None, runs=(WITH_SPHERE,)
+    )
+    assert [p.run for p in processes] == [WITH_SPHERE]
+    assert (pair.directory / "with_sphere.yaml").is_file()
+    assert not (pair.directory / "without_sphere.yaml").exists()
 
 
 def test_edit_counts_come_from_the_config_where_not_logged(tmp_path, monkeypatch):
