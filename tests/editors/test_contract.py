@@ -1,5 +1,5 @@
-"""The contract every editor keeps (ROME, FT, MEMIT, AlphaEdit × tiny GPT-2 and Llama), and the
-ROME- and FT-specific mathematics against plain reimplementations."""
+"""The contract every editor keeps (ROME, FT, MEMIT, AlphaEdit, UltraEdit × tiny GPT-2 and
+Llama), and the ROME- and FT-specific mathematics against plain reimplementations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sphere_lightning.editors import FT, MEMIT, ROME, AlphaEdit, rome
+from sphere_lightning.editors import FT, MEMIT, ROME, AlphaEdit, UltraEdit, rome
 from sphere_lightning.editors.hooks import encode_target, encode_with_subject
 from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
@@ -24,7 +24,7 @@ from tests.editors.test_editors import (
 )
 
 FAMILIES = ["gpt2", "llama"]
-EDITORS = ["rome", "ft", "memit", "alphaedit"]
+EDITORS = ["rome", "ft", "memit", "alphaedit", "ultraedit"]
 LOCATE = {"v_lr": 0.5, "num_context_templates": 1, "context_template_length": 4, **STATS}
 
 
@@ -32,6 +32,9 @@ def make_editor(kind, model, tokenizer, cache_dir, v_num_steps=20, **overrides):
     """An editor of ``kind`` with options small enough for the tiny models."""
     if kind == "ft":
         editor = FT(**{"layers": [1, 2], "num_steps": 10, "lr": 1e-2, **overrides})
+    elif kind == "ultraedit":
+        editor = UltraEdit(**{"layers": [1, 2], "lr": 1e-2, **overrides})
+        editor.progress = False
     else:
         options = {"layers": [1, 2], "v_num_steps": v_num_steps, "cache_dir": cache_dir}
         options.update(LOCATE, **overrides)
@@ -151,7 +154,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_deltas(
     assert roundtrip(fresh.state_dict()).keys() == state.keys()
     expected = editor.compute_deltas(model, tokenizer, second)
     assert_same_deltas(fresh.compute_deltas(model, tokenizer, second), expected)
-    if kind == "alphaedit":  # the state is what makes them equal: without it they differ
+    if kind in ("alphaedit", "ultraedit"):  # the state makes them equal: without it they differ
         stateless = make_editor(kind, unedited, tokenizer, stats_dir, v_num_steps=5)
         stateless.setup(unedited, tokenizer)
         without = stateless.compute_deltas(model, tokenizer, second)
