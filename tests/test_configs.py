@@ -218,6 +218,14 @@ OTHER_EDITORS = {
     "ft": {"class": "FT", "suppression": 0.8, "stage": "after_loop"},
 }
 ALL_EDITORS = [*EDITORS, *OTHER_EDITORS]
+# github.com/XiaojieGu/UltraEdit config/model/<model>.yaml: the blocks of its edited modules (GPT-J:
+# fc_out; Llama-3 and Qwen2.5: gate_proj/up_proj, edited here as down_proj of the same blocks),
+# lr 1e-6, 10 requests per pass, half precision. Not a SPHERE paper editor: α 0.8, after the loop.
+ULTRAEDIT_REFERENCE = {
+    "llama3-8b": [11, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23, 24],
+    "qwen2.5-7b": [18, 19, 20, 21, 22, 23, 24, 25, 26],
+    "gpt-j-6b": [18, 19, 20, 21, 22, 23, 24, 25, 26],
+}
 DATASETS = {
     "counterfact": {"num_edits": 15000, "format": "counterfact_rome", "family": "counterfact"},
     "zsre": {"num_edits": 3000, "format": "zsre_mend", "family": "zsre"},
@@ -226,6 +234,7 @@ DATASETS = {
 
 def test_paper_folder_holds_exactly_the_presets():
     expected = {f"{m}_{e}.yaml" for m in REFERENCE for e in ALL_EDITORS}
+    expected |= {f"{m}_ultraedit.yaml" for m in ULTRAEDIT_REFERENCE}
     expected |= {f"{d}.yaml" for d in DATASETS}
     assert {p.name for p in PAPER.iterdir()} == expected
 
@@ -337,3 +346,25 @@ def test_paper_rome_ft_preset_matches_reference(model_name, editor_name, dataset
     check_sphere_and_data(config, editor, data)
     classes = [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
     assert not {"PruneCallback", "RectCallback"} & set(classes)
+
+
+@pytest.mark.parametrize("dataset_name", DATASETS)
+@pytest.mark.parametrize("model_name", ULTRAEDIT_REFERENCE)
+def test_paper_ultraedit_preset_matches_reference(model_name, dataset_name):
+    preset = f"configs/paper/{model_name}_ultraedit.yaml"
+    assert sorted(header_compositions(ROOT / preset)) == sorted(
+        (preset, f"configs/paper/{d}.yaml") for d in DATASETS
+    )
+    config = resolve(preset, f"configs/paper/{dataset_name}.yaml")
+    model = config["model"]
+    assert model["model"] == REFERENCE[model_name]["model"]
+    assert model["dtype"] == "bfloat16"  # the reference's half: True
+    assert model["editor"]["class_path"] == "sphere_lightning.editors.UltraEdit"
+    args = model["editor"]["init_args"]
+    assert args["layers"] == ULTRAEDIT_REFERENCE[model_name]
+    assert args["lr"] == pytest.approx(1e-6)
+    assert args["l2"] == pytest.approx(1.0)
+    assert args["forward_batch_size"] == 10
+    check_sphere_and_data(
+        config, {"suppression": 0.8, "stage": "after_loop"}, DATASETS[dataset_name]
+    )
