@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaError, check_delta
@@ -28,6 +29,7 @@ from sphere_lightning.models.loading import (
     DeviceMap,
     load_model,
     needs_conversion,
+    prepare,
     resolve_model_path,
 )
 
@@ -210,7 +212,19 @@ class EditingModule(LightningModule):
         if needs_conversion(self.model_name):
             # A GGUF file is converted into the model cache once, by rank 0.
             self.collective.run_first_on_rank_zero(lambda: resolve_model_path(self.model_name))
-        self.model, self.tokenizer = load_model(self.model_name, self.dtype_name, self.device_map)
+        self.attach_model(*load_model(self.model_name, self.dtype_name, self.device_map))
+
+    def attach_model(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Edit ``model``, already built in memory, instead of loading ``model.model``.
+
+        For models that exist only in memory (built from a config with random weights, as
+        ``benchmarks/gpu_check.py`` does at Llama-3-8B shape): call before ``trainer.fit``, and
+        :meth:`configure_model` keeps it. ``model.model`` then only names it in checkpoints.
+        The model is put in editing state (eval, frozen, pad token set) and its edited
+        weights are recorded as the originals.
+        """
+        prepare(model, tokenizer)
+        self.model, self.tokenizer = model, tokenizer
         architecture_of(self.model).check_layers(
             self.model, self.editor.layers, flag="model.editor.init_args.layers"
         )
