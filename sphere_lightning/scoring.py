@@ -8,8 +8,11 @@ tokenise; this module only sees token ids, so each caller keeps its own tokenisa
 The work is organised so that nothing is computed twice:
 
 - every distinct context runs once, however many continuations follow it (identical contexts of
-  different requests included); contexts are sorted by length and run ``batch_size`` at a time, so
-  little padding is computed;
+  different requests included); contexts are sorted by length and run at most ``batch_size`` at a
+  time, and a batch is closed early where the next context would make more than
+  :data:`MAX_PADDING` of its tokens padding (one long outlier does not pad a whole batch);
+- the tokens every context of a batch starts with (a task's instruction, a shared passage) run
+  once, and the rest of each context continues from their key/value cache;
 - a continuation's first token is predicted from the context's last position, so single-token
   continuations cost nothing beyond the context;
 - the rest of a continuation runs from the context's key/value cache as a short *branch*
@@ -66,6 +69,15 @@ def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+#: Most a batch's padding may be of its padded tokens; a context that would make it more opens a
+#: new batch (only ``batch_size`` caps a batch of equal lengths).
+MAX_PADDING = 0.125
+
+#: Shortest common prefix of a batch's contexts that is run once for all of them; shorter ones
+#: are not worth the extra forward call.
+MIN_SHARED_PREFIX = 4
+
+
 @dataclass
 class _Context:
     """One distinct context, the branches run after it and the continuations it scores."""
@@ -120,6 +132,7 @@ def score_token_continuations(
     pad_id: int = 0,
     progress: bool = False,
     desc: str = "Scoring",
+    share_prefix: bool = True,
 ) -> ContinuationScores:
     """Teacher-forced log-probabilities and token hits of each continuation after its context.
 
@@ -132,11 +145,14 @@ def score_token_continuations(
             key/value cache, and whose output embedding turns them into logits.
         contexts: Token ids of each context (non-empty; a BOS, if any, included).
         continuations: Token ids of each continuation (non-empty), one per context.
-        batch_size: Distinct contexts per forward pass. The branch pass after them holds one row
-            per multi-token continuation branch of those contexts.
+        batch_size: Most distinct contexts per forward pass (fewer where padding would exceed
+            :data:`MAX_PADDING`). The branch pass after them holds one row per multi-token
+            continuation branch of those contexts.
         pad_id: Token id written into padded positions (they are masked; any id will do).
         progress: Show a tqdm bar (``leave=False``) over the batches of contexts.
         desc: The bar's label.
+        share_prefix: Run the tokens every context of a batch starts with once (at least
+            :data:`MIN_SHARED_PREFIX` of them); ``False`` runs each context whole.
 
     Returns:
         :class:`ContinuationScores` with one entry per pair.
@@ -151,6 +167,7 @@ def score_token_continuations(
     grouped = _group(contexts, continuations)
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
     grouped.sort(key=lambda c: -len(c.ids))
+    batches = _batches(grouped, batch_size)
     sum_logprob = torch.zeros(len(contexts))
     num_correct = torch.zeros(len(contexts))
     num_tokens = torch.tensor([float(len(c)) for c in continuations])
@@ -158,11 +175,8 @@ def score_token_continuations(
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, len(grouped), batch_size)
-        for start in tqdm(starts, desc=desc, leave=False, disable=not progress):
-            owners, logprob, correct = _score_batch(
-                model, grouped[start : start + batch_size], pad_id
-            )
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            owners, logprob, correct = _score_batch(model, batch, pad_id, share_prefix)
             sum_logprob.index_add_(0, owners, logprob)
             num_correct.index_add_(0, owners, correct)
     finally:
@@ -170,19 +184,76 @@ def score_token_continuations(
     return ContinuationScores(sum_logprob, num_correct, num_tokens)
 
 
+def _batches(grouped: list[_Context], batch_size: int) -> list[list[_Context]]:
+    """Consecutive runs of the (longest-first) contexts: at most ``batch_size`` each, and closed
+    before a context that would make more than :data:`MAX_PADDING` of the padded tokens padding."""
+    batches: list[list[_Context]] = []
+    real = 0
+    for context in grouped:
+        batch = batches[-1] if batches else None
+        if batch is not None and len(batch) < batch_size:
+            padded = (len(batch) + 1) * len(batch[0].ids)
+            if padded - real - len(context.ids) <= MAX_PADDING * padded:
+                batch.append(context)
+                real += len(context.ids)
+                continue
+        batches.append([context])
+        real = len(context.ids)
+    return batches
+
+
+def _common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all ``sequences`` share."""
+    first, length = sequences[0], min(len(s) for s in sequences)
+    for sequence in sequences[1:]:
+        k = 0
+        while k < length and sequence[k] == first[k]:
+            k += 1
+        length = k
+    return length
+
+
+def _cache_kwarg(base: torch.nn.Module) -> str:
+    # transformers renamed `past_key_values` to `cache` during 5.x.
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _run_contexts(
+    model: PreTrainedModel, contexts: list[list[int]], pad_id: int, use_cache: bool, share: bool
+):
+    """The base model's output over right-padded ``contexts``; where they share a long enough
+    prefix (``share``), the prefix runs once and each row continues from its cache.
+
+    Right padding never reaches a real position through causal attention, and every row's
+    suffix starts at the same position, so neither pass needs an attention mask.
+    """
+    device = model_device(model)
+    base = model.base_model
+    prefix = _common_prefix_length(contexts) if share and len(contexts) > 1 else 0
+    # Every row keeps at least one token of its own, where its next-token prediction is read.
+    prefix = min(prefix, min(len(c) for c in contexts) - 1)
+    if prefix < MIN_SHARED_PREFIX:
+        ids, _ = pad_batch(contexts, pad_id, device)
+        return base(input_ids=ids, use_cache=use_cache), 0
+    shared = base(input_ids=torch.tensor([contexts[0][:prefix]], device=device), use_cache=True)
+    cache = getattr(shared, "cache", None) or shared.past_key_values
+    cache.batch_repeat_interleave(len(contexts))
+    ids, _ = pad_batch([c[prefix:] for c in contexts], pad_id, device)
+    return base(input_ids=ids, use_cache=True, **{_cache_kwarg(base): cache}), prefix
+
+
 def _score_batch(
-    model: PreTrainedModel, batch: list[_Context], pad_id: int
+    model: PreTrainedModel, batch: list[_Context], pad_id: int, share_prefix: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Score every continuation of a batch of contexts; returns per-token (owner, logprob, hit)."""
     device = model_device(model)
     head = model.get_output_embeddings()
     lengths = torch.tensor([len(c.ids) for c in batch])
-    ids, mask = pad_batch([c.ids for c in batch], pad_id, device)
+    _, mask = pad_batch([c.ids for c in batch], pad_id, device)
     padded = bool((lengths != lengths[0]).any())
     has_branches = any(c.branches for c in batch)
-    # Right padding never reaches a real position through causal attention, so the context pass
-    # needs no mask; the branch pass does, because its rows continue at different lengths.
-    out = model.base_model(input_ids=ids, use_cache=has_branches)
+    # The branch pass needs a mask, because its rows continue at different lengths.
+    out, prefix = _run_contexts(model, [c.ids for c in batch], pad_id, has_branches, share_prefix)
 
     # First tokens: predicted at each context's last position.
     owners, tokens, rows = [], [], []
@@ -191,7 +262,8 @@ def _score_batch(
             owners.append(index)
             tokens.append(continuation[0])
             rows.append(row)
-    last = out.last_hidden_state[torch.arange(len(batch), device=device), lengths.to(device) - 1]
+    last_position = lengths.to(device) - 1 - prefix
+    last = out.last_hidden_state[torch.arange(len(batch), device=device), last_position]
     logprob, correct = _token_scores(head(last), rows, tokens)
     results = [(owners, logprob, correct)]
 
@@ -231,11 +303,8 @@ def _score_branches(
         offsets = torch.arange(branch_ids.shape[1], device=device)
         kwargs["position_ids"] = lengths.to(device)[select, None] + offsets
         kwargs["attention_mask"] = torch.cat([context_mask[select], branch_mask], dim=1)
-    # transformers renamed `past_key_values` to `cache` during 5.x.
     base = model.base_model
-    kwargs[
-        "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    ] = cache
+    kwargs[_cache_kwarg(base)] = cache
     out = base(input_ids=branch_ids, use_cache=True, **kwargs)
 
     owners, tokens, positions = [], [], []

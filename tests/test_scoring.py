@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphere_lightning.scoring import ContinuationScores, score_token_continuations
+from sphere_lightning.scoring import (
+    MAX_PADDING,
+    MIN_SHARED_PREFIX,
+    ContinuationScores,
+    _batches,
+    _Context,
+    score_token_continuations,
+)
 
 
 def naive_scores(model, contexts, continuations) -> ContinuationScores:
@@ -112,6 +119,86 @@ def test_computes_each_context_once_and_the_head_only_where_tokens_are_predicted
     assert len(distinct) == 4 < len(contexts)
     assert seen["tokens"] == sum(len(c) for c in distinct) + 2 * 3 * len(distinct)
     assert seen["head_rows"] == len(distinct) + (3 + 2) * len(distinct)
+
+
+def _shared_prefix_cases(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Contexts that start with one instruction (a task's prompt template), of different
+    lengths, one a prefix of another; continuations of one and several tokens."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    head = "I think you should read the letter before the meeting"
+    assert len(ids(head)) > MIN_SHARED_PREFIX
+    contexts = [
+        ids(f"{head} starts tomorrow"),
+        ids(f"{head} starts"),  # a prefix of the one above
+        ids(f"{head} and the music stopped when the door"),
+        ids(f"{head} in the morning"),
+    ]
+    continuations = [ids(" France"), ids(" the city of Rome"), ids(" the king"), ids(" music")]
+    pairs = [(c, k) for c in contexts for k in continuations]
+    return [c for c, _ in pairs], [k for _, k in pairs]
+
+
+@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
+@pytest.mark.parametrize("batch_size", [2, 3, 64])
+def test_shared_prefix_matches_one_full_forward_per_pair(tiny_model, tokenizer, batch_size):
+    contexts, continuations = _shared_prefix_cases(tokenizer)
+    expected = naive_scores(tiny_model, contexts, continuations)
+    for share_prefix in (True, False):
+        scores = score_token_continuations(
+            tiny_model,
+            contexts,
+            continuations,
+            batch_size,
+            pad_id=tokenizer.pad_token_id,
+            share_prefix=share_prefix,
+        )
+        torch.testing.assert_close(scores.sum_logprob, expected.sum_logprob, atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores.num_correct, expected.num_correct, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
+def test_shared_prefix_runs_once_per_batch(tiny_model, tokenizer):
+    contexts, continuations = _shared_prefix_cases(tokenizer)
+    # Single-token continuations only, so there is no branch pass to count.
+    single = [(c, k) for c, k in zip(contexts, continuations, strict=True) if len(k) == 1]
+    contexts, continuations = [c for c, _ in single], [k for _, k in single]
+    distinct = sorted({tuple(c) for c in contexts}, key=len)
+    # Every row keeps one token of its own: the shortest context is the prefix plus one token.
+    prefix = len(distinct[0]) - 1
+    counts = []
+
+    def count_tokens(module, args, kwargs):
+        counts.append(kwargs["input_ids"].shape)
+
+    tiny_model.base_model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    # One batch (padding allowed): the prefix once, then every row's own tokens, right-padded.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sphere_lightning.scoring.MAX_PADDING", 1.0)
+        score_token_continuations(tiny_model, contexts, continuations, batch_size=64)
+    longest = max(len(c) for c in distinct)
+    assert counts == [(1, prefix), (len(distinct), longest - prefix)]
+    counts.clear()
+    score_token_continuations(tiny_model, contexts, continuations, 64, share_prefix=False)
+    assert sum(rows * length for rows, length in counts) >= sum(len(c) for c in distinct)
+    assert all(length > prefix for _, length in counts)
+
+
+def test_batches_close_before_too_much_padding():
+    def lengths(batches):
+        return [[len(c.ids) for c in batch] for batch in batches]
+
+    grouped = [_Context([0] * n, [], []) for n in (800, 300, 290, 280, 270, 100, 100, 100, 100)]
+    batches = _batches(grouped, batch_size=3)
+    # 800 alone (300 would make 500 of 1,600 padded tokens padding); then at most 3 a batch;
+    # 100 after 270 would be far past the limit.
+    assert lengths(batches) == [[800], [300, 290, 280], [270], [100, 100, 100], [100]]
+    for batch in batches:
+        padded = len(batch) * len(batch[0].ids)
+        assert padded - sum(len(c.ids) for c in batch) <= MAX_PADDING * padded
+    assert lengths(_batches(grouped, batch_size=1)) == [[n] for n in lengths([grouped])[0]]
 
 
 def test_progress_bar(tiny_llama, tokenizer, capsys):
