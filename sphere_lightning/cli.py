@@ -133,6 +133,8 @@ def summarise(trainer, module: EditingModule) -> dict[str, Any]:
             "protocols": edit_protocols(trainer.datamodule, module.fluency_protocol_used),
             "pre": module.pre_edit_metrics,
             "final": module.final_edit_metrics,
+            # Intermediate evaluations on a sample (`model.eval_sample_size`), with their CIs.
+            "sampled": module.sampled_edit_metrics,
         },
         "phase_seconds": dict(module.phase_seconds),
     }

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
@@ -23,6 +24,7 @@ from sphere_lightning.editors.base import Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
+from sphere_lightning.functional.sampling import mean_ci95_half_width, sample_indices
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import (
@@ -72,6 +74,30 @@ def _without_nan(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     metrics left with no score are dropped."""
     kept = {name: values[~values.isnan()] for name, values in scores.items()}
     return {name: values for name, values in kept.items() if len(values)}
+
+
+class SampleMoments(Metric):
+    """Σx, Σx² and the count of the non-NaN values seen (NaN: a request with no prompt of that
+    kind); across processes each is summed, so the mean and the spread are those of every
+    rank's share together."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("total", "total_sq", "count"):
+            self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().to(device=self.total.device, dtype=torch.float64)
+        values = values[~values.isnan()]
+        self.total += values.sum()
+        self.total_sq += values.square().sum()
+        self.count += values.numel()
+
+    def compute(self) -> torch.Tensor:
+        """``[Σx, Σx², n]`` (float64)."""
+        return torch.stack([self.total, self.total_sq, self.count])
 
 
 def check_strategy(strategy: object) -> None:
@@ -145,6 +171,20 @@ class EditingModule(LightningModule):
         fluency_max_new_tokens: Tokens generated per edit prompt by the ``greedy`` protocol.
         fluency_seed: Seed of the ``rome`` protocol's sampling (the same draws at every
             evaluation, so pre- and post-edit values differ by the model only).
+        eval_sample_size: Score an intermediate lifelong evaluation (``edit/*`` at
+            ``val_check_interval`` before the last batch) on a simple random sample of this many
+            of the facts edited so far; ``null`` (default) scores every one. Fluency is measured
+            on the sample too. The final evaluation (after the last batch, at ``max_steps``, and
+            ``validate``/``test``) always scores every edited fact. A sampled value is logged
+            with ``edit/<metric>_ci95``, the half-width of its 95 % confidence interval (normal
+            approximation with the sample standard deviation and the finite-population
+            correction, :func:`~sphere_lightning.functional.sampling.mean_ci95_half_width`),
+            and ``edit/num_evaluated`` is the sample's size (``edit/num_edited`` the number
+            edited). For a 10,000-edit run, 1,000 keeps the half-width of a 0/1 metric below
+            ~0.03.
+        eval_sample_seed: Seed of the sample. The sample at a step depends on this seed and the
+            step only (not on the global RNG state), so a resumed run and every process of a
+            data-parallel run score the same facts.
     """
 
     def __init__(
@@ -159,6 +199,8 @@ class EditingModule(LightningModule):
         fluency_max_new_tokens: int = 50,
         fluency_protocol: FluencyProtocol = "auto",
         fluency_seed: int = 0,
+        eval_sample_size: int | None = None,
+        eval_sample_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["editor"])
@@ -178,6 +220,19 @@ class EditingModule(LightningModule):
         check_fluency_protocol(fluency_protocol)
         if fluency_seed < 0:
             raise ConfigError(f"`model.fluency_seed` should be ≥ 0, got {fluency_seed}")
+        if eval_sample_size is not None and (
+            isinstance(eval_sample_size, bool)
+            or not isinstance(eval_sample_size, int)
+            or eval_sample_size < 1
+        ):
+            raise ConfigError(
+                f"`model.eval_sample_size` should be an integer ≥ 1 or null, got "
+                f"{eval_sample_size!r}"
+            )
+        if eval_sample_seed < 0:
+            raise ConfigError(f"`model.eval_sample_seed` should be ≥ 0, got {eval_sample_seed}")
+        self.eval_sample_size = eval_sample_size
+        self.eval_sample_seed = eval_sample_seed
         self.fluency_prompts = fluency_prompts
         self.fluency_max_new_tokens = fluency_max_new_tokens
         self.fluency_protocol = fluency_protocol
@@ -185,6 +240,9 @@ class EditingModule(LightningModule):
         #: The protocol the last fluency measurement used (``rome``/``greedy``; None before).
         self.fluency_protocol_used: str | None = None
         self.final_edit_metrics: dict[str, float] = {}
+        #: Every sampled intermediate evaluation: ``{"step", "num_edited", "num_evaluated",
+        #: <metric>, <metric>_ci95}`` (``summary.json``'s ``edit.sampled``).
+        self.sampled_edit_metrics: list[dict[str, float]] = []
         self.model = None
         self.tokenizer = None
         self.pending_deltas: dict[str, torch.Tensor] = {}
@@ -193,10 +251,10 @@ class EditingModule(LightningModule):
         self.pre_edit_metrics: dict[str, float] = {}
         self.phase_seconds: dict[str, float] = {}
         # NaN (a request with no prompt of a kind) is left out of the mean; across processes
-        # torchmetrics sums the values and counts of every rank's share.
-        self._metrics = torch.nn.ModuleDict(
-            {k: MeanMetric(nan_strategy="ignore") for k in EDIT_METRICS}
-        )
+        # torchmetrics sums the values, squares and counts of every rank's share.
+        self._metrics = torch.nn.ModuleDict({k: SampleMoments() for k in EDIT_METRICS})
+        #: Positions (edit order) of the facts the running evaluation scores; None: all edited.
+        self._eval_positions: set[int] | None = None
         self._evaluated_step = -1
         #: :func:`base_model_fingerprint` of the unedited model (set when it loads).
         self.base_fingerprint: str | None = None
@@ -440,9 +498,36 @@ class EditingModule(LightningModule):
         per_step = self.trainer.datamodule.edits_per_step
         return min(self.global_step * per_step, len(self.trainer.datamodule.requests))
 
+    def is_final_evaluation(self) -> bool:
+        """Whether a validation now is the run's final one: every request applied, the last
+        step of ``max_steps``, the trainer stopping, or outside ``fit`` (``validate``)."""
+        trainer = self.trainer
+        return (
+            trainer.state.fn != TrainerFn.FITTING
+            or self.num_edited() >= len(trainer.datamodule.requests)
+            or 0 <= trainer.max_steps <= self.global_step
+            or trainer.should_stop
+        )
+
+    def evaluation_sample(self, final: bool) -> torch.Tensor:
+        """Positions (edit order, sorted) of the facts an evaluation now scores: every edited
+        fact when ``final`` or without ``eval_sample_size``, else the seeded sample of this step
+        (:func:`~sphere_lightning.functional.sampling.sample_indices`)."""
+        size = None if final else self.eval_sample_size
+        return sample_indices(self.num_edited(), size, self.eval_sample_seed, self.global_step)
+
+    def _start_evaluation(self, final: bool) -> None:
+        positions = self.evaluation_sample(final)
+        sampled = len(positions) < self.num_edited()
+        self._eval_positions = set(positions.tolist()) if sampled else None
+
     def _evaluate(self, batch: EditBatch) -> None:
-        num = self.num_edited()
-        edited = [r for r, p in zip(batch.requests, batch.positions, strict=True) if p < num]
+        num, sample = self.num_edited(), self._eval_positions
+        edited = [
+            r
+            for r, p in zip(batch.requests, batch.positions, strict=True)
+            if p < num and (sample is None or p in sample)
+        ]
         if not edited:
             return
         # This process's share only: the metrics sum every process's values and counts.
@@ -451,24 +536,49 @@ class EditingModule(LightningModule):
             self._metrics[name].update(values)
 
     def _log_edit_metrics(self, prefix: str) -> None:
-        if self.num_edited() == 0:
+        num_edited = self.num_edited()
+        if num_edited == 0:
             return
-        metrics = {f"{prefix}/num_evaluated": float(self.num_edited())}
+        sample = self._eval_positions
+        evaluated = sorted(sample) if sample is not None else range(num_edited)
+        metrics = {f"{prefix}/num_evaluated": float(len(evaluated))}
         for name, metric in self._metrics.items():
             if metric.update_called:
-                value = float(metric.compute())  # on every process: it gathers their shares
-                if value == value:  # NaN: no request had a prompt of this kind
-                    metrics[f"{prefix}/{name}"] = value
+                # On every process: it gathers their shares.
+                total, total_sq, count = metric.compute().tolist()
+                if count > 0:  # else no request had a prompt of this kind
+                    metrics[f"{prefix}/{name}"] = total / count
+                if sample is not None and count > 0:
+                    ci = mean_ci95_half_width(total, total_sq, int(count), num_edited)
+                    if ci == ci:
+                        metrics[f"{prefix}/{name}_ci95"] = ci
             metric.reset()
         start = time.perf_counter()
-        fluency = self.fluency(self.trainer.datamodule.requests[: self.num_edited()])
+        requests = self.trainer.datamodule.requests
+        fluency = self.fluency([requests[p] for p in evaluated[: self.fluency_prompts]])
         if fluency is not None:
             metrics[f"{prefix}/fluency"] = fluency
         self._add_time("evaluation", start, log=False)
+        if sample is not None:  # else num_evaluated is the number edited
+            metrics[f"{prefix}/num_edited"] = float(num_edited)
         self.log_now(metrics)
-        if prefix == "edit":
-            self.final_edit_metrics = {k.split("/", 1)[1]: v for k, v in metrics.items()}
-            self._evaluated_step = self.global_step
+        self._eval_positions = None
+        if prefix != "edit":
+            return
+        values = {k.split("/", 1)[1]: v for k, v in metrics.items()}
+        if sample is not None:
+            self.sampled_edit_metrics.append({"step": self.global_step, **values})
+            return
+        self.final_edit_metrics = values
+        self._evaluated_step = self.global_step
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation(final=self.is_final_evaluation())
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation(final=True)
 
     @override
     def validation_step(self, batch: EditBatch, batch_idx: int) -> None:
@@ -490,7 +600,8 @@ class EditingModule(LightningModule):
 
     @property
     def evaluated_at_current_step(self) -> bool:
-        """Whether edit metrics were logged at the current ``global_step``."""
+        """Whether edit metrics over every edited fact were logged at the current
+        ``global_step`` (a sampled evaluation does not count)."""
         return self._evaluated_step == self.global_step
 
     # -- utilities ---------------------------------------------------------------------------
@@ -534,6 +645,7 @@ class EditingModule(LightningModule):
             "num_edited": self.num_edited() if self._trainer is not None else 0,
             "pre_edit_metrics": self.pre_edit_metrics,
             "final_edit_metrics": self.final_edit_metrics,
+            "sampled_edit_metrics": self.sampled_edit_metrics,
             "evaluated_step": self._evaluated_step,
             "fluency_protocol_used": self.fluency_protocol_used,
             "phase_seconds": self.phase_seconds,
@@ -584,6 +696,7 @@ class EditingModule(LightningModule):
         self.editor.setup(self.model, self.tokenizer)
         self.pre_edit_metrics = dict(meta["pre_edit_metrics"])
         self.final_edit_metrics = dict(meta["final_edit_metrics"])
+        self.sampled_edit_metrics = list(meta.get("sampled_edit_metrics", []))
         self._evaluated_step = meta["evaluated_step"]
         self.fluency_protocol_used = meta["fluency_protocol_used"]
         self.phase_seconds = dict(meta["phase_seconds"])

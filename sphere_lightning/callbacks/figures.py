@@ -32,6 +32,12 @@ _EDIT_COUNTERS = ("edit/num_edited", "edit/num_evaluated")
 # -- shared helpers ----------------------------------------------------------------------------
 
 
+def _is_edit_metric(tag: str) -> bool:
+    """An ``edit/*`` editing metric: not a counter, nor the confidence interval of a sampled
+    evaluation (``edit/<metric>_ci95``)."""
+    return tag.startswith("edit/") and tag not in _EDIT_COUNTERS and not tag.endswith("_ci95")
+
+
 def figures_dir(trainer: Trainer, dirpath: str | Path | None = None) -> Path:
     """Where figures go: ``dirpath`` if given, else ``<trainer.log_dir>/figures``.
 
@@ -301,7 +307,7 @@ class MetricTrendsCallback(EditObserver):
             return True
         if self.metrics is not None:
             return tag in self.metrics
-        return tag.startswith("edit/") and tag not in _EDIT_COUNTERS
+        return _is_edit_metric(tag)
 
     def record(self, metrics: dict[str, Any], step: int) -> None:
         """Keep the HE and editing-metric scalars logged at ``step``."""
@@ -345,7 +351,7 @@ class MetricTrendsCallback(EditObserver):
         """Recorded editing metric tags."""
         if self.metrics is not None:
             return [t for t in self.metrics if t in self.history]
-        return sorted(t for t in self.history if t.startswith("edit/") and t not in _EDIT_COUNTERS)
+        return sorted(t for t in self.history if _is_edit_metric(t))
 
     def mean_energy(self) -> dict[int, float]:
         """HE averaged over the layers logged at each step."""
