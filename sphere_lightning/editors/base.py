@@ -22,7 +22,13 @@ from sphere_lightning.editors.hooks import (
     model_device,
 )
 from sphere_lightning.editors.statistics import GENERATED, second_moments
-from sphere_lightning.editors.targets import TargetOptions, TargetResult, compute_target_values
+from sphere_lightning.editors.targets import (
+    EARLY_STOPS,
+    PRECISIONS,
+    TargetOptions,
+    TargetResult,
+    compute_target_values,
+)
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 
@@ -146,6 +152,13 @@ class LocateThenEditEditor(Editor):
         group_by_suffix: In the v* optimisation, run together the prompts (of any requests) that
             have the same number of tokens from the subject's last one on, so no step computes
             padding (same result, less work). Off: whole requests per forward pass, as in ROME.
+        v_early_stop: When a request's v* optimisation stops before ``v_num_steps``: ``loss``
+            once its loss is below ``v_loss_threshold`` (ROME/MEMIT); ``most_probable`` also as
+            soon as ``target_new`` is the most probable continuation at every target token of
+            every prompt (teacher-forced), ENCORE's most-probable early stopping.
+        v_precision: ``float32``, or ``bf16``: the v* forward/backward passes through the
+            blocks above the edit point run under bfloat16 autocast on the model's device
+            type; δ, the lm head, log-softmax, KL, the loss and Adam stay float32.
         num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
         context_template_length: Length in tokens of each generated prefix.
         stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
@@ -176,6 +189,8 @@ class LocateThenEditEditor(Editor):
         skip_lower_layers: bool = True,
         reuse_prefix: bool = True,
         group_by_suffix: bool = True,
+        v_early_stop: str = "loss",
+        v_precision: str = "float32",
         num_context_templates: int = 5,
         context_template_length: int = 10,
         stats_corpus: str = GENERATED,
@@ -197,6 +212,16 @@ class LocateThenEditEditor(Editor):
         ]:
             if value < 1:
                 raise ConfigError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
+        if v_early_stop not in EARLY_STOPS:
+            raise ConfigError(
+                f"`editor.init_args.v_early_stop` should be one of {', '.join(EARLY_STOPS)}, "
+                f"got {v_early_stop!r}"
+            )
+        if v_precision not in PRECISIONS:
+            raise ConfigError(
+                f"`editor.init_args.v_precision` should be one of {', '.join(PRECISIONS)}, "
+                f"got {v_precision!r}"
+            )
         if num_context_templates < 0:
             raise ConfigError("`editor.init_args.num_context_templates` must be ≥ 0")
         self.target_layer = self.layers[-1] if target_layer is None else int(target_layer)
@@ -216,6 +241,8 @@ class LocateThenEditEditor(Editor):
             skip_lower_layers=skip_lower_layers,
             reuse_prefix=reuse_prefix,
             group_by_suffix=group_by_suffix,
+            early_stop=v_early_stop,
+            precision=v_precision,
         )
         self.num_context_templates = num_context_templates
         self.context_template_length = context_template_length

@@ -9,17 +9,27 @@ loss of each request is exactly the one of ROME/MEMIT's reference code. v*_j = h
 All requests of a batch are optimised together. Their losses are independent sums, and Adam acts
 element-wise, so this is the same optimisation as one request at a time; a request that reaches
 the loss threshold is frozen (ROME's early stop) and leaves the forward passes.
+
+Two options trade exactness for speed; both are off by default, and with both off the arithmetic
+is exactly the one above. ``early_stop="most_probable"`` also freezes a request as soon as
+``target_new`` is the most probable token at every target position of every one of its prompts
+(teacher-forced), ENCORE's most-probable early stopping (Gupta et al. 2025, arXiv 2502.01636).
+``precision="bf16"`` runs the blocks above the edit point under bfloat16 autocast during the
+Adam steps; δ, h, the pass without δ, the lm head, log-softmax, the loss and Adam stay float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +39,11 @@ from sphere_lightning.editors.hooks import encode_target, encode_with_subject, m
 from sphere_lightning.models.architectures import ArchitectureSpec
 
 KL_PROMPT = "{} is a"
+
+#: Values of :attr:`TargetOptions.early_stop`.
+EARLY_STOPS = ("loss", "most_probable")
+#: Values of :attr:`TargetOptions.precision`.
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -50,6 +65,12 @@ class TargetOptions:
         group_by_suffix: Put sequences of the same suffix length (from the subject's last token
             on) in one forward pass, whichever request they belong to, so no step computes
             padding. Off: each forward pass holds ``batch_size`` whole requests (ROME's layout).
+        early_stop: When a request stops before ``num_steps``: ``"loss"`` once its loss is below
+            ``loss_threshold`` (ROME); ``"most_probable"`` also as soon as ``target_new`` is the
+            argmax at every target token of every prompt, teacher-forced (ENCORE).
+        precision: ``"float32"``, or ``"bf16"``: the forward and backward passes of the Adam
+            steps through the model's blocks under bfloat16 autocast (on the model's device
+            type); δ, the lm head, log-softmax, KL, the loss and Adam stay float32.
     """
 
     num_steps: int = 25
@@ -62,6 +83,14 @@ class TargetOptions:
     skip_lower_layers: bool = True
     reuse_prefix: bool = True
     group_by_suffix: bool = True
+    early_stop: str = "loss"
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.early_stop not in EARLY_STOPS:
+            raise ValueError(f"early_stop must be one of {EARLY_STOPS}, got {self.early_stop!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -196,6 +225,49 @@ class _ReplayBelow:
     def __exit__(self, *exc) -> None:
         for i in range(self.layer + 1):
             del self.blocks[i].forward
+
+
+class _LowPrecisionAbove:
+    """Run blocks ``layer + 1`` on in bfloat16: their matrices cast once, their forward under
+    bfloat16 autocast (so the residual stream, the norms and everything below stay float32).
+
+    Autocast alone would cast every weight on every forward pass (it caches casts only of
+    weights that require a gradient), which costs as much as the bf16 matmuls save; the casts
+    are made once here and the float32 tensors put back on exit. On CPU attention uses the math
+    kernel: the flash kernel's bf16 backward is ~5x slower than its float32 one on short
+    sequences, the math kernel's bf16 matmuls are not.
+    """
+
+    def __init__(self, blocks: torch.nn.ModuleList, layer: int, device: torch.device) -> None:
+        self.blocks = [blocks[i] for i in range(layer + 1, len(blocks))]
+        self.device_type = device.type
+        self.originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def _wrap(self, forward):
+        def low_precision(*args, **kwargs):
+            with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16):
+                if self.device_type != "cpu":
+                    return forward(*args, **kwargs)
+                with sdpa_kernel(SDPBackend.MATH):
+                    return forward(*args, **kwargs)
+
+        return low_precision
+
+    def __enter__(self) -> _LowPrecisionAbove:
+        for block in self.blocks:
+            for param in block.parameters():
+                if param.dim() >= 2 and param.dtype == torch.float32:
+                    self.originals.append((param, param.data))
+                    param.data = param.data.to(torch.bfloat16)
+            block.forward = self._wrap(block.forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for param, data in self.originals:
+            param.data = data
+        self.originals.clear()
+        for block in self.blocks:
+            del block.forward
 
 
 def _cache_from(
@@ -338,6 +410,25 @@ class TargetOptimisation:
         # What the δ hook adds, and at which column, in the forward pass now running.
         self._add: torch.Tensor | None = None
         self._col: int | None = None
+        #: ``(wall seconds, CPU seconds of this process)`` per phase, accumulated over the run.
+        #: Host-side clocks: on an accelerator they time the dispatch unless it synchronises.
+        self.timings: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            entry = self.timings.setdefault(phase, [0.0, 0.0])
+            entry[0] += time.perf_counter() - wall
+            entry[1] += time.process_time() - cpu
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """The blocks above the edit point in bf16 (``precision="bf16"``), else nothing."""
+        if self.opts.precision == "bf16":
+            return _LowPrecisionAbove(self.blocks, self.layer, self.device)
+        return contextlib.nullcontext()
 
     @property
     def rows_per_chunk(self) -> int:
@@ -430,8 +521,12 @@ class TargetOptimisation:
         that :meth:`chunk_loss` runs; the caller removes the returned handle."""
         return self.block.register_forward_hook(self._inject)
 
-    def chunk_loss(self, chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
-        """The chunk's contribution (NLL and KL terms) to every request's loss, for ``rows``."""
+    def chunk_loss(
+        self, chunk: _Chunk, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunk's contribution (NLL and KL terms) to every request's loss, for ``rows``,
+        and, with ``early_stop="most_probable"``, each request's number of target tokens in the
+        chunk that are not the argmax (``None`` otherwise)."""
         device, opts = self.device, self.opts
         remap = torch.full((len(chunk.ids),), -1, dtype=torch.long, device=device)
         remap[rows] = torch.arange(len(rows), device=device)
@@ -448,37 +543,69 @@ class TargetOptimisation:
             kwargs.update({self.cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
         else:
             kwargs.update(use_cache=False)
+        replay = contextlib.nullcontext()
         if chunk.replay_out is not None:
-            with _ReplayBelow(self.blocks, self.layer, chunk.replay_out[rows, : end - start]):
-                hidden = self.base(**kwargs).last_hidden_state
-        else:
+            replay = _ReplayBelow(self.blocks, self.layer, chunk.replay_out[rows, : end - start])
+        with self._timed("forward (blocks)"), replay:
             hidden = self.base(**kwargs).last_hidden_state
 
         kl_keep = remap[chunk.kl_rows] >= 0
         tgt_keep = remap[chunk.tgt_row] >= 0
         kl_rows = chunk.kl_rows[kl_keep]
         tgt_rows = chunk.tgt_row[tgt_keep]
-        picked = torch.cat(
-            [
-                hidden[remap[kl_rows], chunk.split - start],
-                hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
-            ]
-        )
-        logp = F.log_softmax(self.lm_head(picked).float(), dim=-1)
-        kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
-        # NLL: mean over target tokens, then over templates, per request.
-        token_nll = -tgt_logp.gather(1, chunk.tgt_tok[tgt_keep, None]).squeeze(1)
-        # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
-        kl = F.kl_div(chunk.kl_init[kl_keep], kl_logp, log_target=True, reduction="none")
-        terms = torch.zeros(self.n, device=device)
-        terms = terms.index_add(
-            0, chunk.seq_request[tgt_rows], token_nll * chunk.tgt_weight[tgt_keep]
-        )
-        return terms.index_add(0, chunk.seq_request[kl_rows], opts.kl_factor * kl.sum(-1))
+        with self._timed("lm_head + log_softmax"):
+            picked = torch.cat(
+                [
+                    hidden[remap[kl_rows], chunk.split - start],
+                    hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
+                ]
+            )
+            # float32 even under bf16: the lm head's weight is float32 (or the model's dtype),
+            # so its logits, the log-softmax and the KL are not rounded to bf16.
+            logp = F.log_softmax(self.lm_head(picked.to(self.lm_head.weight.dtype)).float(), -1)
+        with self._timed("loss terms (NLL + KL)"):
+            kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
+            tokens = chunk.tgt_tok[tgt_keep]
+            # NLL: mean over target tokens, then over templates, per request.
+            token_nll = -tgt_logp.gather(1, tokens[:, None]).squeeze(1)
+            # KL(current ‖ initial), the argument order of ROME/MEMIT's ``kl_div(init, current)``.
+            kl = F.kl_div(chunk.kl_init[kl_keep], kl_logp, log_target=True, reduction="none")
+            terms = torch.zeros(self.n, device=device)
+            terms = terms.index_add(
+                0, chunk.seq_request[tgt_rows], token_nll * chunk.tgt_weight[tgt_keep]
+            )
+            terms = terms.index_add(0, chunk.seq_request[kl_rows], opts.kl_factor * kl.sum(-1))
+            misses = None
+            if opts.early_stop == "most_probable":
+                # A tie with another token counts as a miss: the target must be the argmax.
+                wrong = (tgt_logp.detach().argmax(-1) != tokens).long()
+                misses = torch.zeros(self.n, dtype=torch.long, device=device)
+                misses = misses.index_add(0, chunk.seq_request[tgt_rows], wrong)
+        return terms, misses
 
     def optimise(self, progress: bool = True) -> None:
         """Run the Adam steps on δ (with the hook installed), freezing each request whose loss
-        falls below the threshold and clamping ‖δ‖ after every step."""
+        falls below the threshold (or, with ``early_stop="most_probable"``, whose target is
+        already the most probable continuation) and clamping ‖δ‖ after every step.
+
+        Only δ needs a gradient: parameters that require one are frozen for the duration (their
+        flags restored afterwards), so the backward pass never computes weight gradients."""
+        with self._frozen():
+            self._optimise(progress)
+
+    @contextlib.contextmanager
+    def _frozen(self) -> Iterator[None]:
+        """The model's parameters without ``requires_grad`` (restored on exit)."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for param in trainable:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param in trainable:
+                param.requires_grad_(True)
+
+    def _optimise(self, progress: bool) -> None:
         n, device, opts = self.n, self.device, self.opts
         self.delta = torch.zeros_like(self.initial, requires_grad=True)
         delta = self.delta
@@ -492,6 +619,7 @@ class TargetOptimisation:
             for step in bar:
                 optimizer.zero_grad(set_to_none=False)
                 total = torch.zeros(n, device=device)
+                misses = torch.zeros(n, dtype=torch.long, device=device)
                 # As in ROME, the last step only measures the loss: no gradient is needed.
                 last = step == opts.num_steps - 1
                 with torch.set_grad_enabled(not last):
@@ -499,10 +627,13 @@ class TargetOptimisation:
                         rows = torch.nonzero(active[chunk.seq_request]).squeeze(1)
                         if len(rows) == 0:
                             continue
-                        terms = self.chunk_loss(chunk, rows)
+                        terms, chunk_misses = self.chunk_loss(chunk, rows)
                         total += terms.detach()
+                        if chunk_misses is not None:
+                            misses += chunk_misses
                         if not last:
-                            terms.sum().backward()
+                            with self._timed("backward"):
+                                terms.sum().backward()
                     # ROME/MEMIT's weight decay, ‖δ‖ / ‖h‖² (the norm itself, not its square).
                     decay = opts.weight_decay * delta.norm(dim=-1) / init_norm**2
                     if not last:
@@ -511,18 +642,23 @@ class TargetOptimisation:
                 losses[active] = total[active]
                 steps[active] = step
                 # ROME's early stop: a request whose loss is below the threshold keeps its δ.
-                active &= losses >= opts.loss_threshold
+                keep = losses >= opts.loss_threshold
+                if opts.early_stop == "most_probable":
+                    # ENCORE's: also one whose target is the argmax at every target token.
+                    keep &= misses > 0
+                active &= keep
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", active=int(active.sum()))
                 if last or not active.any():
                     break
-                frozen = delta.detach().clone()
-                optimizer.step()
-                with torch.no_grad():
-                    delta[~active] = frozen[~active]
-                    max_norm = opts.clamp_norm_factor * init_norm
-                    norm = delta.norm(dim=-1)
-                    scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), 1.0)
-                    delta.mul_(scale[:, None])
+                with self._timed("adam + clamp"):
+                    frozen = delta.detach().clone()
+                    optimizer.step()
+                    with torch.no_grad():
+                        delta[~active] = frozen[~active]
+                        max_norm = opts.clamp_norm_factor * init_norm
+                        norm = delta.norm(dim=-1)
+                        scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), 1.0)
+                        delta.mul_(scale[:, None])
         finally:
             bar.close()
 
@@ -533,13 +669,16 @@ class TargetOptimisation:
 
     def run(self, progress: bool = True) -> TargetResult:
         """All phases in order; the model is left as it was."""
-        self.prepare()
-        self.measure_initial()
-        handle = self.install_hook()
-        try:
-            self.optimise(progress)
-        finally:
-            handle.remove()
+        with self._timed("prepare"):
+            self.prepare()
+        with self._frozen(), self._precision():
+            with self._timed("measure_initial (pass without δ, prefix cache)"):
+                self.measure_initial()
+            handle = self.install_hook()
+            try:
+                self.optimise(progress)
+            finally:
+                handle.remove()
         return self.finish()
 
 
