@@ -84,3 +84,34 @@ def test_score_options_rejects_what_it_cannot_score(tiny_llama, tokenizer):
     with pytest.raises(ValueError, match="at least one"):
         score_options(tiny_llama, tokenizer, ["He plays"], [])
     assert score_options(tiny_llama, tokenizer, [], [" Paris"]).shape == (0, 1)
+
+
+#: Prompts that start with one instruction, as a task's template makes them (BoolQ's is 24
+#: tokens of SmolLM2), with passages of different lengths after it.
+TEMPLATE = "I think you should read the letter before the meeting starts tomorrow ."
+TEMPLATED = [
+    f"{TEMPLATE} {passage} the answer is"
+    for passage in (
+        "The city of Paris is the capital of France",
+        "He plays soccer",
+        "A small dog ran across the park while children were playing with a red ball",
+        "We visited the museum",
+    )
+]
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-bos", "bos"])
+@pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
+def test_score_options_with_a_shared_template_matches_naive_loop(tiny_model, tokenizer, bos):
+    tok = _with_bos(tokenizer) if bos else tokenizer
+    expected = _naive(tiny_model, tok, TEMPLATED, OPTIONS)
+    seen = []
+    hook = tiny_model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    for batch_size in (2, 3, 64):
+        scores = score_options(tiny_model, tok, TEMPLATED, OPTIONS, batch_size=batch_size)
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
+    hook.remove()
+    # The template (with the BOS, if any) ran on its own: a one-row pass of exactly its tokens.
+    assert (1, len(tok(TEMPLATE)["input_ids"])) in seen
