@@ -119,8 +119,9 @@ class UltraEdit(Editor):
     Args:
         layers: Blocks whose MLP out-projection is edited. The reference edits Llama-3's and
             Qwen2.5's ``gate_proj``/``up_proj`` (here only out-projections are editable), GPT-J's
-            ``fc_out`` 18–26 of 28 and Mistral's ``down_proj`` 29–30 of 32.
-        lr: Step size of the pseudo-values v = −lr ‖k̂‖² ĝ (the reference: 1e-6 on every model).
+            ``fc_out`` 18–26 of 28 (the default) and Mistral's ``down_proj`` 29–30 of 32.
+        lr: Step size of the pseudo-values v = −lr ‖k̂‖² ĝ (the reference: 1e-6 on every model;
+            SmolLM2 needs ~3e-4, see ``configs/editors/ultraedit.yaml``).
         l2: λ of the ridge solve (Kᵀ K + λ I); fixed at 1 (``torch.eye``) in the reference.
         forward_batch_size: Requests per forward/backward pass (the reference's
             ``dataset.batch_size`` / ``batch_size_once``: 10). Not only memory: the loss is the
