@@ -10,6 +10,7 @@ on one batch of ``--num-requests`` requests, in this one process. The paths diff
 - ``old``: ``loss`` + ``float32`` (the behaviour before these options existed);
 - ``most-probable``: ``most_probable`` + ``float32``;
 - ``bf16``: ``loss`` + ``bf16``;
+- ``both``: ``most_probable`` + ``bf16``;
 - ``new``: the values ``configs/edit.yaml`` sets (``--new-early-stop``/``--new-precision``
   override them).
 
@@ -146,8 +147,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--paths",
-        default="old,most-probable,bf16,new",
-        help="comma-separated subset of old, most-probable, bf16, new",
+        default="old,most-probable,bf16,both,new",
+        help="comma-separated subset of old, most-probable, bf16, both, new",
     )
     parser.add_argument("--new-early-stop", default=None, help="default: the config's")
     parser.add_argument("--new-precision", default=None, help="default: the config's")
@@ -171,6 +172,7 @@ def main() -> None:
         "old": {"v_early_stop": "loss", "v_precision": "float32"},
         "most-probable": {"v_early_stop": "most_probable", "v_precision": "float32"},
         "bf16": {"v_early_stop": "loss", "v_precision": "bf16"},
+        "both": {"v_early_stop": "most_probable", "v_precision": "bf16"},
         "new": new,
     }
     paths = {name: all_paths[name] for name in args.paths.split(",")}
