@@ -14,8 +14,10 @@ Two options trade exactness for speed; both are off by default, and with both of
 is exactly the one above. ``early_stop="most_probable"`` also freezes a request as soon as
 ``target_new`` is the most probable token at every target position of every one of its prompts
 (teacher-forced), ENCORE's most-probable early stopping (Gupta et al. 2025, arXiv 2502.01636).
-``precision="bf16"`` runs the blocks above the edit point under bfloat16 autocast during the
-Adam steps; δ, h, the pass without δ, the lm head, log-softmax, the loss and Adam stay float32.
+``precision="bf16"`` runs the blocks above the edit point under bfloat16 autocast, in the pass
+without δ (so the initial KL distribution is the one the steps start from) and in the Adam steps,
+and the lm head's matmul in bf16 (its weight cast once); h and everything below the edit point,
+δ, log-softmax, the NLL and KL terms and Adam stay float32.
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ class TargetOptions:
         early_stop: When a request stops before ``num_steps``: ``"loss"`` once its loss is below
             ``loss_threshold`` (ROME); ``"most_probable"`` also as soon as ``target_new`` is the
             argmax at every target token of every prompt, teacher-forced (ENCORE).
-        precision: ``"float32"``, or ``"bf16"``: the forward and backward passes of the Adam
-            steps through the model's blocks under bfloat16 autocast (on the model's device
-            type); δ, the lm head, log-softmax, KL, the loss and Adam stay float32.
+        precision: ``"float32"``, or ``"bf16"``: the blocks above the edit point under bfloat16
+            autocast (on the model's device type), in the pass without δ and in the forward and
+            backward passes of the Adam steps, and the lm head's matmul in bf16 on the positions
+            the loss reads; h (block ``layer``'s output, v*'s origin) and every block up to
+            ``layer``, δ, log-softmax (of the upcast logits), KL, the loss and Adam stay float32.
     """
 
     num_steps: int = 25
@@ -225,6 +229,10 @@ class _ReplayBelow:
     def __exit__(self, *exc) -> None:
         for i in range(self.layer + 1):
             del self.blocks[i].forward
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end a pass whose remaining blocks' output is not needed."""
 
 
 class _LowPrecisionAbove:
@@ -410,6 +418,8 @@ class TargetOptimisation:
         # What the δ hook adds, and at which column, in the forward pass now running.
         self._add: torch.Tensor | None = None
         self._col: int | None = None
+        # The lm head's (weight, bias) in bf16 while ``precision="bf16"`` is in effect.
+        self._head_bf16: tuple[torch.Tensor, torch.Tensor | None] | None = None
         #: ``(wall seconds, CPU seconds of this process)`` per phase, accumulated over the run.
         #: Host-side clocks: on an accelerator they time the dispatch unless it synchronises.
         self.timings: dict[str, list[float]] = {}
@@ -424,11 +434,32 @@ class TargetOptimisation:
             entry[0] += time.perf_counter() - wall
             entry[1] += time.process_time() - cpu
 
-    def _precision(self) -> contextlib.AbstractContextManager:
-        """The blocks above the edit point in bf16 (``precision="bf16"``), else nothing."""
-        if self.opts.precision == "bf16":
-            return _LowPrecisionAbove(self.blocks, self.layer, self.device)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        """With ``precision="bf16"``: the blocks above the edit point in bf16 and a bf16 copy of
+        the lm head's matrix for :meth:`_log_probs` (a copy: the head may share its weight with
+        the input embedding, which the float32 part of the model reads). Else nothing."""
+        if self.opts.precision != "bf16":
+            yield
+            return
+        head = self.lm_head
+        if type(head) is torch.nn.Linear and head.weight.dtype == torch.float32:
+            bias = None if head.bias is None else head.bias.detach().to(torch.bfloat16)
+            self._head_bf16 = (head.weight.detach().to(torch.bfloat16), bias)
+        try:
+            with _LowPrecisionAbove(self.blocks, self.layer, self.device):
+                yield
+        finally:
+            self._head_bf16 = None
+
+    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 log-probabilities of the final hidden states ``hidden`` (picked rows): the
+        head's matmul in bf16 under ``precision="bf16"``, upcast before the log-softmax."""
+        if self._head_bf16 is not None:
+            logits = F.linear(hidden.to(torch.bfloat16), *self._head_bf16)
+        else:
+            logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        return F.log_softmax(logits.float(), -1)
 
     @property
     def rows_per_chunk(self) -> int:
@@ -474,9 +505,12 @@ class TargetOptimisation:
                 self.cache_arg,
             )
         captured: dict[str, object] = {}
+        stop = False
 
         def keep(module, args, output):
             captured["out"] = output
+            if stop:
+                raise _StopForward
 
         self.initial = torch.zeros(self.n, self.model.config.hidden_size, device=self.device)
         replay = opts.skip_lower_layers
@@ -489,6 +523,10 @@ class TargetOptimisation:
             else:
                 inputs["use_cache"] = False
             start = chunk.start
+            # Only the KL rows need the blocks above the edit point here (the prefix pass has
+            # their keys/values): a chunk without any stops after block ``layer``.
+            stop = len(chunk.kl_rows) == 0
+            hidden = None
             handle = self.block.register_forward_hook(keep)
             try:
                 with torch.no_grad():
@@ -497,6 +535,8 @@ class TargetOptimisation:
                         position_ids=chunk.positions[:, start:],
                         **inputs,
                     ).last_hidden_state
+            except _StopForward:
+                pass
             finally:
                 handle.remove()
             out = captured.pop("out")
@@ -505,9 +545,15 @@ class TargetOptimisation:
             self.initial[chunk.seq_request[chunk.h_rows]] = out[
                 chunk.h_rows, chunk.split - start
             ].float()
-            chunk.kl_init = F.log_softmax(
-                self.lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
-            )
+            if hidden is None:
+                chunk.kl_init = torch.zeros(0, self.lm_head.weight.shape[0], device=self.device)
+            elif self._head_bf16 is not None:
+                # The head of the steps, so that KL starts at ~0.
+                chunk.kl_init = self._log_probs(hidden[chunk.kl_rows, chunk.split - start])
+            else:
+                chunk.kl_init = F.log_softmax(
+                    self.lm_head(hidden[chunk.kl_rows, chunk.split - start]).float(), dim=-1
+                )
             chunk.replay_out = out.detach() if replay else None
 
     def _inject(self, module, args, output):
@@ -540,7 +586,11 @@ class TargetOptimisation:
             "position_ids": chunk.positions[rows, start:end],
         }
         if chunk.prefix_kv is not None:
-            kwargs.update({self.cache_arg: _cache_from(chunk.prefix_kv, rows), "use_cache": True})
+            # Every row active (rows is then 0..S-1): the prefix cache as it is, uncopied.
+            cache_rows = None if len(rows) == len(chunk.ids) else rows
+            kwargs.update(
+                {self.cache_arg: _cache_from(chunk.prefix_kv, cache_rows), "use_cache": True}
+            )
         else:
             kwargs.update(use_cache=False)
         replay = contextlib.nullcontext()
@@ -560,9 +610,9 @@ class TargetOptimisation:
                     hidden[remap[tgt_rows], chunk.tgt_col[tgt_keep] - start],
                 ]
             )
-            # float32 even under bf16: the lm head's weight is float32 (or the model's dtype),
-            # so its logits, the log-softmax and the KL are not rounded to bf16.
-            logp = F.log_softmax(self.lm_head(picked.to(self.lm_head.weight.dtype)).float(), -1)
+            # Under bf16 only the head's matmul is: its logits are upcast, so the log-softmax,
+            # the NLL and the KL are float32.
+            logp = self._log_probs(picked)
         with self._timed("loss terms (NLL + KL)"):
             kl_logp, tgt_logp = logp[: len(kl_rows)], logp[len(kl_rows) :]
             tokens = chunk.tgt_tok[tgt_keep]

@@ -215,3 +215,62 @@ def test_the_options_are_checked():
     editor = AlphaEdit(v_early_stop="most_probable", v_precision="bf16")
     assert dataclasses.asdict(editor.target_options)["early_stop"] == "most_probable"
     assert editor.target_options.precision == "bf16"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_keeps_h_exact_and_its_kl_starts_at_zero(family, make_tiny_model, tokenizer, requests):
+    model = make_tiny_model(family)
+    exact = _optimisation(model, tokenizer, requests, num_steps=6).run(progress=False)
+    low = _optimisation(model, tokenizer, requests, num_steps=6, precision="bf16")
+    result = low.run(progress=False)
+    # h (block ``layer``'s output, v*'s origin) is the float32 one, bit for bit.
+    assert torch.equal(result.initial, exact.initial)
+    moved = (exact.values - exact.initial).norm(dim=-1)
+    assert ((result.values - exact.values).norm(dim=-1) < 0.1 * moved).all()
+    assert low._head_bf16 is None  # the bf16 copy of the head is dropped on exit
+
+    # With δ = 0 the steps' bf16 path (upper blocks and head) gives the initial distribution:
+    # the KL term, the difference of the loss at kl_factor 1 and 0, starts at ~0.
+    probe = _optimisation(model, tokenizer, requests, precision="bf16")
+    head_inputs: list[torch.dtype] = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, *args):
+        if weight.shape[0] == model.config.vocab_size:
+            head_inputs.append(weight.dtype)
+        return linear(x, weight, *args)
+
+    with probe._frozen(), probe._precision():
+        probe.prepare()
+        probe.measure_initial()
+        assert all(c.kl_init.dtype == torch.float32 for c in probe.chunks)
+        probe.delta = torch.zeros_like(probe.initial)
+        handle = probe.install_hook()
+        try:
+            with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+                mp.setattr(torch.nn.functional, "linear", spy)
+                for chunk in probe.chunks:
+                    rows = torch.arange(len(chunk.ids))
+                    probe.opts.kl_factor = 1.0
+                    with_kl, _ = probe.chunk_loss(chunk, rows)
+                    probe.opts.kl_factor = 0.0
+                    without, _ = probe.chunk_loss(chunk, rows)
+                    torch.testing.assert_close(with_kl, without, rtol=0, atol=1e-6)
+        finally:
+            handle.remove()
+    assert head_inputs and set(head_inputs) == {torch.bfloat16}, "the head's matmul ran in bf16"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_never_casts_the_head(family, make_tiny_model, tokenizer, requests):
+    model = make_tiny_model(family)
+    run = _optimisation(model, tokenizer, requests, num_steps=3)
+    dtypes: set[torch.dtype] = set()
+    handle = run.lm_head.register_forward_pre_hook(lambda m, args: dtypes.add(args[0].dtype))
+    try:
+        with run._precision():
+            assert run._head_bf16 is None
+        run.run(progress=False)
+    finally:
+        handle.remove()
+    assert dtypes == {torch.float32}
