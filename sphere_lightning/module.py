@@ -173,7 +173,8 @@ class EditingModule(LightningModule):
             evaluation, so pre- and post-edit values differ by the model only).
         eval_sample_size: Score an intermediate lifelong evaluation (``edit/*`` at
             ``val_check_interval`` before the last batch) on a simple random sample of this many
-            of the facts edited so far; ``null`` (default) scores every one. Fluency is measured
+            of the facts edited so far, and the pre-edit evaluation on step 0's sample of the
+            facts the run will edit; ``null`` (default) scores every one. Fluency is measured
             on the sample too. The final evaluation (after the last batch, at ``max_steps``, and
             ``validate``/``test``) always scores every edited fact. A sampled value is logged
             with ``edit/<metric>_ci95``, the half-width of its 95 % confidence interval (normal
@@ -359,18 +360,38 @@ class EditingModule(LightningModule):
     def on_train_start(self) -> None:
         if self.global_step == 0 and not self.pre_edit_metrics:
             start = time.perf_counter()
-            requests = self.trainer.datamodule.requests
+            everything = self.trainer.datamodule.requests
+            # Like an intermediate evaluation, the pre-edit one scores the seeded sample of
+            # step 0 (of the facts the run will edit) when ``eval_sample_size`` is set.
+            positions = sample_indices(
+                len(everything), self.eval_sample_size, self.eval_sample_seed, 0
+            ).tolist()
+            requests = [everything[p] for p in positions]
             scores = self.edit_scores(requests)
             self.pre_edit_metrics = {k: float(v.nanmean()) for k, v in scores.items()}
+            intervals = {}
+            if len(requests) < len(everything):
+                for name, values in scores.items():
+                    values = values[~values.isnan()].double()
+                    ci = mean_ci95_half_width(
+                        float(values.sum()), float(values.square().sum()), len(values),
+                        len(everything),
+                    )  # fmt: skip
+                    if ci == ci:
+                        intervals[f"{name}_ci95"] = ci
             fluency = self.fluency(requests)
             if fluency is not None:
                 self.pre_edit_metrics["fluency"] = fluency
             self._add_time("evaluation", start, log=False)
             rank_zero_info(
-                f"Pre-edit metrics over {len(requests)} requests: {self.pre_edit_metrics}"
+                f"Pre-edit metrics over {len(requests)} of {len(everything)} requests: "
+                f"{self.pre_edit_metrics}"
             )
             metrics = {f"edit_pre/{k}": v for k, v in self.pre_edit_metrics.items()}
             metrics.update({f"edit/{k}": v for k, v in self.pre_edit_metrics.items()})
+            metrics.update({f"edit_pre/{k}": v for k, v in intervals.items()})
+            metrics.update({f"edit/{k}": v for k, v in intervals.items()})
+            metrics["edit_pre/num_evaluated"] = float(len(requests))
             self.log_now(metrics)
 
     @override

@@ -142,15 +142,18 @@ def test_cli_samples_intermediate_evaluations_and_scores_every_fact_at_the_end(
     scalars = _scalars(tmp_path / "logs")
     assert scalars["edit/num_evaluated"] == [(1, 1.0), (2, 2.0), (3, 2.0), (4, 4.0)]
     assert (3, 3.0) in scalars["edit/num_edited"]
+    # The pre-edit evaluation scores step 0's sample of the 4 facts the run will edit.
+    assert scalars["edit_pre/num_evaluated"] == [(0, 2.0)]
     for metric in ("efficacy", "generalization", "specificity"):
-        (ci,) = scalars[f"edit/{metric}_ci95"]  # only the sampled evaluation has one
-        assert ci[0] == 3 and ci[1] >= 0
+        # Only the sampled evaluations (pre-edit and step 3) have one.
+        pre, ci = scalars[f"edit/{metric}_ci95"]
+        assert pre[0] == 0 and ci[0] == 3 and ci[1] >= 0
     (path,) = list((tmp_path / "logs").rglob("summary.json"))
     summary = json.loads(path.read_text())
     (sampled,) = summary["edit"]["sampled"]
     assert sampled["step"] == 3 and sampled["num_edited"] == 3 and sampled["num_evaluated"] == 2
     for metric in ("efficacy", "generalization", "specificity"):
-        assert sampled[f"{metric}_ci95"] == pytest.approx(scalars[f"edit/{metric}_ci95"][0][1])
+        assert sampled[f"{metric}_ci95"] == pytest.approx(scalars[f"edit/{metric}_ci95"][1][1])
         assert sampled[metric] == pytest.approx(dict(scalars[f"edit/{metric}"])[3])
     final = summary["edit"]["final"]
     assert final["num_evaluated"] == 4 and not any(k.endswith("_ci95") for k in final)
