@@ -5,9 +5,10 @@ autocast, each alone and together, with the edit metrics after applying each pat
 Every path runs AlphaEdit + SPHERE as configured in ``configs/edit.yaml`` (the editor settings
 and SPHERE's β/α read from that file, SPHERE applied inside the layer loop as in a training step)
 on one batch of ``--num-requests`` requests, in this one process. The paths differ only in
-``v_early_stop`` and ``v_precision``:
+``v_early_stop`` and ``v_precision`` (and the ``old`` path in running every prefix whole):
 
-- ``old``: ``loss`` + ``float32`` (the behaviour before these options existed);
+- ``old``: ``loss`` + ``float32``, ``share_template_prefix`` off (the code before these options
+  existed);
 - ``most-probable``: ``most_probable`` + ``float32``;
 - ``bf16``: ``loss`` + ``bf16``;
 - ``both``: ``most_probable`` + ``bf16``;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -169,7 +171,7 @@ def main() -> None:
         "v_precision": args.new_precision or settings.get("v_precision", "float32"),
     }
     all_paths = {
-        "old": {"v_early_stop": "loss", "v_precision": "float32"},
+        "old": {"v_early_stop": "loss", "v_precision": "float32", "share_template_prefix": False},
         "most-probable": {"v_early_stop": "most_probable", "v_precision": "float32"},
         "bf16": {"v_early_stop": "loss", "v_precision": "bf16"},
         "both": {"v_early_stop": "most_probable", "v_precision": "bf16"},
@@ -196,7 +198,13 @@ def main() -> None:
     pre = metrics()
     results = {}
     for label, overrides in paths.items():
-        editor = ProfiledAlphaEdit(**{**settings, **overrides})
+        share = overrides.get("share_template_prefix", True)
+        editor = ProfiledAlphaEdit(
+            **{**settings, **{k: v for k, v in overrides.items() if k.startswith("v_")}}
+        )
+        editor.target_options = dataclasses.replace(
+            editor.target_options, share_template_prefix=share
+        )
         editor.progress = False
         editor.load_state_dict(copy.deepcopy(state))
         editor.setup(model, tokenizer)  # projectors from the cached statistics

@@ -64,6 +64,9 @@ class TargetOptions:
             recomputing them on every step (they do not depend on δ).
         reuse_prefix: Compute the key/value cache of the tokens before the subject's last token
             once; by causality they do not depend on δ, so each step runs only the suffix.
+        share_template_prefix: With ``reuse_prefix``, run the tokens a context template puts in
+            front of every prompt (the longest token prefix its sequences share) once, and every
+            sequence's prefix on from there; off, each sequence's whole prefix is run.
         group_by_suffix: Put sequences of the same suffix length (from the subject's last token
             on) in one forward pass, whichever request they belong to, so no step computes
             padding. Off: each forward pass holds ``batch_size`` whole requests (ROME's layout).
@@ -86,6 +89,7 @@ class TargetOptions:
     batch_size: int = 25
     skip_lower_layers: bool = True
     reuse_prefix: bool = True
+    share_template_prefix: bool = True
     group_by_suffix: bool = True
     early_stop: str = "loss"
     precision: str = "float32"
@@ -116,6 +120,7 @@ class _Sequence:
     lookup: int  # index of the subject's last token
     role: str  # "first" (the bare prompt, whose h is v*'s origin), "context" or "kl"
     targets: list[tuple[int, int, float]]  # (position predicting it, token, weight)
+    template: int = -1  # index of its context template (-1: the KL prompt)
 
     @property
     def suffix(self) -> int:
@@ -163,7 +168,9 @@ def _sequences(
             enc = encode_with_subject(tokenizer, template.format(request.prompt), request.subject)
             targets = [(len(enc.ids) - 1 + k, tok, weight) for k, tok in enumerate(target)]
             role = "first" if t == 0 else "context"
-            seqs.append(_Sequence(index, enc.ids + target[:-1], enc.subject_last, role, targets))
+            seqs.append(
+                _Sequence(index, enc.ids + target[:-1], enc.subject_last, role, targets, t)
+            )
         # The KL term reads the subject's last token, so by causality the tokens after it
         # (" is a") change nothing and are not run.
         enc = encode_with_subject(tokenizer, KL_PROMPT, request.subject)
@@ -292,6 +299,16 @@ def _cache_from(
     return cache
 
 
+def _shared_prefix(seqs: Sequence[_Sequence]) -> int:
+    """The number of leading prefix tokens all ``seqs`` share, leaving each at least one own."""
+    limit = min(seq.lookup for seq in seqs) - 1
+    first = seqs[0].ids
+    shared = 0
+    while shared < limit and all(seq.ids[shared] == first[shared] for seq in seqs):
+        shared += 1
+    return shared
+
+
 def _prefix_caches(
     base: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -299,6 +316,7 @@ def _prefix_caches(
     batch_rows: int,
     device: torch.device,
     cache_arg: str = "past_key_values",
+    share_template_prefix: bool = False,
 ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Keys/values of every sequence's prefix (the tokens before its subject's last one).
 
@@ -308,34 +326,80 @@ def _prefix_caches(
     from anyway but that the assembled cache expects.
 
     Prefixes of similar length share a forward pass (left-padded, with mask-derived positions,
-    so each sequence's keys/values are those of the sequence alone). Keyed by ``id(seq)``;
-    each entry holds one ``(keys, values)`` pair per layer, ``(heads, prefix, head_dim)``.
+    so each sequence's keys/values are those of the sequence alone). With
+    ``share_template_prefix`` the sequences of one context template first run the tokens they
+    all start with once; each then continues from that cache (the padding sits between the
+    shared tokens and its own). Keyed by ``id(seq)``; each entry holds one ``(keys, values)``
+    pair per layer, ``(heads, prefix, head_dim)``.
     """
-    todo = sorted((s for s in seqs if s.lookup > 0), key=lambda s: s.lookup)
+    todo = [s for s in seqs if s.lookup > 0]
+    groups: dict[int, list[_Sequence]] = {}
+    for seq in todo:
+        groups.setdefault(seq.template if share_template_prefix else -1, []).append(seq)
     result: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for b in range(0, len(todo), batch_rows):
-        batch = todo[b : b + batch_rows]
-        width = batch[-1].lookup
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, width - seq.lookup :] = torch.as_tensor(seq.ids[: seq.lookup])
-            mask[row, width - seq.lookup :] = 1
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        with torch.no_grad():
-            output = base(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-                use_cache=True,
-                **{cache_arg: DynamicCache()},
-            )
-        cache = getattr(output, "cache", None) or output.past_key_values
-        layers = [(lay.keys, lay.values) for lay in cache.layers]
-        for row, seq in enumerate(batch):
-            cut = width - seq.lookup
-            result[id(seq)] = [(k[row, :, cut:], v[row, :, cut:]) for k, v in layers]
+    for template, members in groups.items():
+        shared = _shared_prefix(members) if template >= 0 and len(members) > 1 else 0
+        if shared == 0:
+            members = sorted(members, key=lambda s: s.lookup)
+            batches = [members[b : b + batch_rows] for b in range(0, len(members), batch_rows)]
+            head = []
+        else:
+            # After the shared tokens, a batch holds prefixes of one length: padding between the
+            # shared tokens and a row's own would break sliding-window masks, which count columns.
+            by_length: dict[int, list[_Sequence]] = {}
+            for seq in members:
+                by_length.setdefault(seq.lookup, []).append(seq)
+            batches = [
+                same[b : b + batch_rows]
+                for _, same in sorted(by_length.items())
+                for b in range(0, len(same), batch_rows)
+            ]
+            head = _run_prefix(base, [members[0].ids[:shared]], None, None, [], cache_arg, device)
+        for batch in batches:
+            width = batch[-1].lookup - shared
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for row, seq in enumerate(batch):
+                own = seq.lookup - shared
+                ids[row, width - own :] = torch.as_tensor(seq.ids[shared : seq.lookup])
+                mask[row, shared + width - own :] = 1
+            positions = (mask.cumsum(1) - 1).clamp_min(0)[:, shared:]
+            layers = _run_prefix(base, ids, mask, positions, head, cache_arg, device)
+            for row, seq in enumerate(batch):
+                cut = shared + width - (seq.lookup - shared)
+                result[id(seq)] = [
+                    (
+                        torch.cat([k[row, :, :shared], k[row, :, cut:]], dim=1),
+                        torch.cat([v[row, :, :shared], v[row, :, cut:]], dim=1),
+                    )
+                    for k, v in layers
+                ]
     return result
+
+
+def _run_prefix(
+    base: torch.nn.Module,
+    ids,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor | None,
+    head: list[tuple[torch.Tensor, torch.Tensor]],
+    cache_arg: str,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One no-grad pass over ``ids`` continuing from ``head`` (keys/values of tokens every row
+    shares, batch 1); the keys/values of every layer, ``head``'s columns first."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(head):
+        cache.update(keys.expand(len(ids), -1, -1, -1), values.expand(len(ids), -1, -1, -1), index)
+    inputs = {"input_ids": ids.to(device), "use_cache": True, cache_arg: cache}
+    if mask is not None:
+        inputs.update(attention_mask=mask.to(device), position_ids=positions.to(device))
+    with torch.no_grad():
+        output = base(**inputs)
+    cache = getattr(output, "cache", None) or output.past_key_values
+    return [(lay.keys, lay.values) for lay in cache.layers]
 
 
 def _assemble_cache(
@@ -503,6 +567,7 @@ class TargetOptimisation:
                 self.rows_per_chunk,
                 self.device,
                 self.cache_arg,
+                opts.share_template_prefix,
             )
         captured: dict[str, object] = {}
         stop = False

@@ -274,3 +274,37 @@ def test_float32_never_casts_the_head(family, make_tiny_model, tokenizer, reques
     finally:
         handle.remove()
     assert dtypes == {torch.float32}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_template_prefix_runs_once_and_changes_nothing(
+    family, make_tiny_model, tokenizer, requests
+):
+    """The tokens a context template puts before every prompt run once, not once per request;
+    v* is that of the pass that runs every prefix whole."""
+    model = make_tiny_model(family)
+    embed = model.get_input_embeddings()
+    results, tokens = {}, {}
+    for share in (False, True):
+        seen = []
+        handle = embed.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+        try:
+            results[share] = compute_target_values(
+                model,
+                tokenizer,
+                architecture_of(model),
+                requests,
+                LAYER,
+                TEMPLATES,
+                TargetOptions(num_steps=4, share_template_prefix=share),
+                progress=False,
+            )
+        finally:
+            handle.remove()
+        tokens[share] = sum(seen)
+    template_tokens = len(tokenizer("Because the sun was warm .").input_ids)
+    # Each request but one no longer runs the template's tokens (at least all but the last).
+    assert tokens[False] - tokens[True] >= (len(requests) - 1) * (template_tokens - 1)
+    torch.testing.assert_close(results[True].initial, results[False].initial, rtol=0, atol=1e-5)
+    torch.testing.assert_close(results[True].values, results[False].values, rtol=0, atol=1e-4)
+    assert results[True].steps == results[False].steps
