@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -198,13 +197,7 @@ def main() -> None:
     pre = metrics()
     results = {}
     for label, overrides in paths.items():
-        share = overrides.get("share_template_prefix", True)
-        editor = ProfiledAlphaEdit(
-            **{**settings, **{k: v for k, v in overrides.items() if k.startswith("v_")}}
-        )
-        editor.target_options = dataclasses.replace(
-            editor.target_options, share_template_prefix=share
-        )
+        editor = ProfiledAlphaEdit(**{**settings, **overrides})
         editor.progress = False
         editor.load_state_dict(copy.deepcopy(state))
         editor.setup(model, tokenizer)  # projectors from the cached statistics
@@ -215,7 +208,10 @@ def main() -> None:
                 linear_weight(model.get_submodule(name.removesuffix(".weight"))).add_(delta)
         results[label] = {
             **editor.profile,
-            "settings": overrides,
+            "settings": {
+                "v_early_stop": editor.target_options.early_stop,
+                "v_precision": editor.target_options.precision,
+            },
             "steps": editor.last_metrics["v_steps"],
             "loss": editor.last_metrics["v_loss"],
             "metrics": metrics(),

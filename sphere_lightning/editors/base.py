@@ -149,6 +149,8 @@ class LocateThenEditEditor(Editor):
             optimisation instead of recomputing them (same result, less work).
         reuse_prefix: Compute the key/value cache of the prompt tokens before the subject's last
             token once per batch; by causality they do not depend on v* (same result, less work).
+        share_template_prefix: With ``reuse_prefix``, run the tokens a context template puts
+            before every prompt once per batch, not once per request (same result, less work).
         group_by_suffix: In the v* optimisation, run together the prompts (of any requests) that
             have the same number of tokens from the subject's last one on, so no step computes
             padding (same result, less work). Off: whole requests per forward pass, as in ROME.
@@ -188,6 +190,7 @@ class LocateThenEditEditor(Editor):
         v_batch_size: int = 25,
         skip_lower_layers: bool = True,
         reuse_prefix: bool = True,
+        share_template_prefix: bool = True,
         group_by_suffix: bool = True,
         v_early_stop: str = "loss",
         v_precision: str = "float32",
@@ -240,6 +243,7 @@ class LocateThenEditEditor(Editor):
             batch_size=v_batch_size,
             skip_lower_layers=skip_lower_layers,
             reuse_prefix=reuse_prefix,
+            share_template_prefix=share_template_prefix,
             group_by_suffix=group_by_suffix,
             early_stop=v_early_stop,
             precision=v_precision,

@@ -168,9 +168,7 @@ def _sequences(
             enc = encode_with_subject(tokenizer, template.format(request.prompt), request.subject)
             targets = [(len(enc.ids) - 1 + k, tok, weight) for k, tok in enumerate(target)]
             role = "first" if t == 0 else "context"
-            seqs.append(
-                _Sequence(index, enc.ids + target[:-1], enc.subject_last, role, targets, t)
-            )
+            seqs.append(_Sequence(index, enc.ids + target[:-1], enc.subject_last, role, targets, t))
         # The KL term reads the subject's last token, so by causality the tokens after it
         # (" is a") change nothing and are not run.
         enc = encode_with_subject(tokenizer, KL_PROMPT, request.subject)

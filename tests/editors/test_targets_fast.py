@@ -287,7 +287,9 @@ def test_a_template_prefix_runs_once_and_changes_nothing(
     results, tokens = {}, {}
     for share in (False, True):
         seen = []
-        handle = embed.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+        handle = embed.register_forward_hook(
+            lambda m, args, out, seen=seen: seen.append(args[0].numel())
+        )
         try:
             results[share] = compute_target_values(
                 model,
