@@ -43,6 +43,15 @@ from typing import Any, TextIO
 
 import yaml
 
+from sphere_lightning.horizon import (
+    DRIFT_KL_THRESHOLD,
+    EFFICACY_THRESHOLD,
+    Evaluation,
+    UsableHorizon,
+    check_thresholds,
+    usable_horizon,
+)
+
 #: The callback the "without SPHERE" run drops.
 SPHERE_CALLBACK = "sphere_lightning.callbacks.SphereProjectionCallback"
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -498,6 +507,27 @@ class RunLog:
             for step in values
         }
 
+    def horizon(
+        self,
+        efficacy_threshold: float = EFFICACY_THRESHOLD,
+        drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+    ) -> UsableHorizon:
+        """The usable horizon (:func:`~sphere_lightning.horizon.usable_horizon`) over every
+        logged ``edit/efficacy`` and ``drift/kl``; N of "beyond N" is ``summary.json``'s
+        ``num_edited``, else the edits at the last step logged."""
+        efficacy = self.scalars.get("edit/efficacy", {})
+        drift = self.scalars.get("drift/kl", {})
+        evaluations = [
+            Evaluation(edits, efficacy.get(step), drift.get(step))
+            for step in sorted(set(efficacy) | set(drift))
+            if (edits := self.edits(step)) is not None
+        ]
+        num_edited = _number((self.summary or {}).get("num_edited"))
+        if num_edited is None:
+            steps = {step for values in self.scalars.values() for step in values}
+            num_edited = (self.edits(max(steps)) if steps else None) or 0
+        return usable_horizon(evaluations, int(num_edited), efficacy_threshold, drift_kl_threshold)
+
     def row(self, step: int) -> dict[str, Any]:
         """Every metric of the table at ``step`` (``None`` where not logged)."""
         values: dict[str, Any] = {m.key: self.value(m.key, step) for m in LOGGED_METRICS}
@@ -517,12 +547,17 @@ def present_runs(directory: Path) -> tuple[Run, ...]:
     return present or RUNS
 
 
-def build_table(out: Path) -> dict[str, Any]:
+def build_table(
+    out: Path,
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> dict[str, Any]:
     """The comparison of the runs under ``out`` (the content of ``table.json``).
 
     Rows are the evaluation steps of either run (steps at which an edit, general-ability or drift
     metric was logged; HE steps if there are none). A run that has no folder (``--runs`` left it
-    out) has no columns.
+    out) has no columns. Each run's ``usable_horizon`` uses the two thresholds
+    (:meth:`RunLog.horizon`).
     """
     runs = present_runs(out)
     logs = {run.name: RunLog.read(out / run.name) for run in runs}
@@ -546,6 +581,7 @@ def build_table(out: Path) -> dict[str, Any]:
             "wall_seconds": summary.get("wall_seconds"),
             "num_edited": summary.get("num_edited"),
             "global_step": summary.get("global_step"),
+            "usable_horizon": log.horizon(efficacy_threshold, drift_kl_threshold).as_dict(),
         }
     return {
         "runs": infos,
@@ -565,6 +601,21 @@ def _cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return MISSING
     return format(value, fmt)
+
+
+def horizon_text(horizon: dict[str, Any]) -> str:
+    """A usable horizon of ``table.json`` in words: ``3000 edits (efficacy < 0.8)``, ``beyond
+    10000 edits`` or ``—`` (no evaluation after the first edit)."""
+    if not horizon.get("evaluated"):
+        return MISSING
+    if horizon["edits"] is None:
+        return f"{horizon['label']} edits"
+    limits = {
+        "efficacy": f"efficacy < {horizon['efficacy_threshold']:g}",
+        "drift_kl": f"drift KL > {horizon['drift_kl_threshold']:g}",
+    }
+    reasons = " and ".join(limits[reason] for reason in horizon["crossed_by"])
+    return f"{horizon['edits']} edits ({reasons})"
 
 
 def _table_runs(table: dict[str, Any]) -> tuple[Run, ...]:
@@ -620,6 +671,17 @@ def format_markdown(table: dict[str, Any]) -> str:
         else:
             state = "no `summary.json`: still running, failed or stopped"
         lines.append(f"- {run.label}: `{info['log_dir']}` — {state}")
+    horizons = {run: table["runs"][run.name].get("usable_horizon") for run in runs}
+    if any(horizons.values()):
+        first = next(h for h in horizons.values() if h)
+        lines += [
+            "",
+            "Usable horizon: edits at the first evaluation where efficacy < "
+            f"{first['efficacy_threshold']:g} or drift KL > {first['drift_kl_threshold']:g} "
+            '("beyond N": none did, in the N edits made):',
+            "",
+        ]
+        lines += [f"- {run.label}: {horizon_text(h)}" for run, h in horizons.items() if h]
     return "\n".join(lines) + "\n"
 
 
@@ -660,9 +722,14 @@ def plot_comparison(table: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path) -> tuple[Path, Path, Path]:
-    """Write ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns their paths."""
-    table = build_table(out)
+def write_report(
+    out: Path,
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> tuple[Path, Path, Path]:
+    """Write ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns their paths
+    (the thresholds: of the usable horizon)."""
+    table = build_table(out, efficacy_threshold, drift_kl_threshold)
     markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
     markdown.write_text(format_markdown(table))
     data.write_text(json.dumps(table, indent=2))
@@ -704,6 +771,7 @@ SUITE_COLUMNS = (
         for task, label in SUITE_TASKS.items()
     ),
     SuiteColumn("drift_kl", "drift KL", ".4f"),
+    SuiteColumn("usable_horizon", "usable horizon", "s"),
     SuiteColumn("he_change", "HE change", ".4g"),
     SuiteColumn("edit_seconds", "edit seconds", ".0f"),
     SuiteColumn("wall_seconds", "wall seconds", ".0f"),
@@ -755,15 +823,28 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
     return values
 
 
-def build_suite_table(pairs: Sequence[Pair]) -> dict[str, Any]:
+def build_suite_table(
+    pairs: Sequence[Pair],
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> dict[str, Any]:
     """The combined table (the content of the suite's ``table.json``): one row per editor and
-    SPHERE setting, from each run's ``summary.json`` (values ``None`` where it has none)."""
+    SPHERE setting, from each run's ``summary.json`` (values ``None`` where it has none), and
+    its usable horizon from its TensorBoard events (:meth:`RunLog.horizon`; the label, ``None``
+    without an evaluation after the first edit)."""
     rows = []
     for pair in pairs:
         for run in RUNS:
             directory = pair.directory / run.name
             summary_path = directory / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            values = summary_values(summary or {})
+            horizon = (
+                RunLog.read(directory).horizon(efficacy_threshold, drift_kl_threshold)
+                if directory.is_dir()
+                else None
+            )
+            values["usable_horizon"] = horizon.label if horizon and horizon.evaluated else None
             rows.append(
                 {
                     "editor": pair.name,
@@ -772,10 +853,14 @@ def build_suite_table(pairs: Sequence[Pair]) -> dict[str, Any]:
                     "label": run.label,
                     "log_dir": str(directory),
                     "finished": summary is not None,
-                    "values": summary_values(summary or {}),
+                    "values": values,
                 }
             )
-    return {"columns": [{"key": c.key, "label": c.label} for c in SUITE_COLUMNS], "rows": rows}
+    return {
+        "columns": [{"key": c.key, "label": c.label} for c in SUITE_COLUMNS],
+        "rows": rows,
+        "horizon_thresholds": {"efficacy": efficacy_threshold, "drift_kl": drift_kl_threshold},
+    }
 
 
 def format_suite_markdown(table: dict[str, Any]) -> str:
@@ -800,6 +885,10 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "over all facts edited;",
         "- Δacc: general-ability accuracy minus its value before the first edit;",
         "- drift KL: KL(original ‖ edited) of next-token distributions on held-out text;",
+        "- usable horizon: edits at the first evaluation where efficacy < "
+        f"{table['horizon_thresholds']['efficacy']:g} or drift KL > "
+        f'{table["horizon_thresholds"]["drift_kl"]:g}, "beyond N" if none did in the N '
+        "edits made; from the run's TensorBoard events (every evaluation it logged);",
         "- HE change: mean over the edited layers of HE minus HE before editing;",
         "- edit seconds: time spent computing, transforming and applying the edits "
         f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
@@ -814,9 +903,14 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_suite_report(out: Path, pairs: Sequence[Pair]) -> tuple[Path, Path]:
+def write_suite_report(
+    out: Path,
+    pairs: Sequence[Pair],
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> tuple[Path, Path]:
     """Write the combined ``table.md`` and ``table.json`` into ``out``; returns their paths."""
-    table = build_suite_table(pairs)
+    table = build_suite_table(pairs, efficacy_threshold, drift_kl_threshold)
     markdown, data = out / "table.md", out / "table.json"
     markdown.write_text(format_suite_markdown(table))
     data.write_text(json.dumps(table, indent=2))
@@ -951,6 +1045,19 @@ def build_parser() -> argparse.ArgumentParser:
         "horizon run of the config as given only",
     )
     parser.add_argument(
+        "--horizon-efficacy",
+        type=float,
+        default=EFFICACY_THRESHOLD,
+        help="the usable horizon ends at the first evaluation with lifelong efficacy below "
+        f"this (default: {EFFICACY_THRESHOLD})",
+    )
+    parser.add_argument(
+        "--horizon-drift-kl",
+        type=float,
+        default=DRIFT_KL_THRESHOLD,
+        help=f"... or with drift KL above this (default: {DRIFT_KL_THRESHOLD})",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="only (re)write the reports from the runs already under --out (finished or not)",
@@ -1019,13 +1126,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs = _pairs(parser, args)
     suite = len(pairs) > 1 or args.suite is not None
+    try:
+        check_thresholds(args.horizon_efficacy, args.horizon_drift_kl)
+    except ValueError as error:
+        flags = {
+            "efficacy_threshold": "--horizon-efficacy",
+            "drift_kl_threshold": "--horizon-drift-kl",
+        }
+        message = str(error)
+        for name, flag in flags.items():
+            message = message.replace(f"`{name}`", flag)
+        parser.error(message)
+    thresholds = (args.horizon_efficacy, args.horizon_drift_kl)
     if args.report_only:
         if not pairs or not any((p.directory / r.name).is_dir() for p in pairs for r in RUNS):
             parser.error(
                 f"--report-only: no runs under --out {args.out} "
                 f"(expected {' and '.join(run.name + '/' for run in RUNS)})"
             )
-        return _report(args.out, pairs, suite)
+        return _report(args.out, pairs, suite, thresholds)
 
     if args.dataset is None:
         parser.error(
@@ -1067,7 +1186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; logs under {args.out}", file=sys.stderr)
         return 130
-    code = _report(args.out, pairs, suite)
+    code = _report(args.out, pairs, suite, thresholds)
     failed = [p for p in processes if p.failed]
     for process in failed:
         print(
@@ -1078,14 +1197,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else code
 
 
-def _report(out: Path, pairs: Sequence[Pair], suite: bool) -> int:
+def _report(
+    out: Path,
+    pairs: Sequence[Pair],
+    suite: bool,
+    thresholds: tuple[float, float] = (EFFICACY_THRESHOLD, DRIFT_KL_THRESHOLD),
+) -> int:
     for pair in pairs:
-        markdown, data, figure = write_report(pair.directory)
+        markdown, data, figure = write_report(pair.directory, *thresholds)
         if not suite:
             print(markdown.read_text())
         print(f"Wrote {markdown}, {data} and {figure}")
     if suite:
-        markdown, data = write_suite_report(out, pairs)
+        markdown, data = write_suite_report(out, pairs, *thresholds)
         print(markdown.read_text())
         print(f"Wrote {markdown} and {data}")
     return 0

@@ -434,6 +434,7 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "nli_accuracy_change": 0.25,
         "boolq_accuracy_change": 0.0,
         "drift_kl": 0.0625,
+        "usable_horizon": None,  # no TensorBoard events: no evaluation to read it from
         "he_change": 3.0,  # mean of 2 and 4
         "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
         "wall_seconds": 1234.4,
@@ -441,8 +442,8 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
     assert set(table["rows"][0]["values"].values()) == {None}
     rows = _markdown_rows(markdown.read_text())
     assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
-                       "+0.250", "+0.000", "0.0625", "3", "610", "1234"]  # fmt: skip
-    assert rows[0] == ["x", "without"] + ["—"] * 12
+                       "+0.250", "+0.000", "0.0625", "—", "3", "610", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 13
     assert "y with SPHERE: `" in markdown.read_text()
 
 

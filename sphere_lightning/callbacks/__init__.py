@@ -1,6 +1,7 @@
 """Callbacks: delta transforms (SPHERE) and observers (energy, general ability, drift, figures)."""
 
 from sphere_lightning.callbacks.alarm import HEAlarmCallback
+from sphere_lightning.callbacks.diagnostics import CollapseDiagnosticsCallback
 from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.export import ExportCallback
@@ -13,6 +14,7 @@ from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.callbacks.transform import DeltaTransform
 
 __all__ = [
+    "CollapseDiagnosticsCallback",
     "CosineHeatmapCallback",
     "DeltaTransform",
     "DriftCallback",

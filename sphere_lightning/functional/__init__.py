@@ -1,5 +1,6 @@
 """Pure-torch maths of SPHERE: hyperspherical energy and sparse-space projection."""
 
+from sphere_lightning.functional.diagnostics import key_energy, key_leak, principal_share
 from sphere_lightning.functional.energy import hyperspherical_energy
 from sphere_lightning.functional.projection import (
     normalize_rows,
@@ -10,8 +11,11 @@ from sphere_lightning.functional.projection import (
 
 __all__ = [
     "hyperspherical_energy",
+    "key_energy",
+    "key_leak",
     "normalize_rows",
     "principal_directions",
+    "principal_share",
     "project_delta",
     "sparse_space_projector",
 ]
