@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import LocateThenEditEditor
+from sphere_lightning.editors.memit import check_update_norm_lambda
 from sphere_lightning.errors import ConfigError
 
 
@@ -24,19 +25,31 @@ def null_space_projector(covariance: torch.Tensor, threshold: float) -> tuple[to
 
 
 class AlphaEdit(LocateThenEditEditor):
-    """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + λ I)⁻¹ (transposed form of the paper's solve).
+    """ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + (λ + λ_n) I)⁻¹ (transposed form of the paper's solve).
 
     P projects onto the (approximate) null space of the preserved keys' second moment, so updates
     leave preserved knowledge untouched; K_p K_pᵀ accumulates the keys of all earlier batches.
+    λ_n is ENCORE's norm constraint λ_n ‖ΔW‖²_F (arXiv 2502.01636; see
+    :class:`~sphere_lightning.editors.memit.MEMIT`): with ΔW = Δ P it is the same term as
+    AlphaEdit's own ‖Δ P‖² regulariser, so the two weights add. λ_n = 0 (default) is
+    AlphaEdit's solve, bit for bit.
 
     Args:
         nullspace_threshold: Eigenvalues of E[k kᵀ] below this span the null space.
         l2: λ, the L2 regulariser of the update.
+        update_norm_lambda: λ_n ≥ 0, ENCORE's weight of ‖ΔW‖²_F (the reference's
+            ``update_norm_lambda``).
         **kwargs: Shared locate-then-edit options (layers, v* optimisation, statistics); see
             :class:`~sphere_lightning.editors.base.LocateThenEditEditor`.
     """
 
-    def __init__(self, nullspace_threshold: float = 2e-2, l2: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        nullspace_threshold: float = 2e-2,
+        l2: float = 1.0,
+        update_norm_lambda: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if nullspace_threshold <= 0:
             raise ConfigError("`editor.init_args.nullspace_threshold` must be > 0")
@@ -44,6 +57,7 @@ class AlphaEdit(LocateThenEditEditor):
             raise ConfigError("`editor.init_args.l2` must be ≥ 0")
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
+        self.update_norm_lambda = check_update_norm_lambda(update_norm_lambda)
         self.projectors: dict[int, torch.Tensor] | None = None
         self.nullspace_dims: dict[int, int] = {}
         self.key_cache: dict[int, torch.Tensor] = {}
@@ -66,7 +80,8 @@ class AlphaEdit(LocateThenEditEditor):
         p = self.projectors[layer].to(k)
         cache = self.key_cache[layer].to(k)
         eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
-        update = torch.linalg.solve(p @ (k @ k.T + cache) + self.l2 * eye, p @ k @ residual)
+        ridge = self.l2 + self.update_norm_lambda  # λ_n = 0: exactly l2
+        update = torch.linalg.solve(p @ (k @ k.T + cache) + ridge * eye, p @ k @ residual)
         return update.T
 
     def after_apply(
