@@ -37,13 +37,15 @@ class GeneralAbilityCallback(EditObserver):
     ``summary.json``'s ``general.<task>.{baseline,final}`` (with ``final_step``).
 
     Args:
-        tasks: Task names (``sst2``, ``mrpc``, ``cola``, ``rte``, ``mmlu``, ``nli``, ``boolq``,
-            ``nq_open``, ``gsm8k``), or a mapping from task name to per-task overrides of
-            ``limit`` and ``batch_size`` and arguments of the task itself, e.g.
+        tasks: Task names (``sst2``, ``mrpc``, ``cola``, ``rte``, ``mmlu``, ``nli``,
+            ``nli_reference``, ``boolq``, ``nq_open``, ``gsm8k``), or a mapping from task name
+            to per-task overrides of ``limit`` and ``batch_size`` and arguments of the task
+            itself, e.g.
             ``{"sst2": {}, "mmlu": {"limit": 500, "batch_size": 4}, "gsm8k": {"max_new_tokens":
             8}}``.
         data_dir: Folder holding ``<task>.jsonl`` for every task (the layouts of
-            ``../shared/data/general``); relative paths are relative to the working directory.
+            ``../shared/data/general``; ``nli_reference`` reads ``nli.jsonl``); relative paths
+            are relative to the working directory.
             ``None`` reads every task not in ``paths`` from its Hugging Face hub dataset
             (``nyu-mll/glue``, ``cais/mmlu``; needs network access).
         every_n_steps: Evaluate after every n-th applied edit batch.
@@ -117,7 +119,8 @@ class GeneralAbilityCallback(EditObserver):
             return self.paths[name]
         if self.data_dir is None:
             return None
-        path = Path(self.data_dir).expanduser() / f"{name}.jsonl"
+        stem = self.tasks[name].data_file or name
+        path = Path(self.data_dir).expanduser() / f"{stem}.jsonl"
         if not path.is_file():
             hub = self.tasks[name].hub
             raise FileNotFoundError(

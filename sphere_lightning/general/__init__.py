@@ -1,5 +1,5 @@
 """General-ability evaluation: zero-shot GLUE / NLI / MMLU / BoolQ tasks scored by option
-log-likelihood, NQ-open and GSM8K by greedy generation."""
+log-likelihood, NQ-open, GSM8K and the reference's NLI protocol by greedy generation."""
 
 from sphere_lightning.general.base import (
     GeneralExample,
@@ -9,14 +9,16 @@ from sphere_lightning.general.base import (
     Record,
 )
 
-# Importing ``downstream`` (here, so any import of the package does) adds BoolQ, NQ-open and
-# GSM8K to ``TASKS``.
+# Importing ``downstream`` (here, so any import of the package does) adds BoolQ, NQ-open, GSM8K
+# and the reference's NLI protocol to ``TASKS``.
 from sphere_lightning.general.downstream import (
     BoolQTask,
     GenerationExample,
     GenerationTask,
     GSM8KTask,
+    NLIReferenceTask,
     NQOpenTask,
+    nli_reference_answer,
 )
 from sphere_lightning.general.metrics import METRICS, classification_metrics, matthews_corrcoef
 from sphere_lightning.general.scoring import option_token_ids, score_options
@@ -28,6 +30,7 @@ __all__ = [
     "GSM8KTask",
     "GenerationExample",
     "GenerationTask",
+    "NLIReferenceTask",
     "NQOpenTask",
     "MMLU",
     "MRPC",
@@ -44,6 +47,7 @@ __all__ = [
     "classification_metrics",
     "get_task",
     "matthews_corrcoef",
+    "nli_reference_answer",
     "option_token_ids",
     "score_options",
 ]

@@ -143,6 +143,8 @@ class GeneralTask:
         positive: Option index of the positive class for binary F1 (``None``: macro F1).
         metrics: Metric names reported (see :data:`~sphere_lightning.general.metrics.METRICS`).
         hub: The default hub dataset.
+        data_file: Stem of the task's file in a data folder (``<data_file>.jsonl``; ``None``:
+            :attr:`name`), for tasks that read another task's data their own way.
     """
 
     name: ClassVar[str]
@@ -153,6 +155,7 @@ class GeneralTask:
     positive: ClassVar[int | None] = None
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     hub: ClassVar[HubDataset]
+    data_file: ClassVar[str | None] = None
 
     def prompt(self, record: Mapping[str, Any]) -> str:
         """The prompt of a validated record (text fields stripped), ending where the answer goes."""

@@ -1,9 +1,14 @@
 """The downstream tasks of RECT / SPHERE: BoolQ, NQ-open and GSM8K.
 
 The SPHERE paper measures general ability after editing on four tasks taken over from RECT
-(``RECT_eval/`` in github PlusLabNLP/SPHERE): NLI (:class:`~sphere_lightning.general.tasks.NLI`),
-closed-domain QA (BoolQ), open-domain QA (NQ-open) and reasoning (GSM8K). Prompts are the
-reference's, zero-shot (``RECTEval`` builds every evaluator with ``number_of_few_shots=0``):
+(``RECT_eval/`` in github PlusLabNLP/SPHERE): NLI, closed-domain QA (BoolQ), open-domain QA
+(NQ-open) and reasoning (GSM8K). Prompts are the reference's, zero-shot (``RECTEval`` builds every
+evaluator with ``number_of_few_shots=0``):
+
+- :class:`NLIReferenceTask` (``nli_reference``) is the reference's NLI protocol: one greedy token,
+  parsed for "true"/"false", accuracy over the valid answers
+  (:class:`~sphere_lightning.general.tasks.NLI`, ``nli``, is this project's log-likelihood
+  variant with its own prompt);
 
 - :class:`BoolQTask` is multiple choice, scored like the GLUE tasks by the log-likelihood of
   ``" yes"`` / ``" no"`` (the reference's ``f1_new``; its ``acc`` parses one greedy token);
@@ -32,7 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.fluency import greedy_generations
 from sphere_lightning.general.base import GeneralTask, HubDataset, Record
-from sphere_lightning.general.tasks import TASKS
+from sphere_lightning.general.tasks import NLI_LABEL_NAMES, TASKS, name_rte_label
 
 # ------------------------------------------------------------------------- answer normalisation
 
@@ -331,10 +336,17 @@ class GenerationTask(GeneralTask):
             ]
             return {m: torch.tensor([row[m] for row in rows], dtype=torch.float64) for m in rows[0]}
 
-        return {
-            metric: float(values.mean())
-            for metric, values in collective.map(scores, examples).items()
-        }
+        return self.reduce(
+            {
+                metric: float(values.mean())
+                for metric, values in collective.map(scores, examples).items()
+            }
+        )
+
+    def reduce(self, means: dict[str, float]) -> dict[str, float]:
+        """The task's metrics from the means over the examples of :meth:`score`'s values
+        (default: those means)."""
+        return means
 
 
 class NQOpenTask(GenerationTask):
@@ -468,5 +480,73 @@ class GSM8KTask(GenerationTask):
         }
 
 
-for _task in (BoolQTask, NQOpenTask, GSM8KTask):
+def nli_reference_answer(answer: str) -> str | None:
+    """``NLI_eval.py``'s ``_get_answer``: ``"true"`` if the lower-cased answer contains
+    "true", else ``"false"`` if it contains "false", else ``None`` (an invalid answer)."""
+    lower = answer.lower()
+    if "true" in lower:
+        return "true"
+    if "false" in lower:
+        return "false"
+    return None
+
+
+class NLIReferenceTask(GenerationTask):
+    """NLI as the reference evaluates it (``RECT_eval/NLI_eval.py``), on the RTE-style set of
+    RECT / SPHERE (the records of :class:`~sphere_lightning.general.tasks.NLI`).
+
+    Prompt (zero-shot, one line)::
+
+        {sentence1} entails {sentence2}. True or False? answer:
+
+    Greedy, 1 new token (the reference's ``gen_len=1``). The answer, the text after the last
+    ``"answer:"`` stripped, is lower-cased and read as true if it contains "true", else false if
+    it contains "false", else invalid (:func:`nli_reference_answer`); the gold answer is "true"
+    for every label but ``"not_entailment"``. Metrics:
+
+    - ``accuracy``: correct answers over the valid ones, invalid answers excluded (the
+      reference's ``acc``; 0 when every answer is invalid);
+    - ``invalid``: the share of examples whose answer is invalid.
+
+    The reference also reports a weighted F1 and MCC of the parsed answers (invalid ones as a
+    third class) and ``f1_new`` from the answer words' likelihood; they are not computed here
+    (``nli`` scores the likelihood).
+    """
+
+    name = "nli_reference"
+    text_fields = ("sentence1", "sentence2")
+    metrics = ("accuracy", "invalid")
+    hub = HubDataset("nyu-mll/glue", "rte", "train")
+    data_file = "nli"  # the records of `nli`
+    answer_cue = "answer:"
+    default_max_new_tokens = 1
+
+    def prompt(self, record: Mapping[str, Any]) -> str:
+        return f"{record['sentence1']} entails {record['sentence2']}. True or False? answer:"
+
+    def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:
+        return name_rte_label(row)
+
+    def gold_answers(self, record: Record) -> tuple[str, ...]:
+        label = record.get(self.label_field)
+        if label not in NLI_LABEL_NAMES:
+            raise record.error(
+                self.label_field, f"expected one of {list(NLI_LABEL_NAMES)}, got {label!r}"
+            )
+        return ("false",) if label == "not_entailment" else ("true",)
+
+    def score(self, answer: str, gold: Sequence[str]) -> dict[str, float]:
+        parsed = nli_reference_answer(answer)
+        return {"correct": float(parsed == gold[0]), "valid": float(parsed is not None)}
+
+    def reduce(self, means: dict[str, float]) -> dict[str, float]:
+        """Accuracy over the valid answers and the share of invalid ones."""
+        valid = means["valid"]
+        return {
+            "accuracy": means["correct"] / valid if valid > 0 else 0.0,
+            "invalid": 1.0 - valid,
+        }
+
+
+for _task in (BoolQTask, NQOpenTask, GSM8KTask, NLIReferenceTask):
     TASKS[_task.name] = _task

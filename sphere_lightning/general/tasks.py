@@ -120,11 +120,26 @@ class RTE(GeneralTask):
         return _ENTAILMENT_PROMPT.format(**record)
 
 
+#: GLUE RTE's integer labels by name, as the RECT / SPHERE NLI file writes them.
+NLI_LABEL_NAMES = ("entailment", "not_entailment")
+
+
+def name_rte_label(row: dict[str, Any]) -> dict[str, Any]:
+    """A GLUE RTE hub row with its integer label named (``0`` → ``"entailment"``, ``1`` →
+    ``"not_entailment"``); other labels are left for validation to reject."""
+    label = row.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(NLI_LABEL_NAMES):
+        row = {**row, "label": NLI_LABEL_NAMES[label]}
+    return row
+
+
 class NLI(GeneralTask):
-    """The RTE-style NLI set of RECT / SPHERE (GLUE RTE's training split, string labels).
+    """The RTE-style NLI set of RECT / SPHERE (GLUE RTE's training split, string labels), scored
+    by option log-likelihood — this project's variant; ``nli_reference``
+    (:class:`~sphere_lightning.general.downstream.NLIReferenceTask`) is the reference's protocol.
 
     Labels ``"entailment"`` (option 0, the positive class) and ``"not_entailment"`` (1); the
-    prompt and options are RTE's::
+    prompt and options are this project's RTE ones, not the reference's::
 
         {sentence1}
         Question: {sentence2} True or False?
@@ -144,11 +159,7 @@ class NLI(GeneralTask):
         return _ENTAILMENT_PROMPT.format(**record)
 
     def from_hub(self, row: dict[str, Any]) -> dict[str, Any]:
-        names = ("entailment", "not_entailment")
-        label = row.get("label")
-        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
-            row = {**row, "label": names[label]}
-        return row
+        return name_rte_label(row)
 
 
 class MMLU(GeneralTask):

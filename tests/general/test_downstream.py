@@ -1,5 +1,6 @@
-"""BoolQ, NQ-open and GSM8K: answer checks against the official scripts' logic, prompts against
-the reference's builders, scoring and generation against naive loops, and short runs."""
+"""BoolQ, NQ-open, GSM8K and the reference's NLI: answer checks against the official scripts'
+logic, prompts against the reference's builders, scoring and generation against naive loops, and
+short runs."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from sphere_lightning.general import (
     GenerationExample,
     GSM8KTask,
     MalformedExampleError,
+    NLIReferenceTask,
     NQOpenTask,
     get_task,
+    nli_reference_answer,
 )
 from sphere_lightning.general.downstream import (
     answer_exact_match,
@@ -499,3 +502,124 @@ def test_shared_files_load():
         examples = get_task(name).read(SHARED / f"{name}.jsonl")
         assert len(examples) == count
     assert examples[0].answers == ("18",)  # GSM8K's first problem
+
+
+# ------------------------------------------------------------------- NLI, the reference's protocol
+
+NLI_RECORDS = [
+    {"sentence1": s1, "sentence2": s2, "label": label}
+    for s1, s2, label in (
+        ("The city of Paris is the capital of France.", "Paris is in France.", "entailment"),
+        ("He plays soccer on Sunday.", "He plays tennis.", "not_entailment"),
+        ("A small dog ran across the park.", "A dog ran.", "entailment"),
+        ("The river flows through the valley.", "The river is dry.", "not_entailment"),
+        ("We visited the museum and the library.", "We visited the library.", "entailment"),
+        ("The company was founded in Japan.", "The company is French.", "not_entailment"),
+        ("Many people speak English at home.", "Nobody speaks English.", "not_entailment"),
+        ("It was a cold day when the train arrived.", "The train arrived.", "entailment"),
+    )
+]
+
+
+def reference_nli_prompt(example: dict) -> str:
+    """``NLIEval._create_prompt`` of ``RECT_eval/NLI_eval.py``, zero-shot (no few-shot context)."""
+    postfix_prompt = "answer:"
+    return f"{example['sentence1']} entails {example['sentence2']}. True or False? {postfix_prompt}"
+
+
+def reference_get_answer(generated_text: str) -> int:
+    """``NLIEval._get_answer``, verbatim: 1 true, 0 false, -1 invalid."""
+    lower = generated_text.lower()
+    if "true" in lower:
+        return 1
+    elif "false" in lower:
+        return 0
+    return -1
+
+
+def test_nli_reference_is_registered_and_reads_the_nli_file(tmp_path):
+    task = get_task("nli_reference")
+    assert isinstance(task, NLIReferenceTask) and task.max_new_tokens == 1
+    assert task.data_file == "nli" and TASKS["nli"] is not NLIReferenceTask
+    examples = task.read(_write(tmp_path / "nli.jsonl", NLI_RECORDS))
+    assert [e.prompt for e in examples] == [reference_nli_prompt(r) for r in NLI_RECORDS]
+    assert examples[0].prompt == (
+        "The city of Paris is the capital of France. entails Paris is in France.. "
+        "True or False? answer:"
+    )
+    # The reference's label: 1 ("true") unless "not_entailment".
+    assert [e.answers for e in examples] == [
+        ("false",) if r["label"] == "not_entailment" else ("true",) for r in NLI_RECORDS
+    ]
+    bad = {**NLI_RECORDS[0], "label": 0}
+    with pytest.raises(MalformedExampleError, match=r"line 2, field 'label': expected one of"):
+        task.read(_write(tmp_path / "bad.jsonl", [NLI_RECORDS[0], bad]))
+    # From the hub, GLUE RTE's integer labels are named first, as for `nli`.
+    assert task.from_hub({"label": 1})["label"] == "not_entailment"
+
+
+@pytest.mark.parametrize(
+    "text", ["True", " true.", "FALSE", "false", "It is true or false", "maybe", "", "no", "Tr ue"]
+)
+def test_nli_reference_answer_parses_like_the_reference(text):
+    expected = {1: "true", 0: "false", -1: None}[reference_get_answer(text)]
+    assert nli_reference_answer(text) == expected
+
+
+@pytest.fixture(scope="module")
+def true_false_llama():
+    """A tiny Llama over the test tokenizer plus "true", "false" and "maybe", whose LM head
+    (not tied to the embeddings) can only rank those three above 0: its greedy next token is one
+    of them or, when all three score below 0, the first token of the vocabulary (an invalid
+    answer)."""
+    tok = build_tokenizer()
+    tok.add_tokens(["true", "false", "maybe"])
+    model = build_tiny_llama(tok, seed=3).eval()
+    words = tok.convert_tokens_to_ids(["true", "false", "maybe"])
+    with torch.no_grad():
+        head = model.lm_head.weight
+        kept = head[words].clone() * 200.0
+        head.zero_()
+        head[words] = kept
+    return model, tok
+
+
+def _reference_nli_loop(model, tokenizer, records) -> dict[str, float]:
+    """``NLIEval.evaluate``'s accuracy as a plain loop: one unpadded greedy token per prompt,
+    the answer parsed by the reference's ``_get_answer``, invalid answers left out of the
+    accuracy. (The reference splits the decoded prompt + answer at "answer:"; the test tokenizer
+    decodes "answer:" as "answer :", so the continuation is decoded on its own here.)"""
+    correct = incorrect = invalid = 0
+    for record in records:
+        answer_text = _one_at_a_time(model, tokenizer, reference_nli_prompt(record), 1).strip()
+        answer = reference_get_answer(answer_text)
+        label = 1 if record["label"] != "not_entailment" else 0
+        if answer == -1:
+            invalid += 1
+        elif answer == label:
+            correct += 1
+        else:
+            incorrect += 1
+    total = correct + incorrect
+    return {
+        "accuracy": correct / total if total > 0 else 0.0,
+        "invalid": invalid / len(records),
+        "counts": (correct, incorrect, invalid),
+    }
+
+
+def test_nli_reference_accuracy_equals_the_references_plain_loop(tmp_path, true_false_llama):
+    model, tok = true_false_llama
+    task = get_task("nli_reference")
+    examples = task.read(_write(tmp_path / "nli.jsonl", NLI_RECORDS))
+    expected = _reference_nli_loop(model, tok, NLI_RECORDS)
+    correct, incorrect, invalid = expected["counts"]
+    # The case under test: right, wrong and invalid answers all occur.
+    assert correct and incorrect and invalid, expected["counts"]
+    for batch_size in (1, 3, 16):
+        metrics = task.evaluate(model, tok, examples, batch_size=batch_size)
+        assert set(metrics) == set(task.metrics)
+        assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+        assert metrics["invalid"] == pytest.approx(expected["invalid"])
+    # Invalid answers are excluded, not counted wrong.
+    assert metrics["accuracy"] != pytest.approx(correct / len(NLI_RECORDS))
