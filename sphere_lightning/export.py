@@ -114,6 +114,18 @@ def sphere_settings_from_config(path: str | Path) -> list[dict[str, Any]]:
     return settings
 
 
+def evaluation_transforms_in_config(path: str | Path) -> list[str]:
+    """Class names of the delta transforms with ``stage: evaluation`` in a resolved run config:
+    their run evaluated W₀ + T(W − W₀), while its checkpoints hold the live weights W."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    return [
+        str(entry.get("class_path", "")).rsplit(".", 1)[-1]
+        for entry in callbacks
+        if isinstance(entry, dict) and (entry.get("init_args") or {}).get("stage") == "evaluation"
+    ]
+
+
 def _run_file(log_dir: str | None, ckpt_path: Path, name: str) -> Path | None:
     """The run's file ``name`` (``config.yaml``, ``summary.json``): in its log folder, or beside
     the ``checkpoints`` folder that holds the checkpoint (a relative log folder may not resolve
@@ -316,7 +328,9 @@ def export_module(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Export the model of an :class:`~sphere_lightning.module.EditingModule` as it is now.
+    """Export the model of an :class:`~sphere_lightning.module.EditingModule` as evaluations
+    see it now (:meth:`~sphere_lightning.module.EditingModule.evaluated_weights`: W₀ + T(W − W₀)
+    with delta transforms of stage ``evaluation``, else the live weights).
 
     The module must be attached to a trainer (the number of edits and the SPHERE callbacks come
     from it). Weights are written in the run's dtype; the model in memory is not changed.
@@ -335,7 +349,8 @@ def export_module(
         final_edit_metrics=dict(pl_module.final_edit_metrics),
         source=f"the run in memory (log folder {run_log_dir(trainer)})",
     )
-    return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
+    with pl_module.evaluated_weights():
+        return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
 
 
 # -- from a checkpoint ------------------------------------------------------------------------
@@ -409,14 +424,22 @@ def export_checkpoint(
     if not ckpt_path.is_file():
         raise MissingFileError(f"`--ckpt_path` {str(ckpt_path)!r}: no such file")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    meta = checkpoint_meta(checkpoint)
+    config = _run_file(meta.get("log_dir"), ckpt_path, "config.yaml")
+    deferred = [] if config is None else evaluation_transforms_in_config(config)
+    if deferred:
+        raise ConfigError(
+            f"The run of `--ckpt_path` {str(ckpt_path)!r} applies {', '.join(deferred)} with "
+            "`stage: evaluation` (only to the weights it evaluates), and its checkpoint holds "
+            "the plain live weights: export the evaluated model from the run itself, with "
+            "sphere_lightning.callbacks.ExportCallback"
+        )
     model, tokenizer = load_edited_model(checkpoint, base_model)
     if export_dtype is not None:
         model.to(export_dtype)
-    meta = checkpoint["sphere_lightning"]
     # LightningCLI adds its own entries (``_instantiator``…) to the saved init arguments.
     data_args = checkpoint["datamodule_hyper_parameters"].items()
     datamodule = EditDataModule(**{k: v for k, v in data_args if not k.startswith("_")})
-    config = _run_file(meta.get("log_dir"), ckpt_path, "config.yaml")
     run = EditedRun(
         base_model=meta["base_model"]["name"],
         run_dtype=meta["base_model"]["dtype"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -139,7 +140,8 @@ class EditingModule(LightningModule):
     ``edited_parameter_names``, ``pending_deltas`` (``{name: ΔW}``, nn.Linear out × in convention,
     set during the step), ``step_metrics`` (scalars a transform wants logged at the step its
     update lands on), ``original_weights`` (``{name: W₀}``, same convention),
-    :meth:`edited_weight` and :meth:`edit_scores`.
+    :meth:`edited_weight`, :meth:`edit_scores` and :meth:`evaluated_weights` (the weights every
+    evaluation sees, with delta transforms of stage ``evaluation``).
 
     Edit metrics follow two protocols, each under its own prefix:
 
@@ -259,6 +261,10 @@ class EditingModule(LightningModule):
         self._evaluated_step = -1
         #: :func:`base_model_fingerprint` of the unedited model (set when it loads).
         self.base_fingerprint: str | None = None
+        # ``evaluated_weights``: whether they are swapped in now, and the last ones computed
+        # with the versions of the live weights they were computed from.
+        self._evaluating = False
+        self._evaluated_cache: tuple[tuple[int, ...], dict[str, torch.Tensor]] | None = None
         # Checkpoints hold the edited parameters only; the rest comes from the base model.
         self.strict_loading = False
 
@@ -480,10 +486,86 @@ class EditingModule(LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------
 
+    @contextmanager
+    def evaluated_weights(self) -> Iterator[None]:
+        """Within the block the edited weights are the ones evaluations see; on exit (also on
+        error) the live weights are put back bit for bit.
+
+        Without delta transforms of stage ``evaluation`` these are the live weights and nothing
+        changes. With them, each edited weight holds W₀ + T(W − W₀): the total update since the
+        unedited weight W₀, through every ``evaluation`` transform in ``trainer.callbacks``
+        order (:meth:`~sphere_lightning.callbacks.transform.DeltaTransform.apply_to_batch`),
+        while editing goes on from the plain W. They are computed once per state of the live
+        weights (the transforms' scalars are logged then, at ``global_step``) and kept, so
+        every evaluation of a step reuses them. Nested blocks swap once.
+        """
+        transforms = self.delta_transforms("evaluation")
+        if not transforms or self._evaluating:
+            yield
+            return
+        names = self.edited_parameter_names
+        evaluated = self._compute_evaluated_weights(transforms, names)
+        live = {name: self.edited_weight(name).detach().clone() for name in names}
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                for name in names:
+                    self.edited_weight(name).copy_(evaluated[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name in names:
+                    self.edited_weight(name).copy_(live[name])
+            self._evaluating = False
+            # The copies back bump the versions; the contents are those cached.
+            self._evaluated_cache = (self._weight_versions(names), evaluated)
+
+    def _weight_versions(self, names: list[str]) -> tuple[int, ...]:
+        """Version counters of the edited parameters: any in-place change (an applied step, a
+        rollback, a loaded checkpoint) moves them."""
+        return tuple(self.model.get_parameter(name)._version for name in names)
+
+    def _compute_evaluated_weights(
+        self, transforms: list[DeltaTransform], names: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """``{name: W₀ + T(W − W₀)}`` for the live weights W (cached, see
+        :meth:`evaluated_weights`)."""
+        versions = self._weight_versions(names)
+        if self._evaluated_cache is not None and self._evaluated_cache[0] == versions:
+            return self._evaluated_cache[1]
+        self._evaluated_cache = None  # let the old tensors go before the new ones are made
+        # In at least float32 (the official code's precision), also for a bfloat16 model.
+        totals = {}
+        for name in names:
+            weight = self.edited_weight(name).detach()
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            original = self.original_weights[name].to(weight.device, dtype)
+            totals[name] = weight.to(dtype) - original
+        saved, self.step_metrics = self.step_metrics, {}
+        try:
+            for transform in transforms:
+                totals = transform.apply_to_batch(totals, self)
+            produced = self.step_metrics
+        finally:
+            self.step_metrics = saved
+        collective = self.collective
+        evaluated = {}
+        for name in names:
+            weight = self.edited_weight(name)
+            total = totals[name].to(weight.device)
+            original = self.original_weights[name].to(weight.device, total.dtype)
+            # Every process evaluates rank 0's weights, as every one applies rank 0's ΔW.
+            evaluated[name] = collective.broadcast_((original + total).to(weight.dtype))
+        if produced:
+            self.log_now(produced)
+        return evaluated
+
     def edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
         """Per-request efficacy, generalization and specificity under the current weights
-        (each process scores its share of ``requests``; every process returns all rows)."""
-        return self.collective.map(self._local_edit_scores, requests)
+        (each process scores its share of ``requests``; every process returns all rows), in
+        the :meth:`evaluated_weights`."""
+        with self.evaluated_weights():
+            return self.collective.map(self._local_edit_scores, requests)
 
     def _local_edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
         if not requests:
@@ -503,15 +585,16 @@ class EditingModule(LightningModule):
         records the protocol used in ``fluency_protocol_used``."""
         if self.fluency_prompts == 0 or not requests:
             return None
-        score, self.fluency_protocol_used = measure_fluency(
-            self.model,
-            self.tokenizer,
-            requests[: self.fluency_prompts],
-            self.fluency_protocol,
-            seed=self.fluency_seed,
-            greedy_max_new_tokens=self.fluency_max_new_tokens,
-            batch_size=self.score_batch_size,
-        )
+        with self.evaluated_weights():
+            score, self.fluency_protocol_used = measure_fluency(
+                self.model,
+                self.tokenizer,
+                requests[: self.fluency_prompts],
+                self.fluency_protocol,
+                seed=self.fluency_seed,
+                greedy_max_new_tokens=self.fluency_max_new_tokens,
+                batch_size=self.score_batch_size,
+            )
         return score
 
     def num_edited(self) -> int:
@@ -553,7 +636,9 @@ class EditingModule(LightningModule):
             return
         # This process's share only: the metrics sum every process's values and counts.
         start, stop = self.collective.bounds(len(edited))
-        for name, values in self._local_edit_scores(edited[start:stop]).items():
+        with self.evaluated_weights():
+            scores = self._local_edit_scores(edited[start:stop])
+        for name, values in scores.items():
             self._metrics[name].update(values)
 
     def _log_edit_metrics(self, prefix: str) -> None:

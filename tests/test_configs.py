@@ -185,14 +185,15 @@ EDITORS = {
     "alphaedit": {"class": "AlphaEdit", "suppression": 0.5, "stage": "in_loop"},
     "memit": {"class": "MEMIT", "suppression": 0.8, "stage": "after_loop"},
     # --alg_name=MEMIT_prune / MEMIT_rect read hparams/MEMIT/<model>.json (evaluate.py); PRUNE
-    # prunes, then projects with the unedited W (evaluate.py), RECT keeps k_percent = 40 of the
-    # entries, then projects with the live W (memit/memit_rect_main.py); both after the loop.
+    # prunes the total update, then projects it with the unedited W, only in the weights
+    # evaluated (evaluate.py); RECT keeps k_percent = 40 of the entries, then projects with the
+    # live W (memit/memit_rect_main.py), after the loop.
     "prune": {
         "class": "MEMIT",
         "suppression": 0.8,
-        "stage": "after_loop",
+        "stage": "evaluation",
         "reference": "original",
-        "transform": ("PruneCallback", {"stage": "after_loop"}),
+        "transform": ("PruneCallback", {"stage": "evaluation"}),
     },
     "rect": {
         "class": "MEMIT",

@@ -298,6 +298,26 @@ def test_model_card_without_sphere_settings(tmp_path, base_dir, facts, config, e
     assert expected in card
 
 
+def test_a_run_with_evaluation_stage_transforms_is_refused(tmp_path, base_dir, facts):
+    # Its checkpoint holds the live weights, not the W₀ + PRUNE(W − W₀) it evaluated.
+    module, _ = _edited_module(base_dir("llama"))
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "config.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - class_path: sphere_lightning.callbacks.PruneCallback\n"
+        "      init_args: {stage: evaluation}\n"
+    )
+    ckpt = _save_checkpoint(module, facts, tmp_path / "run.ckpt", log_dir=log_dir)
+
+    with pytest.raises(
+        ConfigError, match=r"PruneCallback with `stage: evaluation`.*ExportCallback"
+    ):
+        export_checkpoint(ckpt, tmp_path / "export")
+
+    assert not (tmp_path / "export").exists()
+
+
 def _leftovers(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir()} - {"run.ckpt", "facts.json"}
 

@@ -206,6 +206,8 @@ class HEAlarmCallback(EditObserver):
     summary_key = "alarm"
     phase = "alarm"
     measures_baseline = False
+    # A policy on the live model: it rolls back and re-edits the weights editing goes on from.
+    evaluates_model = False
 
     def __init__(
         self,
@@ -408,7 +410,12 @@ class HEAlarmCallback(EditObserver):
 
     @staticmethod
     def _spheres(trainer: Trainer) -> list[SphereProjectionCallback]:
-        return [c for c in trainer.callbacks if isinstance(c, SphereProjectionCallback)]
+        # One of stage `evaluation` never touches the live model a retry re-edits.
+        return [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, SphereProjectionCallback) and c.stage != "evaluation"
+        ]
 
     def _energies(self, pl_module: LightningModule) -> dict[str, float]:
         """``{layer: HE}`` of every edited weight now."""

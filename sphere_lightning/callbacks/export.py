@@ -15,7 +15,8 @@ _DIRPATH_FLAG = "ExportCallback.init_args.dirpath"
 
 
 class ExportCallback(Callback):
-    """At the end of ``fit``, write the edited model to ``dirpath`` as a folder that plain
+    """At the end of ``fit``, write the edited model (as evaluations see it:
+    ``pl_module.evaluated_weights()``) to ``dirpath`` as a folder that plain
     ``transformers`` loads (weights, tokenizer, ``README.md`` model card, ``edits.jsonl``), with
     :func:`sphere_lightning.export.export_module`; rank zero only.
 
@@ -49,15 +50,20 @@ class ExportCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        from sphere_lightning.export import export_module
+        # The weights evaluations see (W₀ + T(W − W₀) with `evaluation`-stage transforms) are
+        # computed by every process together, then rank zero writes them.
+        with pl_module.evaluated_weights():
+            if not trainer.is_global_zero:
+                return
+            from sphere_lightning.export import export_module
 
-        if not pl_module.evaluated_at_current_step:
-            rank_zero_warn(
-                "ExportCallback: the edit metrics were not measured after the last batch "
-                "before the export; the model card reports the last evaluation (set "
-                "`trainer.val_check_interval` so that one falls on the last batch)"
+            if not pl_module.evaluated_at_current_step:
+                rank_zero_warn(
+                    "ExportCallback: the edit metrics were not measured after the last batch "
+                    "before the export; the model card reports the last evaluation (set "
+                    "`trainer.val_check_interval` so that one falls on the last batch)"
+                )
+            path = export_module(
+                pl_module, trainer.datamodule, self.dirpath, overwrite=self.overwrite
             )
-        path = export_module(pl_module, trainer.datamodule, self.dirpath, overwrite=self.overwrite)
         rank_zero_info(f"Exported the edited model to {path}")

@@ -278,6 +278,7 @@ class MetricTrendsCallback(EditObserver):
     summary_key = "spearman_with_energy"
     phase = "figures/trends"
     measures_baseline = False
+    evaluates_model = False  # draws from logged scalars only
 
     def __init__(
         self,

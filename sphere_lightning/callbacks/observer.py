@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -41,6 +41,11 @@ class EditObserver(Callback, ABC):
     - **Logging.** The values, :meth:`changes` against the baseline (e.g. ``energy_change/*``)
       and ``time/<phase>`` go out in one ``pl_module.log_now`` call at ``global_step``: the x
       axis is the number of applied batches, and the baseline sits at step 0.
+    - **Weights.** :meth:`measure` runs inside ``pl_module.evaluated_weights()``: with delta
+      transforms of stage ``evaluation`` (PRUNE as the official code applies it) it sees the
+      weights evaluations see, W₀ + T(W − W₀), and the live weights are put back afterwards.
+      An observer that changes the live model (the HE alarm's rollback) sets
+      :attr:`evaluates_model` to False and sees the live weights.
     - **Timing.** The measurement's wall time is added to ``pl_module.phase_seconds[phase]``
       (the run summary's time by phase); :meth:`timed` splits it into several phases.
     - **Summary.** ``summary.json`` holds :meth:`summary` under :attr:`summary_key`.
@@ -56,6 +61,8 @@ class EditObserver(Callback, ABC):
             the class name).
         state_key_arguments: Attribute names whose values tell two instances apart.
         measures_baseline: Whether to measure at step 0 (the baseline).
+        evaluates_model: Whether :meth:`measure` sees the evaluated weights (default) rather
+            than the live ones.
         baseline: ``{tag: value}`` measured before the first edit (``None`` until then).
         latest: ``{tag: value}`` of the last measurement.
         latest_step: The ``global_step`` of :attr:`latest` (``None`` before any).
@@ -82,6 +89,7 @@ class EditObserver(Callback, ABC):
     phase: ClassVar[str | None] = None
     state_key_arguments: ClassVar[tuple[str, ...]] = ()
     measures_baseline: ClassVar[bool] = True
+    evaluates_model: ClassVar[bool] = True
 
     def __init__(self, every_n_steps: int = 1) -> None:
         if every_n_steps < 1:
@@ -142,6 +150,12 @@ class EditObserver(Callback, ABC):
                 seconds = time.perf_counter() - start
                 self._part_seconds[phase] = self._part_seconds.get(phase, 0.0) + seconds
 
+    def _weights_for_measurement(self, pl_module: LightningModule) -> AbstractContextManager:
+        """``pl_module.evaluated_weights()`` where the module offers it and
+        :attr:`evaluates_model`, else nothing."""
+        evaluated = getattr(pl_module, "evaluated_weights", None)
+        return evaluated() if self.evaluates_model and evaluated is not None else nullcontext()
+
     @final
     def observe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Measure now, log at ``global_step`` and keep the values as :attr:`latest` (and as
@@ -150,7 +164,8 @@ class EditObserver(Callback, ABC):
         self._part_seconds = {}
         start = time.perf_counter()
         try:
-            values = dict(self.measure(trainer, pl_module))
+            with self._weights_for_measurement(pl_module):
+                values = dict(self.measure(trainer, pl_module))
         finally:
             seconds, self._part_seconds = self._part_seconds, None
         if not seconds:

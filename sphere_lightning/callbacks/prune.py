@@ -58,24 +58,29 @@ def prune_delta(
 class PruneCallback(DeltaTransform):
     """PRUNE: bound the singular values of the accumulated update by those of the original weight.
 
-    With W₀ the unedited weight, W the weight as applied so far and ΔW this step's update, the
-    accumulated update A = W + ΔW − W₀ = U diag(σ) Vᵀ has every σ above σ_max (W₀'s largest
-    singular value) replaced by log σ − log σ_max + σ_max (the official code's formula), and the
-    step's ΔW is returned as W₀ + U diag(σ') Vᵀ − W, so the model ends up holding
-    W₀ + U diag(σ') Vᵀ. Nothing changes while every σ ≤ σ_max. The singular values do not depend
-    on orientation, so GPT-2's Conv1D and nn.Linear behave alike.
+    With W₀ the unedited weight, the accumulated update A = U diag(σ) Vᵀ has every σ above
+    σ_max (W₀'s largest singular value) replaced by log σ − log σ_max + σ_max (the official
+    code's formula), giving PRUNE(A) = U diag(σ') Vᵀ. Nothing changes while every σ ≤ σ_max. The
+    singular values do not depend on orientation, so GPT-2's Conv1D and nn.Linear behave alike.
+
+    Two ways to apply it, chosen with ``stage``:
+
+    - ``evaluation`` — the official code's (``evaluate.py``, ``MEMIT_prune``): the live model
+      keeps the plain updates, and every batch is edited on the unrestrained model; only the
+      weights evaluated (edit metrics, observers, export) are W₀ + PRUNE(W − W₀), with W the
+      live weight. The paper presets use it.
+    - ``after_loop`` (default) or ``in_loop`` — live: A = W + ΔW − W₀ with W the weight as
+      applied so far and ΔW this step's update, and the step's ΔW is returned as
+      W₀ + PRUNE(A) − W, so the live model holds W₀ + PRUNE(A) and later batches are edited on
+      the restrained model; ``after_loop`` rescales once the batch's updates are in place,
+      ``in_loop`` restrains each layer's accumulated update before the layers above are solved.
 
     Logs ``prune/num_rescaled/<layer>`` (how many σ were rescaled) and
-    ``prune/max_singular_value_ratio/<layer>`` (σ₁ of A over σ_max, before rescaling).
-
-    Differs from the official code in one respect: there the rescaled weights are only saved
-    for evaluation and the live model keeps the plain accumulated MEMIT update, so every later
-    batch is edited on the unrestrained model; here the live model holds the restrained weights.
+    ``prune/max_singular_value_ratio/<layer>`` (σ₁ of A over σ_max, before rescaling): at each
+    step when live, whenever the evaluated weights are computed at ``evaluation``.
 
     Args:
-        stage: ``after_loop`` (default; the official code rescales once the batch's updates are
-            in place) or ``in_loop`` (each layer's accumulated update is restrained before the
-            layers above are solved). See
+        stage: ``after_loop`` (default), ``in_loop`` or ``evaluation``; see above and
             :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
     """
 
@@ -100,9 +105,12 @@ class PruneCallback(DeltaTransform):
     def transform_delta(
         self, name: str, delta: torch.Tensor, pl_module: LightningModule
     ) -> torch.Tensor:
-        original = pl_module.original_weights[name].detach().to(delta.device)
-        applied = pl_module.edited_weight(name).detach().to(delta.device)
-        accumulated = (applied.to(delta.dtype) - original.to(delta.dtype)) + delta
+        if self.stage == "evaluation":
+            accumulated = delta  # the total update W − W₀ itself
+        else:
+            original = pl_module.original_weights[name].detach().to(delta.device)
+            applied = pl_module.edited_weight(name).detach().to(delta.device)
+            accumulated = (applied.to(delta.dtype) - original.to(delta.dtype)) + delta
         bound = self.bound(pl_module, name)
         correction, sigma = prune_delta(accumulated, bound)
         count = int((sigma > bound).sum())

@@ -40,7 +40,10 @@ class SphereProjectionCallback(DeltaTransform):
             (the unedited weight).
         stage: ``in_loop`` (default; the official AlphaEdit + SPHERE code: each layer's ΔW is
             projected before the layers above are solved) or ``after_loop`` (the official
-            MEMIT + SPHERE code and EasyEdit: every ΔW is projected once the loop is done).
+            MEMIT + SPHERE code and EasyEdit: every ΔW is projected once the loop is done) or
+            ``evaluation`` (the live model keeps the plain updates; the total update W − W₀ is
+            projected only in the weights evaluated, as the official ``MEMIT_prune`` code does
+            after PRUNE, with ``reference: original``; ``current`` then means the live W).
             See :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
     """
 

@@ -8,8 +8,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import final, override
 
-#: When a delta transform runs: per layer inside the editor's loop, or on the whole batch after it.
-TransformStage = Literal["in_loop", "after_loop"]
+#: When a delta transform runs: per layer inside the editor's loop, on the whole batch after it,
+#: or only on the total update W − W₀ in the weights an evaluation sees.
+TransformStage = Literal["in_loop", "after_loop", "evaluation"]
 
 
 class NonFiniteDeltaError(RuntimeError):
@@ -58,6 +59,14 @@ class DeltaTransform(Callback):
             - ``after_loop``: on all layers' ΔW once the loop has finished, just before they are
               applied (the official MEMIT + SPHERE code, ``memit_main.py``, and EasyEdit's
               port). Editors without a layer loop see every transform after it.
+            - ``evaluation``: never on a step's ΔW; the live model keeps the plain updates.
+              Whenever the model is evaluated (edit metrics, observers, export), each edited
+              weight holds W₀ + T(W − W₀) instead, with T this and every other ``evaluation``
+              transform in list order applied to the total update W − W₀ (``delta``), and is
+              put back afterwards (:meth:`EditingModule.evaluated_weights
+              <sphere_lightning.module.EditingModule.evaluated_weights>`). This is how the
+              official SPHERE code applies PRUNE and SPHERE to MEMIT (``evaluate.py``,
+              ``MEMIT_prune``): only to the weights it saves for evaluation.
 
     Example — clip the norm of every ΔW, composed in YAML next to SPHERE::
 
@@ -74,8 +83,8 @@ class DeltaTransform(Callback):
 
     def __init__(self, stage: TransformStage = "in_loop") -> None:
         if stage not in get_args(TransformStage):
-            names = " or ".join(f"`{name}`" for name in get_args(TransformStage))
-            raise ValueError(f"`stage` should be {names}, got {stage!r}")
+            *first, last = (f"`{name}`" for name in get_args(TransformStage))
+            raise ValueError(f"`stage` should be {', '.join(first)} or {last}, got {stage!r}")
         whole_batch_only = (
             type(self).transform_deltas is not DeltaTransform.transform_deltas
             and type(self).transform_delta is DeltaTransform.transform_delta
@@ -112,15 +121,12 @@ class DeltaTransform(Callback):
         return out
 
     @final
-    @override
-    def on_before_optimizer_step(
-        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
-    ) -> None:
-        # Lightning calls this on every callback, in list order, right before the deltas apply.
-        if self.stage != "after_loop" or not pl_module.pending_deltas:
-            return
-        deltas = dict(pl_module.pending_deltas)
-        out = self.transform_deltas(deltas, pl_module)
+    def apply_to_batch(
+        self, deltas: dict[str, torch.Tensor], pl_module: LightningModule
+    ) -> dict[str, torch.Tensor]:
+        """Run :meth:`transform_deltas` on every layer's ΔW (or, at stage ``evaluation``, every
+        layer's total update W − W₀) and check the result."""
+        out = self.transform_deltas(dict(deltas), pl_module)
         if not isinstance(out, dict) or set(out) != set(deltas):
             raise ValueError(
                 f"{type(self).__name__}.transform_deltas should return a ΔW for each of "
@@ -130,5 +136,15 @@ class DeltaTransform(Callback):
             try:
                 check_delta(delta, name, deltas[name].shape, type(self).__name__)
             except NonFiniteDeltaError as error:
-                raise NonFiniteDeltaError(f"Step {trainer.global_step}: {error}") from None
-        pl_module.pending_deltas = out
+                raise NonFiniteDeltaError(f"Step {pl_module.global_step}: {error}") from None
+        return out
+
+    @final
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
+        # Lightning calls this on every callback, in list order, right before the deltas apply.
+        if self.stage != "after_loop" or not pl_module.pending_deltas:
+            return
+        pl_module.pending_deltas = self.apply_to_batch(pl_module.pending_deltas, pl_module)

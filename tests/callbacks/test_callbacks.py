@@ -60,7 +60,7 @@ def test_sphere_callback_rejects_bad_arguments():
         SphereProjectionCallback(suppression=-0.1)
     with pytest.raises(ValueError, match="`current` or `original`"):
         SphereProjectionCallback(reference="edited")
-    with pytest.raises(ValueError, match="`in_loop` or `after_loop`"):
+    with pytest.raises(ValueError, match="`in_loop`, `after_loop` or `evaluation`"):
         SphereProjectionCallback(stage="before")
 
 

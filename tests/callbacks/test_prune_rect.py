@@ -1,16 +1,20 @@
 """PRUNE and RECT as delta transforms: hand-built matrices, the official code's formulas copied in
-numpy, and composition with SPHERE in both orders through a real fit on a tiny GPT-2 (Conv1D)."""
+numpy, composition with SPHERE in both orders through a real fit on a tiny GPT-2 (Conv1D), and
+PRUNE (+ SPHERE) applied only to the evaluated weights, as the official MEMIT_prune code."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from sphere_lightning.callbacks import (
     DeltaTransform,
+    EditObserver,
     PruneCallback,
     RectCallback,
     SphereProjectionCallback,
@@ -18,9 +22,10 @@ from sphere_lightning.callbacks import (
 from sphere_lightning.callbacks.prune import restrain_singular_values
 from sphere_lightning.callbacks.rect import rect_mask
 from sphere_lightning.data.datamodule import EditDataModule
-from sphere_lightning.editors import MEMIT
+from sphere_lightning.editors import MEMIT, Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import project_delta
+from sphere_lightning.models.architectures import linear_weight
 from sphere_lightning.module import EditingModule
 from tests.callbacks.test_transforms import EDITOR as TRANSFORM_EDITOR
 from tests.helpers import quiet_trainer
@@ -196,7 +201,9 @@ def test_rect_rejects_a_ratio_outside_the_unit_interval(ratio):
 
 @pytest.mark.parametrize("cls", [PruneCallback, RectCallback])
 def test_transforms_reject_an_unknown_stage(cls):
-    with pytest.raises(ValueError, match="`stage` should be `in_loop` or `after_loop`, got 'late'"):
+    with pytest.raises(
+        ValueError, match="`stage` should be `in_loop`, `after_loop` or `evaluation`, got 'late'"
+    ):
         cls(stage="late")
 
 
@@ -325,3 +332,245 @@ def test_prune_over_steps_holds_original_plus_restrained_accumulation(
             _close(landed, (applied - original) + _prune(delta, applied, original))
             if step == 1:  # the second step starts from the restrained weight
                 assert torch.equal(applied, spy.after[0][name])
+
+
+# -- PRUNE (and SPHERE) at `stage: evaluation`, as the official MEMIT_prune ----------------------
+
+STEPS = 5  # every request of the conftest set, one a step
+
+
+class _ConstantEditor(Editor):
+    """The same ΔW at every step: per edited weight W₀ (largest singular value m), a fixed
+    rank-2 D = 3 m u₁v₁ᵀ + 1.5 m u₂v₂ᵀ, so PRUNE rescales from the first step on."""
+
+    def __init__(self, layers: tuple[int, ...] = (1, 2)) -> None:
+        super().__init__(layers)
+        self.fixed: dict[str, torch.Tensor] = {}
+
+    def compute_deltas(self, model, tokenizer, requests, transform=None):
+        out = {}
+        for i, name in enumerate(self.edited_parameter_names(model)):
+            if name not in self.fixed:
+                weight = linear_weight(model.get_submodule(name.removesuffix(".weight")))
+                m = float(torch.linalg.matrix_norm(weight.detach().double(), ord=2))
+                shape = tuple(weight.shape)
+                self.fixed[name] = _with_singular_values([3 * m, 1.5 * m], shape, seed=10 + i)[3]
+            out[name] = self.fixed[name].float()
+        return out
+
+
+class _WeightRecorder(EditObserver):
+    """The edited weights as an observer sees them, after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def measure(self, trainer, pl_module):
+        self.seen[trainer.global_step] = {
+            n: pl_module.edited_weight(n).detach().clone() for n in pl_module.original_weights
+        }
+        return {}
+
+
+class _LiveRecorder(Callback):
+    """The live edited weights after every step (outside any evaluation)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen[trainer.global_step] = {
+            n: pl_module.edited_weight(n).detach().clone() for n in pl_module.original_weights
+        }
+
+
+class _CountEvaluations(DeltaTransform):
+    """An `evaluation` transform that passes the total update on and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__(stage="evaluation")
+        self.calls = 0
+
+    def transform_deltas(self, deltas, pl_module):
+        self.calls += 1
+        return deltas
+
+
+def _fit_constant(model_dir, requests, write_rome_json, tmp_path, transforms) -> EditingModule:
+    module = EditingModule(editor=_ConstantEditor(), model=model_dir, fluency_prompts=0)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_rome_json(requests[:STEPS], tmp_path / "facts.json")
+    data = EditDataModule(dataset=str(path), num_edits=STEPS, edits_per_step=1)
+    quiet_trainer(transforms).fit(module, datamodule=data)
+    return module
+
+
+def _plain_projection(delta: np.ndarray, weight: np.ndarray, beta: float, alpha: float):
+    """SPHERE written out: U = top-r eigenvectors of Ŵᵀ Ŵ / n (rows of W normalised),
+    r = 1 + #{k : cumsum(λ)_k / Σλ ≤ β}; ΔW (I − α U Uᵀ)."""
+    unit = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    eigenvalues, eigenvectors = np.linalg.eigh(unit.T @ unit / unit.shape[0])
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    rank = 1 + int((np.cumsum(eigenvalues) / eigenvalues.sum() <= beta).sum())
+    u = eigenvectors[:, :rank]
+    return delta @ (np.eye(weight.shape[1]) - alpha * u @ u.T)
+
+
+def _evaluated_reference(original: torch.Tensor, total: np.ndarray, sphere: bool) -> np.ndarray:
+    """evaluate.py's MEMIT_prune weights: W₀ + PRUNE(ΣΔ), then SPHERE against W₀."""
+    w0 = original.double().numpy()
+    restrained = reference_prune(w0 + total, w0)
+    if sphere:
+        restrained = _plain_projection(restrained, w0, 0.5, 0.8)
+    return w0 + restrained
+
+
+def _numpy_close(actual: torch.Tensor, expected: np.ndarray) -> None:
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(actual.double().numpy(), expected, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("sphere", [False, True], ids=["prune", "prune+sphere"])
+def test_evaluation_stage_evaluates_pruned_total_while_the_live_model_keeps_plain_updates(
+    sphere, gpt2_dir, requests, write_rome_json, tmp_path
+):
+    observer, live, counter = _WeightRecorder(), _LiveRecorder(), _CountEvaluations()
+    transforms = [PruneCallback(stage="evaluation")]
+    if sphere:  # the paper presets' composition
+        transforms.append(
+            SphereProjectionCallback(0.5, 0.8, reference="original", stage="evaluation")
+        )
+    module = _fit_constant(
+        gpt2_dir, requests, write_rome_json, tmp_path, [*transforms, counter, observer, live]
+    )
+    deltas = module.editor.fixed
+    for name, original in module.original_weights.items():
+        for step in range(1, STEPS + 1):
+            total = step * deltas[name].numpy()
+            # The live model: W₀ + ΣΔ, the plain updates.
+            _numpy_close(live.seen[step][name], original.double().numpy() + total)
+            # What evaluations see: W₀ + PRUNE(ΣΔ) (then SPHERE with U from W₀).
+            _numpy_close(observer.seen[step][name], _evaluated_reference(original, total, sphere))
+        assert torch.equal(observer.seen[0][name], original)  # baseline: nothing to prune
+        # After the run the model holds the live weights again.
+        assert torch.equal(module.edited_weight(name), live.seen[STEPS][name])
+    # Computed once per state of the live weights (before the edits and after each), however
+    # many evaluations (batch metrics, the observer, the final validation) read them.
+    assert counter.calls == STEPS + 1
+
+
+def test_live_and_evaluation_stages_differ_on_equal_updates(
+    gpt2_dir, requests, write_rome_json, tmp_path
+):
+    observers = {}
+    for stage in ("evaluation", "after_loop"):
+        observers[stage] = _WeightRecorder()
+        module = _fit_constant(
+            gpt2_dir,
+            requests,
+            write_rome_json,
+            tmp_path / stage,
+            [PruneCallback(stage=stage), observers[stage]],
+        )
+    for name, original in module.original_weights.items():
+        w0, delta = original.double().numpy(), module.editor.fixed[name].numpy()
+        # Live: each step prunes the weight as restrained so far plus ΔW (a plain loop).
+        restrained = np.zeros_like(w0)
+        for _ in range(STEPS):
+            restrained = reference_prune(w0 + restrained + delta, w0)
+        live = observers["after_loop"].seen[STEPS][name]
+        _numpy_close(live, w0 + restrained)
+        evaluated = observers["evaluation"].seen[STEPS][name]
+        _numpy_close(evaluated, _evaluated_reference(original, STEPS * delta, sphere=False))
+        # On this run the live mode's update is far from the reference's (0.25 of it).
+        update = (evaluated - original).double()
+        gap = float((live.double() - evaluated.double()).norm() / update.norm())
+        assert gap > 0.2, gap
+
+
+def test_live_prune_drifts_from_the_reference_over_a_long_run_of_equal_updates():
+    """100 equal updates D (σ = 3 m and 1.5 m, m = σ_max of W₀): live, each step lands on
+    W₀ + PRUNE(W + D − W₀); the reference evaluates W₀ + PRUNE(100 D). The live spectrum
+    settles near a fixed point of σ ↦ m + log(σ / m + 3) while the reference's keeps growing
+    as m + log(300): the updates differ by 55 % of the reference's."""
+    _, _, _, original = _with_singular_values([2.0, 1.0, 0.5], (6, 9), seed=0)
+    _, _, _, delta = _with_singular_values([6.0, 3.0], (6, 9), seed=1)
+    callback, module = PruneCallback(), _Module(original)
+    for _ in range(100):
+        module.applied = module.applied + callback.transform_delta(NAME, delta, module)
+    live = (module.applied - original).numpy()
+    reference = reference_prune((original + 100 * delta).numpy(), original.numpy())
+    gap = np.linalg.norm(live - reference) / np.linalg.norm(reference)
+    assert 0.5 < gap < 0.6, gap
+
+
+class _FailingObserver(EditObserver):
+    """Fails in the middle of a measurement, after checking it sees the evaluated weights."""
+
+    def measure(self, trainer, pl_module):
+        if trainer.global_step == 1:
+            name = pl_module.edited_parameter_names[0]
+            self.evaluated = pl_module.edited_weight(name).detach().clone()
+            raise RuntimeError("evaluation failed")
+        return {}
+
+
+def test_a_failing_evaluation_leaves_the_live_weights(
+    gpt2_dir, requests, write_rome_json, tmp_path
+):
+    failing = _FailingObserver()
+    module = EditingModule(editor=_ConstantEditor(), model=gpt2_dir, fluency_prompts=0)
+    path = write_rome_json(requests[:STEPS], tmp_path / "facts.json")
+    data = EditDataModule(dataset=str(path), num_edits=STEPS, edits_per_step=1)
+    trainer = quiet_trainer([PruneCallback(stage="evaluation"), failing])
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        trainer.fit(module, datamodule=data)
+    name = module.edited_parameter_names[0]
+    live = module.original_weights[name] + module.editor.fixed[name].float()
+    torch.testing.assert_close(module.edited_weight(name), live, rtol=0, atol=1e-6)
+    assert float((failing.evaluated - live).abs().max()) > 1e-3  # it did see other weights
+
+
+def test_prune_at_evaluation_restrains_the_total_update_it_is_given():
+    _, _, _, original = _with_singular_values([2.0, 1.0], (6, 9), seed=0)
+    _, _, _, total = _with_singular_values([10.0, 1.5], (6, 9), seed=1)
+    applied = original + 100.0  # the live weight plays no part: the total is W − W₀ already
+    module = _Module(original, applied)
+    out = PruneCallback(stage="evaluation").transform_delta(NAME, total, module)
+    expected = reference_prune((original + total).numpy(), original.numpy())
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
+
+
+def test_paper_prune_presets_defer_prune_and_sphere_to_evaluation():
+    from sphere_lightning.export import evaluation_transforms_in_config
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "paper"
+    for preset in sorted(root.glob("*_prune.yaml")):
+        found = evaluation_transforms_in_config(preset)
+        assert found == ["PruneCallback", "SphereProjectionCallback"], preset.name
+    assert evaluation_transforms_in_config(root / "llama3-8b_memit.yaml") == []
+
+
+def test_export_callback_writes_the_evaluated_weights(
+    gpt2_dir, requests, write_rome_json, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from sphere_lightning.callbacks import ExportCallback
+
+    out = tmp_path / "export"
+    module = _fit_constant(
+        gpt2_dir,
+        requests,
+        write_rome_json,
+        tmp_path / "run",
+        [PruneCallback(stage="evaluation"), ExportCallback(out)],
+    )
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    for name, original in module.original_weights.items():
+        weight = linear_weight(exported.get_submodule(name.removesuffix(".weight"))).detach()
+        total = STEPS * module.editor.fixed[name].numpy()
+        _numpy_close(weight, _evaluated_reference(original, total, sphere=False))
+        # The live model still holds the plain updates.
+        _numpy_close(module.edited_weight(name).detach(), original.double().numpy() + total)
