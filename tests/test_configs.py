@@ -237,6 +237,7 @@ def test_paper_folder_holds_exactly_the_presets():
     expected = {f"{m}_{e}.yaml" for m in REFERENCE for e in ALL_EDITORS}
     expected |= {f"{m}_ultraedit.yaml" for m in ULTRAEDIT_REFERENCE}
     expected |= {f"{d}.yaml" for d in DATASETS}
+    expected |= {"downstream.yaml"}
     assert {p.name for p in PAPER.iterdir()} == expected
 
 
@@ -299,6 +300,10 @@ def check_sphere_and_data(config: dict, editor: dict, data: dict) -> None:
     assert sphere["suppression"] == pytest.approx(editor["suppression"])
     assert sphere["stage"] == editor["stage"]
     assert sphere["reference"] == editor.get("reference", "current")
+    # The reference projects on the rows of the weight as stored: GPT-2's Conv1D (in × out);
+    # on nn.Linear (the other models) the default `linear` is the same.
+    gpt2 = config["model"]["model"] == "gpt2-xl"
+    assert sphere["neuron_rows"] == ("stored" if gpt2 else "linear")
     callback(config, "HyperSphericalEnergyCallback")
 
     assert config["data"]["edits_per_step"] == 100
@@ -369,3 +374,18 @@ def test_paper_ultraedit_preset_matches_reference(model_name, dataset_name):
     check_sphere_and_data(
         config, {"suppression": 0.8, "stage": "after_loop"}, DATASETS[dataset_name]
     )
+
+
+@pytest.mark.parametrize("dataset_name", DATASETS)
+def test_paper_downstream_evaluates_the_reference_tasks_on_500_examples(dataset_name):
+    """scripts/evaluate_each_epoch_rect.py: RECT_eval's four tasks, --num_tests 500."""
+    config = resolve(
+        "configs/paper/llama3-8b_alphaedit.yaml",
+        f"configs/paper/{dataset_name}.yaml",
+        "configs/paper/downstream.yaml",
+    )
+    general = callback(config, "GeneralAbilityCallback")
+    assert set(general["tasks"]) == {"gsm8k", "nq_open", "boolq", "nli_reference"}
+    assert general["limit"] == 500
+    assert all("limit" not in (settings or {}) for settings in general["tasks"].values())
+    callback(config, "SphereProjectionCallback")  # added to the preset's callbacks

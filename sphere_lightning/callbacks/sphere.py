@@ -11,9 +11,13 @@ from typing_extensions import override
 from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.projection import project_delta
+from sphere_lightning.models.architectures import stores_transposed
 
 #: Which weight the principal directions come from: the current (edited) one or the original.
 ReferenceWeight = Literal["current", "original"]
+#: Which rows of a weight are its neurons: those of the nn.Linear-shaped (out × in) view, or
+#: those of the tensor as the module stores it (the transpose for GPT-2's Conv1D).
+NeuronRows = Literal["linear", "stored"]
 _GREEK = {"cumulative_ratio": "β", "suppression": "α"}
 
 
@@ -26,9 +30,10 @@ class SphereProjectionCallback(DeltaTransform):
     """Replace each ΔW by ΔW P⊥, P⊥ = I − α U Uᵀ (Sparse Projection, SPHERE).
 
     U holds the top-r principal directions of the weight's normalised neurons, with r the
-    smallest number whose eigenvalues' cumulative share exceeds ``cumulative_ratio``. The
-    projection acts on the input side of the nn.Linear-shaped (out × in) weight for every
-    architecture (GPT-2's Conv1D included). Logs ``sphere/rank/<layer>`` and
+    smallest number whose eigenvalues' cumulative share exceeds ``cumulative_ratio``. By
+    default the neurons are the rows of the nn.Linear-shaped (out × in) weight and the projection
+    acts on its input side for every architecture (GPT-2's Conv1D included); ``neuron_rows:
+    stored`` follows the official code on Conv1D instead. Logs ``sphere/rank/<layer>`` and
     ``sphere/kept_norm_ratio/<layer>`` (‖ΔW P⊥‖ / ‖ΔW‖).
 
     Args:
@@ -45,6 +50,12 @@ class SphereProjectionCallback(DeltaTransform):
             projected only in the weights evaluated, as the official ``MEMIT_prune`` code does
             after PRUNE, with ``reference: original``; ``current`` then means the live W).
             See :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
+        neuron_rows: Which rows are the neurons U is computed from: ``linear`` (default) the
+            rows of the (out × in) weight, one per output unit, so ΔW is projected on its input
+            side; ``stored`` the rows of the weight tensor as the module stores it, as the
+            official code does (``project_B_into_soft_dirs(w, ...)`` on the stored parameter).
+            The two agree on nn.Linear (Llama, Qwen, GPT-J); on GPT-2's Conv1D, stored (in ×
+            out), ``stored`` takes one neuron per input unit and projects ΔW on its output side.
     """
 
     def __init__(
@@ -53,6 +64,7 @@ class SphereProjectionCallback(DeltaTransform):
         suppression: float = 0.5,
         reference: ReferenceWeight = "current",
         stage: TransformStage = "in_loop",
+        neuron_rows: NeuronRows = "linear",
     ) -> None:
         super().__init__(stage)
         for flag, value in (("cumulative_ratio", cumulative_ratio), ("suppression", suppression)):
@@ -68,9 +80,16 @@ class SphereProjectionCallback(DeltaTransform):
                 f"SphereProjectionCallback: `init_args.reference` should be {names}, "
                 f"got {reference!r}"
             )
+        if neuron_rows not in get_args(NeuronRows):
+            names = " or ".join(f"`{name}`" for name in get_args(NeuronRows))
+            raise ConfigError(
+                f"SphereProjectionCallback: `init_args.neuron_rows` should be {names}, "
+                f"got {neuron_rows!r}"
+            )
         self.cumulative_ratio = cumulative_ratio
         self.suppression = suppression
         self.reference = reference
+        self.neuron_rows = neuron_rows
 
     def reference_weight(self, pl_module: LightningModule, name: str) -> torch.Tensor:
         """The weight whose principal directions ΔW is projected away from."""
@@ -78,14 +97,28 @@ class SphereProjectionCallback(DeltaTransform):
             return pl_module.original_weights[name]
         return pl_module.edited_weight(name)
 
+    def stored_transposed(self, pl_module: LightningModule, name: str) -> bool:
+        """Whether ``neuron_rows: stored`` projects ``name`` on the transposed view: True only
+        for a weight the module stores (in × out), GPT-2's Conv1D."""
+        if self.neuron_rows == "linear":
+            return False
+        return stores_transposed(pl_module.model.get_submodule(short_name(name)))
+
     @override
     def transform_delta(
         self, name: str, delta: torch.Tensor, pl_module: LightningModule
     ) -> torch.Tensor:
         weight = self.reference_weight(pl_module, name).detach()
+        # ΔW P⊥ on the stored (in × out) rows of a Conv1D is (ΔWᵀ P⊥)ᵀ in the (out × in) view.
+        transposed = self.stored_transposed(pl_module, name)
         projected, rank = project_delta(
-            delta, weight.to(delta.device), self.cumulative_ratio, self.suppression
+            delta.mT if transposed else delta,
+            (weight.mT if transposed else weight).to(delta.device),
+            self.cumulative_ratio,
+            self.suppression,
         )
+        if transposed:
+            projected = projected.mT.contiguous()
         layer = short_name(name)
         pl_module.step_metrics[f"sphere/rank/{layer}"] = float(rank)
         pl_module.step_metrics[f"sphere/kept_norm_ratio/{layer}"] = float(

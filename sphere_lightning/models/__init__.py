@@ -6,6 +6,7 @@ from sphere_lightning.models.architectures import (
     UnknownArchitectureError,
     architecture_of,
     linear_weight,
+    stores_transposed,
 )
 from sphere_lightning.models.loading import EMBEDDED_MODELS, cache_root, load_model, prepare
 
@@ -19,4 +20,5 @@ __all__ = [
     "linear_weight",
     "load_model",
     "prepare",
+    "stores_transposed",
 ]

@@ -117,3 +117,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight
     raise TypeError(f"Cannot edit {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight (in × out), the transpose of :func:`linear_weight`.
+
+    True for GPT-2's ``Conv1D``, False for ``nn.Linear``: the rows of the stored tensor are then
+    the input units, not the output units.
+    """
+    linear_weight(module)  # the same TypeError for a module that cannot be edited
+    return isinstance(module, Conv1D)
