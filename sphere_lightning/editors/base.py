@@ -19,7 +19,6 @@ from sphere_lightning.editors.hooks import (
     WeightSnapshot,
     encode_with_subject,
     gather_at_subject,
-    model_device,
 )
 from sphere_lightning.editors.statistics import GENERATED, second_moments
 from sphere_lightning.editors.targets import (
@@ -29,13 +28,11 @@ from sphere_lightning.editors.targets import (
     TargetResult,
     compute_target_values,
 )
+from sphere_lightning.editors.templates import generate_context_templates
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 
 log = logging.getLogger(__name__)
-
-_TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
-
 
 def average_over_templates(keys: torch.Tensor) -> torch.Tensor:
     """Average keys ``(n, t, d)`` read through ``t`` context templates into ``(n, d)``.
@@ -212,6 +209,7 @@ class LocateThenEditEditor(Editor):
             ("stats_max_length", stats_max_length),
             ("stats_batch_size", stats_batch_size),
             ("key_batch_size", key_batch_size),
+            ("context_template_length", context_template_length),
         ]:
             if value < 1:
                 raise ConfigError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
@@ -279,26 +277,11 @@ class LocateThenEditEditor(Editor):
     def _generate_templates(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> list[str]:
-        """``"{}"`` plus generated prefixes, as in MEMIT (sampled, top-k 5, seeded)."""
-        templates = ["{}"]
-        if self.num_context_templates == 0:
-            return templates
-        device = model_device(model)
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-            torch.manual_seed(self.seed)
-            for i in range(self.num_context_templates):
-                enc = tokenizer(_TEMPLATE_SEEDS[i % len(_TEMPLATE_SEEDS)], return_tensors="pt")
-                out = model.generate(
-                    **enc.to(device),
-                    do_sample=True,
-                    top_k=5,
-                    max_new_tokens=max(1, self.context_template_length - enc["input_ids"].shape[1]),
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                text = tokenizer.decode(out[0], skip_special_tokens=True)
-                text = text.replace("{", " ").replace("}", " ").replace("\n", " ").strip()
-                templates.append(text + ". {}")
-        return templates
+        """``"{}"`` plus generated prefixes, sampled as MEMIT's ``generate_fast`` does (top-k 5,
+        fixed length, seeded); see :mod:`~sphere_lightning.editors.templates`."""
+        return generate_context_templates(
+            model, tokenizer, self.num_context_templates, self.context_template_length, self.seed
+        )
 
     def second_moments(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
