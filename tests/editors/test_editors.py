@@ -597,6 +597,36 @@ def _project_against_live_weight(model, cumulative_ratio=0.5, suppression=0.8):
     return transform
 
 
+def plain_project_and_apply_loop(editor, model, tokenizer, requests, transform, solve=None):
+    """The layer loop written out: v* once, then per layer (bottom to top) ΔW from
+    ``solve(layer_index, layer, keys, residual)`` (default ``editor.solve``, float64 inputs),
+    ``transform(name, ΔW)``, really applied for the layers above. Returns the transformed deltas
+    and leaves the model as it found it."""
+    spec = architecture_of(model)
+    solve = solve or (lambda i, layer, k, r: editor.solve(i, layer, k.double(), r.double()))
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    target = compute_target_values(
+        model,
+        tokenizer,
+        spec,
+        requests,
+        editor.target_layer,
+        editor.context_templates,
+        editor.target_options,
+        progress=False,
+    )
+    expected = {}
+    for i, layer in enumerate(editor.layers):
+        keys = editor.compute_keys(model, tokenizer, requests, [layer])[layer]
+        current = _block_output_at_subject(model, tokenizer, requests, editor.target_layer)
+        residual = (target.values - current) / (len(editor.layers) - i)
+        name = spec.weight_name(layer)
+        expected[name] = transform(name, solve(i, layer, keys, residual).float())
+        apply_deltas(model, {name: expected[name]})
+    model.load_state_dict(before)
+    return expected
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_in_loop_transform_matches_a_plain_project_and_apply_loop(
@@ -614,28 +644,7 @@ def test_in_loop_transform_matches_a_plain_project_and_apply_loop(
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), f"{name} changed"
 
-    # The plain loop: v* once, then per layer solve, project, and really apply.
-    target = compute_target_values(
-        model,
-        tokenizer,
-        spec,
-        requests,
-        editor.target_layer,
-        editor.context_templates,
-        editor.target_options,
-        progress=False,
-    )
-    expected = {}
-    for i, layer in enumerate(LAYERS):
-        keys = editor.compute_keys(model, tokenizer, requests, [layer])[layer]
-        current = _block_output_at_subject(model, tokenizer, requests, editor.target_layer)
-        residual = (target.values - current) / (len(LAYERS) - i)
-        delta = editor.solve(i, layer, keys.double(), residual.double()).float()
-        name = spec.weight_name(layer)
-        expected[name] = project(name, delta)
-        apply_deltas(model, {name: expected[name]})
-    model.load_state_dict(before)
-
+    expected = plain_project_and_apply_loop(editor, model, tokenizer, requests, project)
     for name in expected:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-5)
     # Projecting after the loop gives another update above the first layer: the test can tell.
