@@ -1,10 +1,11 @@
-"""The contract every editor keeps (ROME, FT, MEMIT, AlphaEdit, UltraEdit × tiny GPT-2 and
-Llama), and the ROME- and FT-specific mathematics against plain reimplementations."""
+"""The contract every editor keeps (ROME, FT, MEMIT, AlphaEdit, AlphaEdit with NAS, UltraEdit ×
+tiny GPT-2 and Llama), and the ROME- and FT-specific mathematics against plain reimplementations."""
 
 from __future__ import annotations
 
 import copy
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +17,7 @@ from sphere_lightning.editors.hooks import encode_target, encode_with_subject
 from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
+from tests.conftest import REQUESTS, _write_rome_json
 from tests.editors.test_editors import (
     STATS,
     apply_deltas,
@@ -24,9 +26,14 @@ from tests.editors.test_editors import (
 )
 
 FAMILIES = ["gpt2", "llama"]
-EDITORS = ["rome", "ft", "memit", "alphaedit", "ultraedit"]
+EDITORS = ["rome", "ft", "memit", "alphaedit", "alphaedit_nas", "ultraedit"]
 # seed 1: the template seed of test_editors.COMMON (see there).
 LOCATE = {"v_lr": 0.5, "num_context_templates": 1, "context_template_length": 4, "seed": 1, **STATS}
+
+
+def nas_request_file(directory: str | Path) -> str:
+    """The tiny vocabulary's requests as a CounterFact file, for ``nas_requests``."""
+    return str(_write_rome_json(REQUESTS, Path(directory) / "nas_requests.json"))
 
 
 def make_editor(kind, model, tokenizer, cache_dir, v_num_steps=20, **overrides):
@@ -44,6 +51,8 @@ def make_editor(kind, model, tokenizer, cache_dir, v_num_steps=20, **overrides):
         elif kind == "memit":
             editor = MEMIT(mom2_update_weight=10.0, **options)
         else:
+            if kind == "alphaedit_nas":  # ν measured on the five requests of the tiny vocabulary
+                options.update(nas=True, nas_requests=nas_request_file(cache_dir))
             threshold = nullspace_threshold(model, tokenizer, cache_dir)
             editor = AlphaEdit(nullspace_threshold=threshold, l2=1e-2, **options)
         editor.progress = False
@@ -155,7 +164,8 @@ def test_state_dict_round_trip_gives_identical_subsequent_deltas(
     assert roundtrip(fresh.state_dict()).keys() == state.keys()
     expected = editor.compute_deltas(model, tokenizer, second)
     assert_same_deltas(fresh.compute_deltas(model, tokenizer, second), expected)
-    if kind in ("alphaedit", "ultraedit"):  # the state makes them equal: without it they differ
+    # The state makes them equal: without it they differ.
+    if kind in ("alphaedit", "alphaedit_nas", "ultraedit"):
         stateless = make_editor(kind, unedited, tokenizer, stats_dir, v_num_steps=5)
         stateless.setup(unedited, tokenizer)
         without = stateless.compute_deltas(model, tokenizer, second)
