@@ -141,7 +141,10 @@ class EditingModule(LightningModule):
     set during the step), ``step_metrics`` (scalars a transform wants logged at the step its
     update lands on), ``original_weights`` (``{name: W₀}``, same convention),
     :meth:`edited_weight`, :meth:`edit_scores` and :meth:`evaluated_weights` (the weights every
-    evaluation sees, with delta transforms of stage ``evaluation``).
+    evaluation sees, with delta transforms of stage ``evaluation``). With
+    ``record_step_deltas`` set (by a callback, in its ``setup``), ``editor_deltas`` holds the
+    step's ΔW as the editor returned it, before any transform, and ``applied_deltas`` the ΔW
+    added to the weights, from the step until its ``on_train_batch_end`` hooks have run.
 
     Edit metrics follow two protocols, each under its own prefix:
 
@@ -249,6 +252,10 @@ class EditingModule(LightningModule):
         self.model = None
         self.tokenizer = None
         self.pending_deltas: dict[str, torch.Tensor] = {}
+        # Off by default: the editor's ΔW would otherwise be kept beside the transformed one.
+        self.record_step_deltas = False
+        self.editor_deltas: dict[str, torch.Tensor] = {}
+        self.applied_deltas: dict[str, torch.Tensor] = {}
         self.step_metrics: dict[str, float] = {}
         self.original_weights: dict[str, torch.Tensor] = {}
         self.pre_edit_metrics: dict[str, float] = {}
@@ -410,6 +417,7 @@ class EditingModule(LightningModule):
                 "the applied batches are out of step (a request would be edited twice or "
                 "skipped)"
             )
+        self.editor_deltas, self.applied_deltas = {}, {}
         start = time.perf_counter()
         transform = self._in_loop_transform(self.delta_transforms("in_loop"))
         if self.editor.transform_in_loop:
@@ -443,6 +451,11 @@ class EditingModule(LightningModule):
         self.log_now(self.step_metrics)
         self.step_metrics = {}
 
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: EditBatch, batch_idx: int) -> None:
+        # After the callbacks' hooks (Lightning calls the module's last).
+        self.editor_deltas, self.applied_deltas = {}, {}
+
     def delta_transforms(self, stage: str) -> list[DeltaTransform]:
         """The trainer's delta-transform callbacks of ``stage``, in ``trainer.callbacks`` order."""
         callbacks = self._trainer.callbacks if self._trainer is not None else []
@@ -459,6 +472,9 @@ class EditingModule(LightningModule):
                 raise KeyError(f"{editor} returned ΔW for {name!r}, not an edited parameter")
             try:
                 check_delta(delta, name, self.edited_weight(name).shape, editor)
+                if self.record_step_deltas:  # summed: ROME calls this once per request
+                    held = self.editor_deltas.get(name)
+                    self.editor_deltas[name] = delta if held is None else held + delta
                 for t in transforms:
                     delta = t.apply_in_loop(name, delta, self)
             except NonFiniteDeltaError as error:
@@ -483,6 +499,8 @@ class EditingModule(LightningModule):
                 delta = delta.to(device=weight.device, dtype=weight.dtype)
                 # Every process applies rank 0's ΔW: the weights stay bit-identical across ranks.
                 weight.add_(collective.broadcast_(delta))
+        if self.record_step_deltas:
+            self.applied_deltas = dict(self.pending_deltas)
 
     # -- evaluation --------------------------------------------------------------------------
 
