@@ -174,7 +174,7 @@ def run_config(
     return derived
 
 
-def write_run_config(config: dict[str, Any], path: Path, source: Path, note: str) -> None:
+def write_run_config(config: dict[str, Any], path: Path, source: Path | str, note: str) -> None:
     """Write a derived run config with a header saying where it came from and how to rerun it."""
     header = (
         f"# Derived from {source} by `python -m sphere_lightning.experiments`: {note}.\n"
@@ -742,11 +742,19 @@ def write_report(
 
 @dataclass(frozen=True)
 class Pair:
-    """One base editor's comparison: its name (the config's file name), config and folder."""
+    """One base editor's comparison: its name (the config's file name, or the suite entry's
+    ``name``), config and folder. ``compose`` lists config files that come before ``config``,
+    merged in order as ``fit --config a.yaml --config b.yaml`` would merge them."""
 
     name: str
     config: Path
     directory: Path
+    compose: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every config file of the pair, in the order they are merged."""
+        return (*self.compose, self.config)
 
 
 @dataclass(frozen=True)
@@ -848,7 +856,7 @@ def build_suite_table(
             rows.append(
                 {
                     "editor": pair.name,
-                    "config": str(pair.config),
+                    "config": " + ".join(str(path) for path in pair.files),
                     "run": run.name,
                     "label": run.label,
                     "log_dir": str(directory),
@@ -961,7 +969,7 @@ def plan_pair(
         if run is WITHOUT_SPHERE:
             derived, note = without_sphere(derived), "every SphereProjectionCallback removed"
         path = pair.directory / f"{run.name}.yaml"
-        write_run_config(derived, path, pair.config, note)
+        write_run_config(derived, path, " + ".join(map(str, pair.files)), note)
         checkpoint = last_checkpoint(run_dir)
         if checkpoint is None and run_dir.exists():
             report(f"'{name}' stopped before its first checkpoint: {run_dir} moved to "
@@ -1072,9 +1080,34 @@ def _prepare_model(config: dict[str, Any]) -> None:
     resolve_model_path(str((config.get("model") or {}).get("model", "smollm2-135m")))
 
 
-def read_suite(path: Path) -> tuple[list[Path], int | None]:
-    """The configs a suite file lists (``configs: [...]``), relative to the file's folder, and
-    its ``num_edits`` (facts every run edits; ``None``: each config's own)."""
+def merge_configs(base: Any, override: Any) -> Any:
+    """``override`` merged into ``base`` as jsonargparse merges a second ``--config``: mappings
+    key by key, except that a mapping naming another ``class_path`` replaces the old one whole
+    (its ``init_args`` belonged to the other class); lists and plain values are replaced."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return copy.deepcopy(override)
+    if "class_path" in override and override["class_path"] != base.get("class_path"):
+        return copy.deepcopy(override)
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = merge_configs(merged[key], value) if key in merged else copy.deepcopy(value)
+    return merged
+
+
+def load_config(files: Sequence[Path]) -> dict[str, Any]:
+    """The run config of ``files`` merged in order (:func:`merge_configs`)."""
+    config: dict[str, Any] = {}
+    for path in files:
+        config = merge_configs(config, yaml.safe_load(path.read_text()) or {})
+    return config
+
+
+def read_suite(path: Path) -> tuple[list[tuple[str, list[Path]]], int | None]:
+    """The pairs a suite file lists (``configs: [...]``), each as ``(name, config files)``
+    relative to the file's folder, and its ``num_edits`` (facts every run edits; ``None``: each
+    config's own). An entry is a config file (named after it) or a mapping ``{name: ...,
+    configs: [a.yaml, b.yaml, ...]}`` whose files are merged in order, as ``fit --config a.yaml
+    --config b.yaml`` merges them."""
     content = yaml.safe_load(path.read_text()) or {}
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
@@ -1082,12 +1115,24 @@ def read_suite(path: Path) -> tuple[list[Path], int | None]:
     num_edits = content.get("num_edits")
     if num_edits is not None and (not isinstance(num_edits, int) or num_edits < 1):
         raise ValueError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
-    return [path.parent / str(entry) for entry in configs], num_edits
+    entries = []
+    for index, entry in enumerate(configs):
+        if isinstance(entry, dict):
+            name, files = entry.get("name"), entry.get("configs")
+            if not isinstance(name, str) or not name or not isinstance(files, list) or not files:
+                raise ValueError(
+                    f"--suite {path}: configs[{index}] should be a file name or a mapping with "
+                    f"`name` (a string) and `configs` (a list of files), got {entry!r}"
+                )
+            entries.append((name, [path.parent / str(f) for f in files]))
+        else:
+            entries.append((Path(str(entry)).stem, [path.parent / str(entry)]))
+    return entries, num_edits
 
 
 def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pair]:
     """The pairs to run or report, and ``args.out`` filled in."""
-    configs = list(args.config or [])
+    configs = [(path.stem, [path]) for path in args.config or []]
     if args.suite is not None:
         if not args.suite.is_file():
             parser.error(f"--suite {args.suite}: no such file")
@@ -1102,7 +1147,7 @@ def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pa
     if args.out is None:
         if not configs:
             parser.error("--config, --suite or --out is required")
-        name = configs[0].stem if single else args.suite.stem if args.suite else "suite"
+        name = configs[0][0] if single else args.suite.stem if args.suite else "suite"
         args.out = Path("logs") / "experiments" / name
     if not configs:  # --report-only on an existing --out
         if any((args.out / run.name).is_dir() for run in RUNS):
@@ -1111,13 +1156,14 @@ def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pa
             d for d in args.out.glob("*") if any((d / run.name).is_dir() for run in RUNS)
         )
         return [Pair(d.name, d, d) for d in found]
-    names = [config.stem for config in configs]
+    names = [name for name, _ in configs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         parser.error(f"--config/--suite name {', '.join(repeated)} twice: one config per name")
     if single:
-        return [Pair(configs[0].stem, configs[0], args.out)]
-    return [Pair(config.stem, config, args.out / config.stem) for config in configs]
+        name, files = configs[0]
+        return [Pair(name, files[-1], args.out, tuple(files[:-1]))]
+    return [Pair(name, files[-1], args.out / name, tuple(files[:-1])) for name, files in configs]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1157,13 +1203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num-edits should be ≥ 1, got {args.num_edits}")
     configs = {}
     for pair in pairs:
-        if not pair.config.is_file():
-            parser.error(f"--config {pair.config}: no such file")
-        configs[pair.name] = yaml.safe_load(pair.config.read_text()) or {}
+        for path in pair.files:
+            if not path.is_file():
+                parser.error(f"--config {path}: no such file")
+        configs[pair.name] = load_config(pair.files)
         if count_sphere_callbacks(configs[pair.name]) == 0:
             parser.error(
-                f"--config {pair.config} has no {SPHERE_CALLBACK} in trainer.callbacks: "
-                "nothing to compare"
+                f"--config {' + '.join(map(str, pair.files))} has no {SPHERE_CALLBACK} in "
+                "trainer.callbacks: nothing to compare"
             )
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sphere_lightning.experiments as experiments
 import sphere_lightning.models.loading as loading
 import sphere_lightning.module as module
 from sphere_lightning.cli import EditingCLI, cli_main
@@ -118,16 +119,25 @@ def test_config_parses(composition):
 
 
 @pytest.mark.parametrize("suite", suite_files(), ids=lambda p: p.name)
-def test_suite_lists_experiment_configs_that_parse(suite):
+def test_suite_lists_experiment_configs_that_parse(suite, tmp_path):
     """Each config a suite lists (relative to the suite) exists and is itself a fit config
-    checked by ``test_config_parses``."""
+    checked by ``test_config_parses``; an entry of several files, merged by the runner, is the
+    config jsonargparse makes of ``fit --config a --config b ...``."""
     listed = yaml.safe_load(suite.read_text())["configs"]
     assert listed, f"{suite} lists no configs"
     checked = {c for composition in compositions_to_check() for c in composition}
-    for name in listed:
-        config = (suite.parent / name).resolve()
-        assert config.is_file(), f"{suite} lists a missing file: {name}"
-        assert config.relative_to(ROOT).as_posix() in checked
+    for entry in listed:
+        names = entry["configs"] if isinstance(entry, dict) else [entry]
+        files = [(suite.parent / name).resolve() for name in names]
+        for name, config in zip(names, files, strict=True):
+            assert config.is_file(), f"{suite} lists a missing file: {name}"
+        relative = tuple(config.relative_to(ROOT).as_posix() for config in files)
+        if len(files) == 1:
+            assert relative[0] in checked
+            continue
+        merged = tmp_path / f"{entry['name']}.yaml"
+        merged.write_text(yaml.safe_dump(experiments.load_config(files), sort_keys=False))
+        assert resolve(str(merged)) == resolve(*relative)
 
 
 def test_header_parser_reads_commands(tmp_path):

@@ -39,8 +39,9 @@ RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
 def test_there_are_experiment_configs():
     names = ["alphaedit.yaml", "ft.yaml", "memit.yaml", "prune.yaml", "rect.yaml"]
     assert [p.name for p in EXPERIMENT_CONFIGS] == names
-    configs, num_edits = experiments.read_suite(SUITE)
-    assert sorted(p.name for p in configs) == names
+    entries, num_edits = experiments.read_suite(SUITE)
+    assert sorted(f"{name}.yaml" for name, _ in entries) == names
+    assert all(files == [SUITE.parent / f"{name}.yaml"] for name, files in entries)
     assert num_edits == 1000  # every row of the combined table edits the same facts
 
 
@@ -679,3 +680,61 @@ def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
     resumed = json.loads((killed / "summary.json").read_text())
     assert resumed["global_step"] == first["global_step"] == 2
     check_table()
+
+
+def test_merge_configs_merges_as_a_second_config_file():
+    base = {
+        "seed": 0,
+        "trainer": {"callbacks": [{"class_path": "A"}], "max_epochs": 1},
+        "model": {
+            "dtype": "float32",
+            "editor": {"class_path": "U", "init_args": {"layers": [1], "lr": 0.1}},
+        },
+    }
+    same_class = {"model": {"editor": {"class_path": "U", "init_args": {"lr": 0.5}}}}
+    other_class = {
+        "trainer": {"callbacks": [{"class_path": "B"}]},
+        "model": {"editor": {"class_path": "V", "init_args": {"l2": 1.0}}},
+    }
+    merged = experiments.merge_configs(base, same_class)
+    assert merged["model"]["editor"] == {"class_path": "U", "init_args": {"layers": [1], "lr": 0.5}}
+    merged = experiments.merge_configs(base, other_class)
+    assert merged == {
+        "seed": 0,
+        "trainer": {"callbacks": [{"class_path": "B"}], "max_epochs": 1},
+        "model": {"dtype": "float32", "editor": {"class_path": "V", "init_args": {"l2": 1.0}}},
+    }
+    assert base["model"]["editor"]["init_args"] == {"layers": [1], "lr": 0.1}  # not modified
+
+
+def test_the_horizon_suite_composes_its_entries(tmp_path):
+    suite = ROOT / "configs" / "horizon" / "suite.yaml"
+    entries, num_edits = experiments.read_suite(suite)
+    assert num_edits == 10000
+    names = [name for name, _ in entries]
+    assert names == ["alphaedit", "alphaedit_nas", "ultraedit", "memit"]
+    files = dict(entries)
+    nas = experiments.load_config(files["alphaedit_nas"])
+    editor = nas["model"]["editor"]
+    assert editor["class_path"].endswith("AlphaEdit")
+    assert editor["init_args"]["layers"] == [3, 4, 5, 6, 7] and editor["init_args"]["nas"] is True
+    assert "lr" not in editor["init_args"]  # UltraEdit's init_args went with its class
+    assert nas["data"]["edits_per_step"] == 100 and nas["model"]["eval_sample_size"] == 500
+    memit = experiments.load_config(files["memit"])
+    sphere = [c for c in memit["trainer"]["callbacks"] if experiments.is_sphere_callback(c)]
+    assert [s["init_args"]["suppression"] for s in sphere] == [0.8]
+    # The runner's pairs: named after the entry, their files merged in order.
+    parser = experiments.build_parser()
+    args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path)])
+    pairs = experiments._pairs(parser, args)
+    assert [p.name for p in pairs] == names
+    assert pairs[1].files == tuple(files["alphaedit_nas"])
+    assert pairs[1].directory == tmp_path / "alphaedit_nas"
+
+
+def test_a_malformed_suite_entry_is_refused(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"configs": [{"name": "x"}]}))
+    with pytest.raises(SystemExit):
+        main(["--suite", str(suite), "--dataset", "x.json"])
+    assert "configs[0] should be a file name or a mapping" in capsys.readouterr().err
