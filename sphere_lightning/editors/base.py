@@ -47,6 +47,13 @@ def average_over_templates(keys: torch.Tensor) -> torch.Tensor:
     return (keys[:, 0] + keys[:, 1:].mean(1)) / 2
 
 
+def value_norm_metrics(values: torch.Tensor) -> dict[str, float]:
+    """``v_norm_mean`` and ``v_norm_max``: the mean and the largest ‖v*‖ over the rows of
+    ``values`` (one target value per request), for an editor's ``last_metrics``."""
+    norms = values.detach().double().norm(dim=-1)
+    return {"v_norm_mean": float(norms.mean()), "v_norm_max": float(norms.max())}
+
+
 #: ``(parameter name, ΔW) -> ΔW``: the in-loop delta transforms an editor applies per layer.
 DeltaFn = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -368,6 +375,7 @@ class LocateThenEditEditor(Editor):
             "v_loss": float(torch.tensor(target.losses).mean()),
             "v_steps": float(torch.tensor(target.steps, dtype=torch.float).mean()),
         }
+        self.last_metrics.update(value_norm_metrics(target.values))  # the v* solved for
         bare = [encode_with_subject(tokenizer, r.prompt, r.subject) for r in requests]
         block = spec.layer_name(self.target_layer)
         deltas: dict[str, torch.Tensor] = {}

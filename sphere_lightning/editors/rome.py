@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.base import DeltaFn, LocateThenEditEditor
+from sphere_lightning.editors.base import DeltaFn, LocateThenEditEditor, value_norm_metrics
 from sphere_lightning.editors.hooks import WeightSnapshot, encode_with_subject, gather_at_subject
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.errors import ConfigError
@@ -133,7 +133,7 @@ class ROME(LocateThenEditEditor):
             self.setup(model, tokenizer)
         spec = architecture_of(model)
         timings = {"v_star": 0.0, "keys": 0.0, "solve": 0.0, "transform": 0.0}
-        losses, steps = [], []
+        losses, steps, values = [], [], []
         deltas: dict[str, torch.Tensor] = {}
         with WeightSnapshot(model, spec) as snapshot:
             for request in tqdm(requests, desc="ROME", leave=False, disable=not self.progress):
@@ -167,6 +167,7 @@ class ROME(LocateThenEditEditor):
                         progress=False,
                     )
                     losses += target.losses
+                    values.append(target.values[0].detach().cpu())
                     steps += target.steps
                     timings["v_star"] += time.perf_counter() - start
                     start = time.perf_counter()
@@ -189,6 +190,8 @@ class ROME(LocateThenEditEditor):
         self.last_metrics = {
             "v_loss": float(torch.tensor(losses).mean()),
             "v_steps": float(torch.tensor(steps, dtype=torch.float).mean()),
+            # Over every (request, layer) v* of the batch.
+            **value_norm_metrics(torch.stack(values)),
         }
         self.last_timings = timings
         return deltas
