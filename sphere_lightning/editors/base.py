@@ -20,6 +20,13 @@ from sphere_lightning.editors.hooks import (
     encode_with_subject,
     gather_at_subject,
 )
+from sphere_lightning.editors.nas import (
+    NASOptions,
+    anchor_requests,
+    anchor_values,
+    mlp_outputs,
+    upper_trimmed_mean,
+)
 from sphere_lightning.editors.statistics import GENERATED, second_moments
 from sphere_lightning.editors.targets import (
     EARLY_STOPS,
@@ -33,6 +40,7 @@ from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 
 log = logging.getLogger(__name__)
+
 
 def average_over_templates(keys: torch.Tensor) -> torch.Tensor:
     """Average keys ``(n, t, d)`` read through ``t`` context templates into ``(n, d)``.
@@ -179,6 +187,14 @@ class LocateThenEditEditor(Editor):
         seed: Seed for generated templates and generated text.
         cache_dir: Where statistics are cached; default ``$SPHERE_LIGHTNING_CACHE/stats``.
         key_batch_size: Prompts per forward pass when reading keys.
+        nas: Norm-Anchor Scaling (arXiv 2602.02543; :mod:`~sphere_lightning.editors.nas`): the
+            MLP value m + δ of every v* is rescaled to ν, its mean norm on the unedited model,
+            before the solve (δ dropped above ``nas_skip_factor`` · ν).
+        nas_requests: Edit requests ν is measured on (anything ``--data.dataset`` accepts).
+        nas_num_requests: How many of them (sampled with ``seed``) [the reference's
+            ``nas_restart``].
+        nas_skip_factor: A request whose ‖m + δ‖ exceeds this times ν keeps m.
+        nas_upper_quantile: Norms above this quantile are dropped before ν is averaged.
     """
 
     def __init__(
@@ -207,6 +223,11 @@ class LocateThenEditEditor(Editor):
         seed: int = 0,
         cache_dir: str | None = None,
         key_batch_size: int = 64,
+        nas: bool = False,
+        nas_requests: str = "builtin",
+        nas_num_requests: int = 1000,
+        nas_skip_factor: float = 2.0,
+        nas_upper_quantile: float = 0.95,
     ) -> None:
         super().__init__(layers)
         for name, value in [
@@ -266,6 +287,12 @@ class LocateThenEditEditor(Editor):
         self.seed = seed
         self.key_batch_size = key_batch_size
         self.context_templates: list[str] | None = None
+        self.nas = nas
+        self.nas_options = NASOptions(
+            nas_requests, nas_num_requests, nas_skip_factor, nas_upper_quantile
+        )
+        #: ν, NAS's anchor: measured on the model before the first edit, then sequential state.
+        self.nas_anchor: float | None = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -375,6 +402,10 @@ class LocateThenEditEditor(Editor):
             "v_loss": float(torch.tensor(target.losses).mean()),
             "v_steps": float(torch.tensor(target.steps, dtype=torch.float).mean()),
         }
+        if self.nas:
+            start = time.perf_counter()
+            target = self.anchor_value_norms(model, tokenizer, requests, target)
+            timings["nas"] = time.perf_counter() - start
         self.last_metrics.update(value_norm_metrics(target.values))  # the v* solved for
         bare = [encode_with_subject(tokenizer, r.prompt, r.subject) for r in requests]
         block = spec.layer_name(self.target_layer)
@@ -447,6 +478,62 @@ class LocateThenEditEditor(Editor):
             [int(step) for step in rows["steps"].tolist()],
         )
 
+    def measure_nas_anchor(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> float:
+        """ν: the upper-trimmed mean of ‖m + δ‖ over the ``nas_requests`` sample, with δ
+        optimised by this editor's v* options on the bare prompt only (the reference's
+        ``get_or_compute_mean_vstar_norm``). Each process optimises its share."""
+        requests = anchor_requests(self.nas_options, self.seed)
+
+        def norms(share: Sequence[EditRequest]) -> torch.Tensor:
+            target = compute_target_values(
+                model,
+                tokenizer,
+                architecture_of(model),
+                share,
+                self.target_layer,
+                ["{}"],
+                self.target_options,
+                progress=self.progress,
+            )
+            m = mlp_outputs(model, tokenizer, share, self.target_layer, self.key_batch_size)
+            return (target.values - target.initial + m.to(target.values)).norm(dim=-1)
+
+        anchor = upper_trimmed_mean(
+            self.collective.map(norms, requests), self.nas_options.upper_quantile
+        )
+        log.info("NAS: anchor ν = %.6g from %d requests", anchor, len(requests))
+        return anchor
+
+    def anchor_value_norms(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        target: TargetResult,
+    ) -> TargetResult:
+        """NAS on this batch's v* (:func:`~sphere_lightning.editors.nas.anchor_values`), ν
+        measured first if it is not known yet; m is read from the model as it is."""
+        if self.nas_anchor is None:
+            self.nas_anchor = self.measure_nas_anchor(model, tokenizer)
+        m = self.collective.map(
+            lambda share: mlp_outputs(
+                model, tokenizer, share, self.target_layer, self.key_batch_size
+            ),
+            requests,
+        )
+        anchored = anchor_values(
+            target.values, target.initial, m, self.nas_anchor, self.nas_options.skip_factor
+        )
+        self.last_metrics.update(
+            {
+                "nas_value_norm": float(anchored.norms.mean()),
+                "nas_skipped": float(anchored.skipped.float().mean()),
+            }
+        )
+        return TargetResult(anchored.targets, target.initial, target.losses, target.steps)
+
     @abstractmethod
     def solve(
         self, index: int, layer: int, keys: torch.Tensor, residual: torch.Tensor
@@ -457,7 +544,16 @@ class LocateThenEditEditor(Editor):
         """
 
     def state_dict(self) -> dict[str, Any]:
-        return {"context_templates": self.context_templates}
+        state: dict[str, Any] = {"context_templates": self.context_templates}
+        if self.nas_anchor is not None:
+            state["nas_anchor"] = self.nas_anchor
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.context_templates = state.get("context_templates")
+        self.nas_anchor = state.get("nas_anchor")
+        if self.nas and self.nas_anchor is None:
+            log.warning(
+                "NAS: the restored editor state holds no anchor ν; it is measured at the next "
+                "batch, on the model as it then is (edited), not on the unedited model"
+            )

@@ -82,6 +82,12 @@ class ROME(LocateThenEditEditor):
                 f"not apply (got {kwargs['target_layer']})"
             )
         kwargs.pop("target_layer", None)
+        if kwargs.get("nas"):
+            raise ConfigError(
+                "`editor.init_args.nas` (Norm-Anchor Scaling) applies to MEMIT and AlphaEdit, "
+                "whose v* is optimised once per batch at one target layer; ROME does not "
+                "support it"
+            )
         if clamp_norm_factor <= 0:
             raise ConfigError(
                 f"`editor.init_args.clamp_norm_factor` must be > 0, got {clamp_norm_factor}"
