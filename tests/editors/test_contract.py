@@ -32,7 +32,9 @@ LOCATE = {"v_lr": 0.5, "num_context_templates": 1, "context_template_length": 4,
 
 
 def nas_request_file(directory: str | Path) -> str:
-    """The tiny vocabulary's requests as a CounterFact file, for ``nas_requests``."""
+    """The tiny vocabulary's requests as a CounterFact file, for ``nas_requests`` (in
+    ``directory``, made if it does not exist yet)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     return str(_write_rome_json(REQUESTS, Path(directory) / "nas_requests.json"))
 
 
