@@ -50,6 +50,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sphere_lightning.callbacks import HyperSphericalEnergyCallback, SphereProjectionCallback
+from sphere_lightning.data import write_counterfact_rome
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors import AlphaEdit
@@ -172,26 +173,6 @@ def synthetic_requests(count: int) -> list[EditRequest]:
             )
         )
     return requests
-
-
-def write_counterfact(requests: list[EditRequest], path: Path) -> Path:
-    """Write ``requests`` as a CounterFact file in ROME's layout; returns ``path``."""
-    records = [
-        {
-            "case_id": r.case_id,
-            "requested_rewrite": {
-                "prompt": r.prompt,
-                "subject": r.subject,
-                "target_new": {"str": r.target_new},
-                "target_true": {"str": r.target_true},
-            },
-            "paraphrase_prompts": list(r.paraphrase_prompts),
-            "neighborhood_prompts": list(r.neighborhood_prompts),
-        }
-        for r in requests
-    ]
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
 
 
 def corpus_texts(requests: list[EditRequest], count: int) -> list[str]:
@@ -457,7 +438,7 @@ def edit(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str
     stats_seconds = time.perf_counter() - start
 
     data = EditDataModule(
-        dataset=str(write_counterfact(requests, work / "counterfact.json")),
+        dataset=str(write_counterfact_rome(requests, work / "counterfact.json")),
         num_edits=num_edits,
         edits_per_step=args.edits_per_step,
         shuffle=False,

@@ -7,7 +7,6 @@ corpus below, and the models are built from config objects with random (seeded) 
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from sphere_lightning.data.readers import write_counterfact_rome
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models import prepare
 
@@ -286,22 +286,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
 
 def _write_rome_json(requests: list[EditRequest], path: Path) -> Path:
     """Write ``requests`` as a CounterFact file in ROME's layout; returns ``path``."""
-    records = [
-        {
-            "case_id": r.case_id,
-            "requested_rewrite": {
-                "prompt": r.prompt,
-                "subject": r.subject,
-                "target_new": {"str": r.target_new},
-                "target_true": {"str": r.target_true},
-            },
-            "paraphrase_prompts": list(r.paraphrase_prompts),
-            "neighborhood_prompts": list(r.neighborhood_prompts),
-        }
-        for r in requests
-    ]
-    path.write_text(json.dumps(records))
-    return path
+    return write_counterfact_rome(requests, path)
 
 
 @pytest.fixture(scope="session")

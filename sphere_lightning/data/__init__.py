@@ -25,6 +25,7 @@ from sphere_lightning.data.readers import (
     read_zsre_easyedit,
     read_zsre_mend,
     sniff_format,
+    write_counterfact_rome,
 )
 from sphere_lightning.data.requests import EditBatch, EditRequest
 
@@ -58,6 +59,7 @@ __all__ = [
     "read_counterfact_rome",
     "read_zsre_easyedit",
     "read_zsre_mend",
+    "write_counterfact_rome",
     "sniff_format",
 ]
 

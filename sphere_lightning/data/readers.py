@@ -139,6 +139,29 @@ def read_counterfact_rome(
     return _read(source, "counterfact_rome", split, skip_malformed)
 
 
+def write_counterfact_rome(requests: list[EditRequest], path: str | Path) -> Path:
+    """Write ``requests`` as a CounterFact file in ROME's layout (the layout
+    :func:`read_counterfact_rome` reads: edit prompt, subject, targets, paraphrase and
+    neighbourhood prompts); returns the path."""
+    records = [
+        {
+            "case_id": r.case_id,
+            "requested_rewrite": {
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": {"str": r.target_new},
+                "target_true": {"str": r.target_true},
+            },
+            "paraphrase_prompts": list(r.paraphrase_prompts),
+            "neighborhood_prompts": list(r.neighborhood_prompts),
+        }
+        for r in requests
+    ]
+    path = Path(path)
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
 def read_counterfact_easyedit(
     source: str | Path, split: str = "train", *, skip_malformed: bool = False
 ) -> list[EditRequest]:

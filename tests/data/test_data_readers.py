@@ -713,3 +713,21 @@ def test_error_pickles() -> None:
     clone = pickle.loads(pickle.dumps(err))
     assert str(clone) == str(err) == "f.json, record 3, field 'subject': missing"
     assert isinstance(clone, ValueError)
+
+
+def test_write_counterfact_rome_round_trips(tmp_path):
+    from sphere_lightning.data import read_counterfact_rome, write_counterfact_rome
+    from tests.conftest import REQUESTS
+
+    path = write_counterfact_rome(REQUESTS, tmp_path / "facts.json")
+    back = read_counterfact_rome(path)
+    fields = ("case_id", "prompt", "subject", "target_new", "target_true")
+    assert [tuple(getattr(r, f) for f in fields) for r in back] == [
+        tuple(getattr(r, f) for f in fields) for r in REQUESTS
+    ]
+    assert [tuple(r.paraphrase_prompts) for r in back] == [
+        tuple(r.paraphrase_prompts) for r in REQUESTS
+    ]
+    assert [tuple(r.neighborhood_prompts) for r in back] == [
+        tuple(r.neighborhood_prompts) for r in REQUESTS
+    ]
