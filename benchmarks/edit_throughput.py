@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from _config import editor_and_sphere
 
 from sphere_lightning.data import load_requests
 from sphere_lightning.editors import AlphaEdit
@@ -82,14 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    settings = dict(config["model"]["editor"]["init_args"])
-    sphere = next(
-        c["init_args"]
-        for c in config["trainer"]["callbacks"]
-        if c["class_path"].endswith("SphereProjectionCallback")
-    )
-    beta, alpha = sphere["cumulative_ratio"], sphere["suppression"]
+    config, settings, beta, alpha = editor_and_sphere(args.config)
     model, tokenizer = load_model(config["model"]["model"], config["model"]["dtype"])
     requests = load_requests(args.data)[: args.num_requests]
 
@@ -105,6 +98,7 @@ def main() -> None:
     def measure(label: str, subset: list, overrides: dict) -> None:
         editor = AlphaEdit(**{**settings, **overrides})
         editor.load_state_dict(copy.deepcopy(state))
+        editor.setup(model, tokenizer)  # projectors from the cached statistics
         rows[label] = run_batch(model, tokenizer, editor, subset, beta, alpha)
         scores = counterfact_scores(model, tokenizer, subset)["efficacy"]
         efficacy[label] = scores.mean().item()

@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
+from _config import editor_and_sphere
 
 from sphere_lightning.data import load_requests
 from sphere_lightning.editors import AlphaEdit
@@ -157,14 +157,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = yaml.safe_load(Path(args.config).read_text())
-    settings = dict(config["model"]["editor"]["init_args"])
-    sphere = next(
-        c["init_args"]
-        for c in config["trainer"]["callbacks"]
-        if c["class_path"].endswith("SphereProjectionCallback")
-    )
-    beta, alpha = sphere["cumulative_ratio"], sphere["suppression"]
+    config, settings, beta, alpha = editor_and_sphere(args.config)
     new = {
         "v_early_stop": args.new_early_stop or settings.get("v_early_stop", "loss"),
         "v_precision": args.new_precision or settings.get("v_precision", "float32"),
