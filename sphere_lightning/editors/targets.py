@@ -366,13 +366,15 @@ def _prefix_caches(
             layers = _run_prefix(base, ids, mask, positions, head, cache_arg, device)
             for row, seq in enumerate(batch):
                 cut = shared + width - (seq.lookup - shared)
-                result[id(seq)] = [
-                    (
-                        torch.cat([k[row, :, :shared], k[row, :, cut:]], dim=1),
-                        torch.cat([v[row, :, :shared], v[row, :, cut:]], dim=1),
-                    )
-                    for k, v in layers
-                ]
+
+                def own(t: torch.Tensor, row=row, cut=cut, shared=shared) -> torch.Tensor:
+                    """The row's keys/values: the shared columns, then its own (views if none
+                    are shared)."""
+                    if shared == 0:
+                        return t[row, :, cut:]
+                    return torch.cat([t[row, :, :shared], t[row, :, cut:]], dim=1)
+
+                result[id(seq)] = [(own(k), own(v)) for k, v in layers]
     return result
 
 

@@ -291,16 +291,9 @@ def test_a_template_prefix_runs_once_and_changes_nothing(
             lambda m, args, out, seen=seen: seen.append(args[0].numel())
         )
         try:
-            results[share] = compute_target_values(
-                model,
-                tokenizer,
-                architecture_of(model),
-                requests,
-                LAYER,
-                TEMPLATES,
-                TargetOptions(num_steps=4, share_template_prefix=share),
-                progress=False,
-            )
+            results[share] = _optimisation(
+                model, tokenizer, requests, num_steps=4, share_template_prefix=share
+            ).run(progress=False)
         finally:
             handle.remove()
         tokens[share] = sum(seen)
