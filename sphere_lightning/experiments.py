@@ -69,6 +69,8 @@ WITHOUT_SPHERE = Run("without_sphere", "without SPHERE")
 WITH_SPHERE = Run("with_sphere", "with SPHERE")
 #: Table columns and figure legends follow this order.
 RUNS = (WITHOUT_SPHERE, WITH_SPHERE)
+#: Values of ``--runs`` and of a suite's ``runs``.
+RUN_CHOICES = ("both", *(run.name for run in RUNS))
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,12 @@ METRICS = (*LOGGED_METRICS, HE_CHANGE, WALL_TIME)
 
 MISSING = "—"
 _ENERGY_CHANGE = "energy_change/"
+_DIAGNOSTICS = "diag/"
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 # ------------------------------------------------------------------------------- configs
@@ -528,6 +536,47 @@ class RunLog:
             num_edited = (self.edits(max(steps)) if steps else None) or 0
         return usable_horizon(evaluations, int(num_edited), efficacy_threshold, drift_kl_threshold)
 
+    def layer_values(self, quantity: str, step: int) -> dict[str, float]:
+        """``{layer: diag/<quantity>/<layer> at step}`` over the layers that logged it."""
+        prefix = f"{_DIAGNOSTICS}{quantity}/"
+        return {
+            tag.removeprefix(prefix): values[step]
+            for tag, values in sorted(self.scalars.items())
+            if tag.startswith(prefix) and step in values
+        }
+
+    @property
+    def diagnostic_steps(self) -> list[int]:
+        """Steps at which the collapse diagnostics measured an update (every batch, usually)."""
+        return sorted(
+            {
+                step
+                for tag, values in self.scalars.items()
+                if tag.startswith(f"{_DIAGNOSTICS}delta_ratio/")
+                for step in values
+            }
+        )
+
+    def diagnostics(self, step: int) -> dict[str, float | None]:
+        """The collapse diagnostics of :data:`DIAGNOSTIC_TRAJECTORIES` at ``step``, each a mean
+        over the edited layers: ‖W‖/‖W₀‖ and ‖W − W₀‖/‖W₀‖ (W₀: the weight_norm logged at step
+        0), the principal share of the batch's ΔW over r/d (1: as a random direction), the key
+        leak and the mean ‖v*‖ (``None`` where not logged)."""
+        weights = self.layer_values("weight_norm", step)
+        initial = self.layer_values("weight_norm", 0)
+        updates = self.layer_values("update_norm", step)
+        shares = self.layer_values("principal_share", step)
+        randoms = self.layer_values("principal_share_random", step)
+        leaks = self.layer_values("key_leak", step)
+        share, random = _mean(shares.values()), _mean(randoms.values())
+        return {
+            "weight_growth": _mean(w / initial[k] for k, w in weights.items() if initial.get(k)),
+            "update_ratio": _mean(u / initial[k] for k, u in updates.items() if initial.get(k)),
+            "principal_excess": None if share is None or not random else share / random,
+            "key_leak": _mean(leaks.values()),
+            "v_norm": self.value(f"{_DIAGNOSTICS}v_norm_mean", step),
+        }
+
     def row(self, step: int) -> dict[str, Any]:
         """Every metric of the table at ``step`` (``None`` where not logged)."""
         values: dict[str, Any] = {m.key: self.value(m.key, step) for m in LOGGED_METRICS}
@@ -750,11 +799,28 @@ class Pair:
     config: Path
     directory: Path
     compose: tuple[Path, ...] = ()
+    #: ``(dotted key, value)`` set in the merged config after its files (:func:`set_value`).
+    settings: tuple[tuple[str, Any], ...] = ()
+    #: The runs this pair makes (``None``: the command's ``--runs``, else both).
+    runs: tuple[Run, ...] | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
         """Every config file of the pair, in the order they are merged."""
         return (*self.compose, self.config)
+
+    def describe(self) -> str:
+        """Its config files joined with ``+``, then its settings (``key=value``)."""
+        parts = [str(path) for path in self.files]
+        parts += [f"{key}={json.dumps(value)}" for key, value in self.settings]
+        return " + ".join(parts)
+
+    def load(self) -> dict[str, Any]:
+        """The run config: its files merged in order (:func:`load_config`), then its settings."""
+        config = load_config(self.files)
+        for key, value in self.settings:
+            set_value(config, key, value)
+        return config
 
 
 @dataclass(frozen=True)
@@ -781,9 +847,32 @@ SUITE_COLUMNS = (
     SuiteColumn("drift_kl", "drift KL", ".4f"),
     SuiteColumn("usable_horizon", "usable horizon", "s"),
     SuiteColumn("he_change", "HE change", ".4g"),
+    # The collapse diagnostics (CollapseDiagnosticsCallback), each a mean over the edited layers.
+    SuiteColumn("weight_growth", "‖W‖/‖W₀‖", ".2f"),
+    SuiteColumn("update_ratio", "‖W−W₀‖/‖W₀‖", ".2f"),
+    SuiteColumn("principal_share", "principal share", ".3f"),
+    SuiteColumn("principal_share_random", "r/d", ".3f"),
+    SuiteColumn("key_leak", "key leak", ".3f"),
+    SuiteColumn("v_norm", "‖v*‖", ".2f"),
     SuiteColumn("edit_seconds", "edit seconds", ".0f"),
     SuiteColumn("wall_seconds", "wall seconds", ".0f"),
 )
+
+#: The combined figure's panels: (key, title). Keys of :data:`LOGGED_METRICS` are read at each
+#: evaluation, ``energy_change/mean`` and the diagnostics (:meth:`RunLog.diagnostics`) at every
+#: batch that logged them.
+SUITE_PANELS = (
+    *((m.key, m.label) for m in LOGGED_METRICS),
+    (HE_CHANGE.key, HE_CHANGE.label),
+    ("weight_growth", "‖W‖ / ‖W₀‖"),
+    ("update_ratio", "‖W − W₀‖ / ‖W₀‖"),
+    ("principal_excess", "principal share of ΔW ÷ r/d"),
+    ("key_leak", "key leak ‖ΔW K₀‖ / ‖W K₀‖"),
+    ("v_norm", "mean ‖v*‖"),
+)
+#: Panels whose trajectory has a point per batch (the others: per evaluation).
+_PER_BATCH = {HE_CHANGE.key, "weight_growth", "update_ratio", "principal_excess", "key_leak",
+              "v_norm"}  # fmt: skip
 
 #: The phases of ``summary.json``'s ``phase_seconds`` that write edits into the model.
 EDIT_PHASES = ("compute_deltas", "transform_and_apply", "after_apply")
@@ -824,11 +913,71 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
         and (final_value := _number(layer.get("final"))) is not None
     ]
     values["he_change"] = sum(changes) / len(changes) if changes else None
+    values.update(diagnostic_values(summary))
     phases = summary.get("phase_seconds") or {}
     edit_seconds = [_number(phases.get(phase)) for phase in EDIT_PHASES]
     values["edit_seconds"] = None if None in edit_seconds else sum(edit_seconds)
     values["wall_seconds"] = _number(summary.get("wall_seconds"))
     return values
+
+
+def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The diagnostics columns of one run, from ``summary.json``'s ``diagnostics.history``
+    (lists per ``diag/<quantity>/<layer>`` tag, step 0 first), each a mean over the edited layers:
+
+    - ``weight_growth``: last ‖W‖ over the first (the unedited weight's);
+    - ``update_ratio``: last ‖W − W₀‖ over the unedited ‖W₀‖;
+    - ``principal_share`` and ``principal_share_random`` (r/d): mean over every measured batch
+      too, the share of the editor's ΔW in the principal space against a random direction's;
+    - ``key_leak``: its last value;
+    - ``v_norm``: the last batch's mean ‖v*‖.
+
+    ``None`` for what the run did not measure (no CollapseDiagnosticsCallback: all).
+    """
+    history = ((summary.get("diagnostics") or {}).get("history")) or {}
+
+    def series(tag: str) -> list[float]:
+        return [float(v) for v in history.get(tag) or [] if _number(v) is not None]
+
+    def per_layer(quantity: str) -> dict[str, list[float]]:
+        prefix = f"{_DIAGNOSTICS}{quantity}/"
+        return {tag.removeprefix(prefix): series(tag) for tag in history if tag.startswith(prefix)}
+
+    weights, updates = per_layer("weight_norm"), per_layer("update_norm")
+    first = {layer: values[0] for layer, values in weights.items() if values and values[0]}
+    shares = [v for values in per_layer("principal_share").values() for v in values]
+    randoms = [v for values in per_layer("principal_share_random").values() for v in values]
+    v_norms = series(f"{_DIAGNOSTICS}v_norm_mean")
+    return {
+        "weight_growth": _mean(v[-1] / first[k] for k, v in weights.items() if k in first),
+        "update_ratio": _mean(v[-1] / first[k] for k, v in updates.items() if v and k in first),
+        "principal_share": _mean(shares),
+        "principal_share_random": _mean(randoms),
+        "key_leak": _mean(v[-1] for v in per_layer("key_leak").values() if v),
+        "v_norm": v_norms[-1] if v_norms else None,
+    }
+
+
+def run_trajectories(log: RunLog) -> dict[str, list[list[float]]]:
+    """``{panel key: [[edits, value], ...]}`` of one run for the combined figure and the
+    per-evaluation tables (:data:`SUITE_PANELS`)."""
+    trajectories: dict[str, list[list[float]]] = {key: [] for key, _ in SUITE_PANELS}
+    for step in sorted(log.evaluation_steps):
+        edits = log.edits(step)
+        for metric in LOGGED_METRICS:
+            value = log.value(metric.key, step)
+            if edits is not None and value is not None:
+                trajectories[metric.key].append([edits, value])
+    for step in sorted(log.energy_steps):
+        edits, value = log.edits(step), log.he_change(step)
+        if edits is not None and value is not None:
+            trajectories[HE_CHANGE.key].append([edits, value])
+    for step in log.diagnostic_steps:
+        edits = log.edits(step)
+        for key, value in log.diagnostics(step).items():
+            if edits is not None and value is not None:
+                trajectories[key].append([edits, value])
+    return trajectories
 
 
 def build_suite_table(
@@ -842,26 +991,24 @@ def build_suite_table(
     without an evaluation after the first edit)."""
     rows = []
     for pair in pairs:
-        for run in RUNS:
+        for run in pair.runs or present_runs(pair.directory):
             directory = pair.directory / run.name
             summary_path = directory / "summary.json"
             summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
             values = summary_values(summary or {})
-            horizon = (
-                RunLog.read(directory).horizon(efficacy_threshold, drift_kl_threshold)
-                if directory.is_dir()
-                else None
-            )
+            log = RunLog.read(directory) if directory.is_dir() else None
+            horizon = log.horizon(efficacy_threshold, drift_kl_threshold) if log else None
             values["usable_horizon"] = horizon.label if horizon and horizon.evaluated else None
             rows.append(
                 {
                     "editor": pair.name,
-                    "config": " + ".join(str(path) for path in pair.files),
+                    "config": pair.describe(),
                     "run": run.name,
                     "label": run.label,
                     "log_dir": str(directory),
                     "finished": summary is not None,
                     "values": values,
+                    "trajectories": run_trajectories(log) if log else {},
                 }
             )
     return {
@@ -887,7 +1034,8 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     unfinished = [row for row in table["rows"] if not row["finished"]]
     lines += [
         "",
-        "Every value is the run's `summary.json`, after its last edit:",
+        "Every value is the run's `summary.json`, after its last edit (the figure and the "
+        "tables below: every evaluation, from the runs' TensorBoard events):",
         "",
         "- edits: facts written; efficacy, generalization, specificity, fluency: `edit.final`, "
         "over all facts edited;",
@@ -898,6 +1046,11 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         f'{table["horizon_thresholds"]["drift_kl"]:g}, "beyond N" if none did in the N '
         "edits made; from the run's TensorBoard events (every evaluation it logged);",
         "- HE change: mean over the edited layers of HE minus HE before editing;",
+        "- collapse diagnostics (`diagnostics.history`, each a mean over the edited layers): "
+        "‖W‖/‖W₀‖ and ‖W−W₀‖/‖W₀‖ after the last edit against the unedited weight; principal "
+        "share: the share of the editor's ΔW (before SPHERE) in SPHERE's principal space, mean "
+        "over every batch, next to r/d, a random direction's share; key leak: ‖ΔW K₀‖/‖W K₀‖ of "
+        "the last batch on the preserved keys; ‖v*‖: the last batch's mean target-value norm;",
         "- edit seconds: time spent computing, transforming and applying the edits "
         f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
         "resumes;",
@@ -908,7 +1061,86 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     if unfinished:
         lines += ["", "No `summary.json` (still running, failed or stopped):", ""]
         lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
+    for key, title, fmt in EVALUATION_TABLES:
+        lines += ["", *format_trajectory_table(table, key, title, fmt)]
     return "\n".join(lines) + "\n"
+
+
+#: The metrics the suite's ``table.md`` lists at every evaluation: (key, title, format).
+EVALUATION_TABLES = (
+    ("edit/efficacy", "Efficacy", ".3f"),
+    ("edit/generalization", "Generalization", ".3f"),
+    ("edit/specificity", "Specificity", ".3f"),
+    ("drift/kl", "Drift KL", ".3f"),
+)
+
+
+def format_trajectory_table(table: dict[str, Any], key: str, title: str, fmt: str) -> list[str]:
+    """Lines of a markdown table of one metric: a row per run, a column per number of edits at
+    which any run logged it."""
+    edits = sorted({int(x) for row in table["rows"] for x, _ in row["trajectories"].get(key, [])})
+    lines = [f"## {title} at every evaluation", ""]
+    if not edits:
+        return [*lines, "(not logged yet)"]
+    lines += [
+        "| editor | SPHERE | " + " | ".join(str(e) for e in edits) + " |",
+        "|---|---|" + "---:|" * len(edits),
+    ]
+    for row in table["rows"]:
+        values = {int(x): y for x, y in row["trajectories"].get(key, [])}
+        cells = [row["editor"], row["label"].split()[0]]
+        cells += [_cell(values.get(e), fmt) for e in edits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_suite(table: dict[str, Any], path: Path) -> None:
+    """The suite's ``figure.png``: a panel per quantity of :data:`SUITE_PANELS` against the
+    number of edits; a colour per editor, solid with SPHERE and dashed without."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = math.ceil(len(SUITE_PANELS) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
+    editors = list(dict.fromkeys(row["editor"] for row in table["rows"]))
+    for ax, (key, title) in zip(axes.flat, SUITE_PANELS, strict=False):
+        plotted = False
+        for row in table["rows"]:
+            points = row["trajectories"].get(key) or []
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                color=f"C{editors.index(row['editor']) % 10}",
+                linestyle="-" if row["run"] == WITH_SPHERE.name else "--",
+                marker=None if key in _PER_BATCH else "o",
+                markersize=3,
+                linewidth=1.2,
+                label=f"{row['editor']} {row['label']}",
+            )
+            plotted = True
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+        if not plotted:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(SUITE_PANELS) :]:
+        ax.axis("off")
+    handles, labels = next(
+        (ax.get_legend_handles_labels() for ax in axes.flat if ax.get_legend_handles_labels()[0]),
+        ([], []),
+    )
+    if handles:
+        fig.legend(handles, labels, loc="lower right", fontsize="small", ncol=2)
+    fig.suptitle("Every base editor without (dashed) and with (solid) SPHERE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_suite_report(
@@ -916,13 +1148,15 @@ def write_suite_report(
     pairs: Sequence[Pair],
     efficacy_threshold: float = EFFICACY_THRESHOLD,
     drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
-) -> tuple[Path, Path]:
-    """Write the combined ``table.md`` and ``table.json`` into ``out``; returns their paths."""
+) -> tuple[Path, Path, Path]:
+    """Write the combined ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns
+    their paths."""
     table = build_suite_table(pairs, efficacy_threshold, drift_kl_threshold)
-    markdown, data = out / "table.md", out / "table.json"
+    markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
     markdown.write_text(format_suite_markdown(table))
     data.write_text(json.dumps(table, indent=2))
-    return markdown, data
+    plot_suite(table, figure)
+    return markdown, data, figure
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -969,7 +1203,7 @@ def plan_pair(
         if run is WITHOUT_SPHERE:
             derived, note = without_sphere(derived), "every SphereProjectionCallback removed"
         path = pair.directory / f"{run.name}.yaml"
-        write_run_config(derived, path, " + ".join(map(str, pair.files)), note)
+        write_run_config(derived, path, pair.describe(), note)
         checkpoint = last_checkpoint(run_dir)
         if checkpoint is None and run_dir.exists():
             report(f"'{name}' stopped before its first checkpoint: {run_dir} moved to "
@@ -1047,10 +1281,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--runs",
-        choices=["both", *(run.name for run in RUNS)],
-        default="both",
-        help="which run of each pair to run (default: both); e.g. with_sphere for a long "
-        "horizon run of the config as given only",
+        choices=RUN_CHOICES,
+        help="which run of each pair to run (default: the suite entry's or suite's `runs`, "
+        "else both); e.g. with_sphere for a long horizon run of the config as given only",
     )
     parser.add_argument(
         "--horizon-efficacy",
@@ -1102,68 +1335,192 @@ def load_config(files: Sequence[Path]) -> dict[str, Any]:
     return config
 
 
-def read_suite(path: Path) -> tuple[list[tuple[str, list[Path]]], int | None]:
-    """The pairs a suite file lists (``configs: [...]``), each as ``(name, config files)``
-    relative to the file's folder, and its ``num_edits`` (facts every run edits; ``None``: each
-    config's own). An entry is a config file (named after it) or a mapping ``{name: ...,
-    configs: [a.yaml, b.yaml, ...]}`` whose files are merged in order, as ``fit --config a.yaml
-    --config b.yaml`` merges them."""
+def set_value(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` of ``config`` to ``value`` in place, as a suite entry's ``set`` does.
+
+    ``key`` is dotted, as a ``fit`` flag: ``model.editor.init_args.l2`` or ``data.seed``. In a
+    list, a segment is an index (``trainer.callbacks.2``) or the class name of the one entry
+    whose ``class_path`` ends with it (``trainer.callbacks.SphereProjectionCallback.init_args.
+    suppression``). Every segment but the last must exist; the last may be new. Raises
+    ``ValueError`` naming the key and the segment that does not resolve.
+    """
+    parts = key.split(".")
+    if not key or not all(parts):
+        raise ValueError(f"`set` key {key!r} should be dotted names, e.g. data.seed")
+    node: Any = config
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the config"
+        if isinstance(node, dict):
+            if last:
+                node[part] = copy.deepcopy(value)
+                return
+            if part not in node:
+                raise ValueError(f"`set` key {key!r}: {where} has no {part!r}")
+            node = node[part]
+        elif isinstance(node, list):
+            if part.isdigit():
+                index = int(part)
+                if index >= len(node):
+                    raise ValueError(
+                        f"`set` key {key!r}: {where} has {len(node)} entries, no index {index}"
+                    )
+            else:
+                matches = [
+                    i
+                    for i, item in enumerate(node)
+                    if isinstance(item, dict)
+                    and str(item.get("class_path", "")).rsplit(".", 1)[-1] == part
+                ]
+                if len(matches) != 1:
+                    found = "no entry" if not matches else f"{len(matches)} entries"
+                    raise ValueError(
+                        f"`set` key {key!r}: {where} has {found} of class {part!r} (use an index)"
+                    )
+                index = matches[0]
+            if last:
+                node[index] = copy.deepcopy(value)
+                return
+            node = node[index]
+        else:
+            raise ValueError(f"`set` key {key!r}: {where} is a value, not a mapping or list")
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """A suite file's entry: its name, config files (merged in order), settings (``set``) and
+    runs (``None``: the suite's)."""
+
+    name: str
+    files: tuple[Path, ...]
+    settings: tuple[tuple[str, Any], ...] = ()
+    runs: str | None = None
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A suite file: its entries, ``num_edits`` (``None``: each config's own) and ``runs``
+    (``None``: both, unless the command's ``--runs`` says otherwise)."""
+
+    entries: tuple[SuiteEntry, ...]
+    num_edits: int | None = None
+    runs: str | None = None
+
+
+def _runs_choice(path: Path, where: str, value: Any) -> str | None:
+    if value is not None and value not in RUN_CHOICES:
+        raise ValueError(
+            f"--suite {path}: {where}`runs` should be one of {', '.join(RUN_CHOICES)}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def read_suite(path: Path) -> Suite:
+    """The pairs a suite file lists (``configs: [...]``, files relative to the file's folder),
+    its ``num_edits`` and ``runs``.
+
+    An entry is a config file (named after it) or a mapping with ``name``, ``configs`` (a list
+    of files merged in order, as ``fit --config a.yaml --config b.yaml`` merges them) and
+    optionally ``set`` (``{dotted key: value}`` set after the merge, :func:`set_value`) and
+    ``runs`` (``both``, ``with_sphere`` or ``without_sphere``: which of the pair's runs to make;
+    default the suite's ``runs``).
+    """
     content = yaml.safe_load(path.read_text()) or {}
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
         raise ValueError(f"--suite {path}: expected `configs:` with a list of config files")
     num_edits = content.get("num_edits")
-    if num_edits is not None and (not isinstance(num_edits, int) or num_edits < 1):
+    if num_edits is not None and (
+        isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
+    ):
         raise ValueError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
+    runs = _runs_choice(path, "", content.get("runs"))
     entries = []
     for index, entry in enumerate(configs):
-        if isinstance(entry, dict):
-            name, files = entry.get("name"), entry.get("configs")
-            if not isinstance(name, str) or not name or not isinstance(files, list) or not files:
-                raise ValueError(
-                    f"--suite {path}: configs[{index}] should be a file name or a mapping with "
-                    f"`name` (a string) and `configs` (a list of files), got {entry!r}"
-                )
-            entries.append((name, [path.parent / str(f) for f in files]))
-        else:
-            entries.append((Path(str(entry)).stem, [path.parent / str(entry)]))
-    return entries, num_edits
+        if not isinstance(entry, dict):
+            entries.append(SuiteEntry(Path(str(entry)).stem, (path.parent / str(entry),)))
+            continue
+        name, files, settings = entry.get("name"), entry.get("configs"), entry.get("set", {})
+        if not isinstance(name, str) or not name or not isinstance(files, list) or not files:
+            raise ValueError(
+                f"--suite {path}: configs[{index}] should be a file name or a mapping with "
+                f"`name` (a string) and `configs` (a list of files), got {entry!r}"
+            )
+        unknown = sorted(set(entry) - {"name", "configs", "set", "runs"})
+        if unknown:
+            raise ValueError(
+                f"--suite {path}: configs[{index}] ({name}) has unknown keys {unknown} "
+                "(allowed: name, configs, set, runs)"
+            )
+        if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
+            raise ValueError(
+                f"--suite {path}: configs[{index}] ({name}): `set` should map dotted keys to "
+                f"values, got {settings!r}"
+            )
+        entries.append(
+            SuiteEntry(
+                name,
+                tuple(path.parent / str(f) for f in files),
+                tuple(settings.items()),
+                _runs_choice(path, f"configs[{index}] ({name}): ", entry.get("runs")),
+            )
+        )
+    return Suite(tuple(entries), num_edits, runs)
+
+
+def _selected_runs(choice: str | None) -> tuple[Run, ...] | None:
+    return None if choice is None else tuple(r for r in RUNS if choice in ("both", r.name))
 
 
 def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pair]:
     """The pairs to run or report, and ``args.out`` filled in."""
-    configs = [(path.stem, [path]) for path in args.config or []]
+    entries = [SuiteEntry(path.stem, (path,)) for path in args.config or []]
+    suite_runs = None
     if args.suite is not None:
         if not args.suite.is_file():
             parser.error(f"--suite {args.suite}: no such file")
         try:
-            listed, num_edits = read_suite(args.suite)
+            suite = read_suite(args.suite)
         except ValueError as error:
             parser.error(str(error))
-        configs += listed
+        entries += suite.entries
+        suite_runs = suite.runs
         if args.num_edits is None:  # the command line wins over the suite file
-            args.num_edits = num_edits
-    single = len(configs) <= 1 and args.suite is None
+            args.num_edits = suite.num_edits
+    single = len(entries) <= 1 and args.suite is None
     if args.out is None:
-        if not configs:
+        if not entries:
             parser.error("--config, --suite or --out is required")
-        name = configs[0][0] if single else args.suite.stem if args.suite else "suite"
+        name = entries[0].name if single else args.suite.stem if args.suite else "suite"
         args.out = Path("logs") / "experiments" / name
-    if not configs:  # --report-only on an existing --out
+    if not entries:  # --report-only on an existing --out
         if any((args.out / run.name).is_dir() for run in RUNS):
             return [Pair(args.out.name, args.out, args.out)]
         found = sorted(
             d for d in args.out.glob("*") if any((d / run.name).is_dir() for run in RUNS)
         )
         return [Pair(d.name, d, d) for d in found]
-    names = [name for name, _ in configs]
+    names = [entry.name for entry in entries]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         parser.error(f"--config/--suite name {', '.join(repeated)} twice: one config per name")
-    if single:
-        name, files = configs[0]
-        return [Pair(name, files[-1], args.out, tuple(files[:-1]))]
-    return [Pair(name, files[-1], args.out / name, tuple(files[:-1])) for name, files in configs]
+    pairs = []
+    for entry in entries:
+        # --runs on the command line wins over the entry's, which wins over the suite's.
+        runs = _selected_runs(args.runs or entry.runs or suite_runs)
+        directory = args.out if single else args.out / entry.name
+        pairs.append(
+            Pair(
+                entry.name,
+                entry.files[-1],
+                directory,
+                entry.files[:-1],
+                entry.settings,
+                runs,
+            )
+        )
+    return pairs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1206,19 +1563,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in pair.files:
             if not path.is_file():
                 parser.error(f"--config {path}: no such file")
-        configs[pair.name] = load_config(pair.files)
+        try:
+            configs[pair.name] = pair.load()
+        except ValueError as error:
+            parser.error(f"{pair.name}: {error}")
         if count_sphere_callbacks(configs[pair.name]) == 0:
             parser.error(
-                f"--config {' + '.join(map(str, pair.files))} has no {SPHERE_CALLBACK} in "
+                f"--config {pair.describe()} has no {SPHERE_CALLBACK} in "
                 "trainer.callbacks: nothing to compare"
             )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    selected = tuple(run for run in RUNS if args.runs in ("both", run.name))
     processes = []
     for pair in pairs:
         processes += plan_pair(
-            pair, configs[pair.name], args.dataset, args.num_edits, runs=selected
+            pair, configs[pair.name], args.dataset, args.num_edits, runs=pair.runs or RUNS
         )
     models = {str((c.get("model") or {}).get("model")): c for c in configs.values()}
     try:
@@ -1256,9 +1615,9 @@ def _report(
             print(markdown.read_text())
         print(f"Wrote {markdown}, {data} and {figure}")
     if suite:
-        markdown, data = write_suite_report(out, pairs, *thresholds)
+        markdown, data, figure = write_suite_report(out, pairs, *thresholds)
         print(markdown.read_text())
-        print(f"Wrote {markdown} and {data}")
+        print(f"Wrote {markdown}, {data} and {figure}")
     return 0
 
 

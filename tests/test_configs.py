@@ -46,7 +46,7 @@ def suite_files() -> list[Path]:
         path
         for path in sorted(CONFIGS.rglob("*.yaml"))
         if "configs" in (keys := set(yaml.safe_load(path.read_text()) or {}))
-        and keys <= {"configs", "num_edits"}
+        and keys <= {"configs", "num_edits", "runs"}
     ]
 
 
@@ -128,16 +128,24 @@ def test_suite_lists_experiment_configs_that_parse(suite, tmp_path):
     checked = {c for composition in compositions_to_check() for c in composition}
     for entry in listed:
         names = entry["configs"] if isinstance(entry, dict) else [entry]
+        settings = entry.get("set", {}) if isinstance(entry, dict) else {}
         files = [(suite.parent / name).resolve() for name in names]
         for name, config in zip(names, files, strict=True):
             assert config.is_file(), f"{suite} lists a missing file: {name}"
         relative = tuple(config.relative_to(ROOT).as_posix() for config in files)
-        if len(files) == 1:
+        if len(files) == 1 and not settings:
             assert relative[0] in checked
             continue
+        pair = experiments.Pair(entry["name"], files[-1], tmp_path, tuple(files[:-1]),
+                                tuple(settings.items()))  # fmt: skip
         merged = tmp_path / f"{entry['name']}.yaml"
-        merged.write_text(yaml.safe_dump(experiments.load_config(files), sort_keys=False))
-        assert resolve(str(merged)) == resolve(*relative)
+        merged.write_text(yaml.safe_dump(pair.load(), sort_keys=False))
+        # The runner's merge and settings, against jsonargparse's resolution of the files with
+        # each setting written into the resolved config.
+        expected = resolve(*relative)
+        for key, value in settings.items():
+            experiments.set_value(expected, key, value)
+        assert resolve(str(merged)) == expected
 
 
 def test_header_parser_reads_commands(tmp_path):

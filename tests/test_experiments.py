@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 import time
 import types
@@ -39,10 +40,12 @@ RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
 def test_there_are_experiment_configs():
     names = ["alphaedit.yaml", "ft.yaml", "memit.yaml", "prune.yaml", "rect.yaml"]
     assert [p.name for p in EXPERIMENT_CONFIGS] == names
-    entries, num_edits = experiments.read_suite(SUITE)
-    assert sorted(f"{name}.yaml" for name, _ in entries) == names
-    assert all(files == [SUITE.parent / f"{name}.yaml"] for name, files in entries)
-    assert num_edits == 1000  # every row of the combined table edits the same facts
+    suite = experiments.read_suite(SUITE)
+    assert sorted(f"{entry.name}.yaml" for entry in suite.entries) == names
+    assert all(e.files == (SUITE.parent / f"{e.name}.yaml",) for e in suite.entries)
+    assert all(e.settings == () and e.runs is None for e in suite.entries)
+    assert suite.num_edits == 1000  # every row of the combined table edits the same facts
+    assert suite.runs is None
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "many"])
@@ -236,8 +239,17 @@ def _write_run(out: Path, run: str, log, times, monkeypatch) -> Path:
     return Path(logger.log_dir)
 
 
-def _markdown_rows(text: str) -> list[list[str]]:
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+def _markdown_rows(text: str, table: int = 0) -> list[list[str]]:
+    """The body rows of the ``table``-th markdown table of ``text``."""
+    tables: list[list[str]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("| "):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+        previous = line
+    rows = tables[table] if table < len(tables) else []
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
 
 
@@ -413,12 +425,33 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
             "evaluation": 100.0,
         },  # fmt: skip
         "wall_seconds": 1234.4,
+        "diagnostics": {
+            "history": {
+                "step": [0, 1, 2],
+                "edits": [0, 100, 200],
+                "diag/weight_norm/a": [10.0, 11.0, 12.0],
+                "diag/weight_norm/b": [4.0, 5.0, 6.0],
+                "diag/update_norm/a": [0.0, 2.0, 3.0],
+                "diag/update_norm/b": [0.0, 1.0, 2.0],
+                "diag/principal_share/a": [None, 0.25, 0.5],
+                "diag/principal_share/b": [None, 0.125, 0.125],
+                "diag/principal_share_random/a": [None, 0.1, 0.1],
+                "diag/principal_share_random/b": [None, 0.2, 0.2],
+                "diag/key_leak/a": [None, 0.5, 0.25],
+                "diag/key_leak/b": [None, 0.5, None],  # not measured at the last step
+                "diag/v_norm_mean": [None, 3.0, 4.5],
+            }
+        },
     }
-    pairs = [experiments.Pair(name, Path(f"{name}.yaml"), tmp_path / name) for name in "xy"]
+    pairs = [
+        experiments.Pair(name, Path(f"{name}.yaml"), tmp_path / name, runs=RUNS_ORDER)
+        for name in "xy"
+    ]
     (tmp_path / "x" / "with_sphere").mkdir(parents=True)
     (tmp_path / "x" / "with_sphere" / "summary.json").write_text(json.dumps(summary))
 
-    markdown, data = experiments.write_suite_report(tmp_path, pairs)
+    markdown, data, figure = experiments.write_suite_report(tmp_path, pairs)
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
     table = json.loads(data.read_text())
     assert [(r["editor"], r["run"], r["finished"]) for r in table["rows"]] == [
@@ -437,14 +470,21 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "drift_kl": 0.0625,
         "usable_horizon": None,  # no TensorBoard events: no evaluation to read it from
         "he_change": 3.0,  # mean of 2 and 4
+        "weight_growth": (12 / 10 + 6 / 4) / 2,  # last over the unedited norm, mean of layers
+        "update_ratio": (3 / 10 + 2 / 4) / 2,  # last accumulated update over the unedited norm
+        "principal_share": (0.25 + 0.5 + 0.125 + 0.125) / 4,  # every batch and layer
+        "principal_share_random": (0.1 + 0.1 + 0.2 + 0.2) / 4,
+        "key_leak": (0.25 + 0.5) / 2,  # each layer's last measured value
+        "v_norm": 4.5,
         "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
         "wall_seconds": 1234.4,
     }
     assert set(table["rows"][0]["values"].values()) == {None}
     rows = _markdown_rows(markdown.read_text())
     assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
-                       "+0.250", "+0.000", "0.0625", "—", "3", "610", "1234"]  # fmt: skip
-    assert rows[0] == ["x", "without"] + ["—"] * 13
+                       "+0.250", "+0.000", "0.0625", "—", "3", "1.35", "0.40", "0.250", "0.150",
+                       "0.375", "4.50", "610", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 19
     assert "y with SPHERE: `" in markdown.read_text()
 
 
@@ -709,11 +749,11 @@ def test_merge_configs_merges_as_a_second_config_file():
 
 def test_the_horizon_suite_composes_its_entries(tmp_path):
     suite = ROOT / "configs" / "horizon" / "suite.yaml"
-    entries, num_edits = experiments.read_suite(suite)
-    assert num_edits == 10000
-    names = [name for name, _ in entries]
+    read = experiments.read_suite(suite)
+    assert read.num_edits == 10000
+    names = [entry.name for entry in read.entries]
     assert names == ["alphaedit", "alphaedit_nas", "ultraedit", "memit"]
-    files = dict(entries)
+    files = {entry.name: entry.files for entry in read.entries}
     nas = experiments.load_config(files["alphaedit_nas"])
     editor = nas["model"]["editor"]
     assert editor["class_path"].endswith("AlphaEdit")
@@ -738,3 +778,193 @@ def test_a_malformed_suite_entry_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--suite", str(suite), "--dataset", "x.json"])
     assert "configs[0] should be a file name or a mapping" in capsys.readouterr().err
+
+
+def test_set_value_follows_dotted_keys_through_mappings_and_callback_lists():
+    config = {
+        "data": {"seed": 0},
+        "trainer": {
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar"},
+                {"class_path": SPHERE_CALLBACK, "init_args": {"suppression": 0.5}},
+            ]
+        },
+    }
+    experiments.set_value(config, "data.seed", 2)
+    experiments.set_value(
+        config, "trainer.callbacks.SphereProjectionCallback.init_args.suppression", 0.8
+    )
+    experiments.set_value(config, "trainer.callbacks.1.init_args.cumulative_ratio", 0.3)
+    experiments.set_value(config, "model", {"dtype": "float32"})  # a new last key
+    assert config["data"] == {"seed": 2}
+    assert config["trainer"]["callbacks"][1]["init_args"] == {
+        "suppression": 0.8,
+        "cumulative_ratio": 0.3,
+    }
+    assert config["model"] == {"dtype": "float32"}
+    errors = {
+        "data.order.seed": "data has no 'order'",
+        "trainer.callbacks.HEAlarmCallback.init_args.x": "no entry of class 'HEAlarmCallback'",
+        "trainer.callbacks.5.init_args": "has 2 entries, no index 5",
+        "data.seed.value": "data.seed is a value",
+        "data..seed": "should be dotted names",
+    }
+    for key, message in errors.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            experiments.set_value(config, key, 1)
+    config["trainer"]["callbacks"].append({"class_path": SPHERE_CALLBACK})
+    with pytest.raises(ValueError, match="2 entries of class 'SphereProjectionCallback'"):
+        experiments.set_value(config, "trainer.callbacks.SphereProjectionCallback.x", 1)
+
+
+def test_a_suite_entry_sets_values_and_chooses_its_runs(tmp_path, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"seed": 0},
+                "trainer": {
+                    "callbacks": [
+                        {"class_path": SPHERE_CALLBACK, "init_args": {"suppression": 0.5}}
+                    ]
+                },
+            }
+        )
+    )
+    suite = tmp_path / "suite.yaml"
+    alpha = "trainer.callbacks.SphereProjectionCallback.init_args.suppression"
+    suite.write_text(
+        yaml.safe_dump(
+            {
+                "runs": "with_sphere",
+                "configs": [
+                    {"name": "a08", "configs": ["base.yaml"], "set": {alpha: 0.8}},
+                    {
+                        "name": "seed1",
+                        "configs": ["base.yaml"],
+                        "set": {"data.seed": 1},
+                        "runs": "both",
+                    },  # fmt: skip
+                    "base.yaml",
+                ],
+            }
+        )
+    )
+    read = experiments.read_suite(suite)
+    assert read.runs == "with_sphere"
+    assert [(e.name, e.settings, e.runs) for e in read.entries] == [
+        ("a08", ((alpha, 0.8),), None),
+        ("seed1", (("data.seed", 1),), "both"),
+        ("base", (), None),
+    ]
+    parser = experiments.build_parser()
+    args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path / "o")])
+    pairs = {p.name: p for p in experiments._pairs(parser, args)}
+    assert pairs["a08"].runs == (WITH_SPHERE,)  # the suite's
+    assert pairs["seed1"].runs == RUNS_ORDER  # the entry's own
+    assert pairs["base"].runs == (WITH_SPHERE,)
+    loaded = pairs["a08"].load()
+    assert loaded["trainer"]["callbacks"][0]["init_args"]["suppression"] == 0.8
+    assert pairs["seed1"].load()["data"]["seed"] == 1
+    assert experiments.load_config([base])["data"]["seed"] == 0  # the file is untouched
+    assert pairs["a08"].describe() == f"{base} + {alpha}=0.8"
+    # --runs on the command line wins over both.
+    args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path / "o"), "--runs",
+                              "without_sphere"])  # fmt: skip
+    assert {p.runs for p in experiments._pairs(parser, args)} == {(WITHOUT_SPHERE,)}
+
+    bad = {
+        "runs": ("configs[0] (a08): `runs` should be one of both, without_sphere, with_sphere",
+                 {"name": "a08", "configs": ["base.yaml"], "runs": "sometimes"}),
+        "keys": ("configs[0] (a08) has unknown keys ['sets']",
+                 {"name": "a08", "configs": ["base.yaml"], "sets": {}}),
+        "set": ("configs[0] (a08): `set` should map dotted keys to values",
+                {"name": "a08", "configs": ["base.yaml"], "set": ["data.seed"]}),
+    }  # fmt: skip
+    for message, entry in bad.values():
+        suite.write_text(yaml.safe_dump({"configs": [entry]}))
+        with pytest.raises(SystemExit):
+            main(["--suite", str(suite), "--dataset", "x.json"])
+        assert message in capsys.readouterr().err
+    # A key that does not resolve is refused before anything runs, naming the entry.
+    suite.write_text(yaml.safe_dump({"configs": [
+        {"name": "a08", "configs": ["base.yaml"], "set": {"model.editor.init_args.l2": 10}}
+    ]}))  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["--suite", str(suite), "--dataset", "x.json", "--out", str(tmp_path / "o2")])
+    assert "a08: `set` key 'model.editor.init_args.l2': the config has no 'model'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "o2").exists()
+
+
+def _log_scalars(directory: Path, log: dict[int, dict[str, float]]) -> None:
+    logger = TensorBoardLogger(
+        save_dir=str(directory.parent), name="", version=directory.name, default_hp_metric=False
+    )
+    for step in sorted(log):
+        logger.log_metrics(log[step], step=step)
+    logger.finalize("success")
+
+
+def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
+    layers = ("l3", "l4")
+    weight = {0: (10.0, 20.0), 1: (11.0, 22.0), 2: (13.0, 30.0)}
+    update = {0: (0.0, 0.0), 1: (2.0, 4.0), 2: (5.0, 12.0)}
+    share = {1: (0.2, 0.4), 2: (0.3, 0.1)}
+    random = {1: (0.1, 0.1), 2: (0.1, 0.1)}
+    leak = {1: (0.5, 0.25), 2: (0.75, 0.5)}
+    log: dict[int, dict[str, float]] = {0: {"edit/efficacy": 0.25, "drift/kl": 0.0}}
+    for step in (0, 1, 2):
+        row = log.setdefault(step, {})
+        for i, layer in enumerate(layers):
+            row[f"diag/weight_norm/{layer}"] = weight[step][i]
+            row[f"diag/update_norm/{layer}"] = update[step][i]
+            row[f"energy_change/{layer}"] = float(step * (i + 1))
+            if step:
+                row[f"diag/delta_ratio/{layer}"] = 0.1
+                row[f"diag/principal_share/{layer}"] = share[step][i]
+                row[f"diag/principal_share_random/{layer}"] = random[step][i]
+                row[f"diag/key_leak/{layer}"] = leak[step][i]
+        if step:
+            row["edit/num_edited"] = 100.0 * step
+            row["diag/v_norm_mean"] = 2.0 * step
+    log[2].update({"edit/efficacy": 0.75, "drift/kl": 1.5})
+    out = tmp_path / "suite"
+    _log_scalars(out / "alphaedit" / "with_sphere", log)
+    pairs = [experiments.Pair("alphaedit", Path("a.yaml"), out / "alphaedit", runs=RUNS_ORDER)]
+
+    markdown, data, figure = experiments.write_suite_report(out, pairs)
+
+    rows = json.loads(data.read_text())["rows"]
+    assert [row["run"] for row in rows] == ["without_sphere", "with_sphere"]
+    assert rows[0]["trajectories"] == {}  # never started
+    trajectory = rows[1]["trajectories"]
+
+    def plain(step, quantity):  # each quantity averaged over the layers by hand
+        if quantity == "weight_growth":
+            return sum(weight[step][i] / weight[0][i] for i in range(2)) / 2
+        if quantity == "update_ratio":
+            return sum(update[step][i] / weight[0][i] for i in range(2)) / 2
+        if quantity == "principal_excess":
+            return (sum(share[step]) / 2) / (sum(random[step]) / 2)
+        return sum(leak[step]) / 2
+
+    for quantity in ("weight_growth", "update_ratio", "principal_excess", "key_leak"):
+        assert [x for x, _ in trajectory[quantity]] == [100, 200], quantity
+        expected = [plain(s, quantity) for s in (1, 2)]
+        assert [y for _, y in trajectory[quantity]] == pytest.approx(expected, rel=1e-6)
+    assert trajectory["v_norm"] == [[100, 2.0], [200, 4.0]]
+    assert trajectory["edit/efficacy"] == [[0, 0.25], [200, 0.75]]
+    assert trajectory["energy_change/mean"] == [[0, 0.0], [100, 1.5], [200, 3.0]]
+    text = markdown.read_text()
+    efficacy = _markdown_rows(text, table=1)
+    assert efficacy == [
+        ["alphaedit", "without", "—", "—"],
+        ["alphaedit", "with", "0.250", "0.750"],
+    ]
+    assert "## Efficacy at every evaluation" in text
+    assert "## Generalization at every evaluation\n\n(not logged yet)" in text
+    drift = _markdown_rows(text, table=2)  # generalization and specificity have no table
+    assert drift[1] == ["alphaedit", "with", "0.000", "1.500"]
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
