@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from sphere_lightning.data import EditRequest, load_requests
-from sphere_lightning.editors.hooks import encode_target
 from sphere_lightning.models import architecture_of, load_model
+from sphere_lightning.models.batching import encode_target
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sphere_lightning import evaluation
 from sphere_lightning.data import load_requests
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import encode_target, model_device, pad_batch
 from sphere_lightning.evaluation import _per_request_mean
+from sphere_lightning.models.batching import encode_target, model_device, pad_batch
 from sphere_lightning.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,12 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sphere_lightning.cache import CACHE_ENV, models_cache_dir, stats_cache_dir
 from sphere_lightning.callbacks import EditObserver
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.distributed import run_log_dir
-from sphere_lightning.errors import check_output_folders
+from sphere_lightning.errors import check_writable_folder
+from sphere_lightning.models.loading import needs_conversion
 from sphere_lightning.module import EditingModule
 from sphere_lightning.protocols import edit_protocols
 
@@ -45,6 +47,38 @@ def find_last_checkpoint(save_dir: str | Path, name: str | None) -> Path | None:
     root = Path(save_dir) / (name or "")
     found = [path for path in root.glob("*/checkpoints/last*.ckpt") if path.is_file()]
     return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def output_folders(trainer: Any, module: Any) -> list[tuple[str, Path]]:
+    """The folders a run writes into, each with the flag that sets it: the loggers' ``save_dir``
+    (or ``trainer.default_root_dir`` without a logger), checkpoint folders set explicitly, the
+    editor's statistics cache and, for a model that is converted once (GGUF, embedded), the model
+    cache."""
+    folders: list[tuple[str, Path]] = []
+    for logger in getattr(trainer, "loggers", []):
+        if getattr(logger, "save_dir", None) is not None:
+            folders.append(("trainer.logger.init_args.save_dir", Path(logger.save_dir)))
+    if not folders and getattr(trainer, "default_root_dir", None) is not None:
+        folders.append(("trainer.default_root_dir", Path(trainer.default_root_dir)))
+    for callback in getattr(trainer, "checkpoint_callbacks", []):
+        if getattr(callback, "dirpath", None) is not None:
+            flag = f"{type(callback).__name__}.init_args.dirpath"
+            folders.append((flag, Path(callback.dirpath)))
+    stats = getattr(getattr(module, "editor", None), "stats_options", None)
+    if stats is not None:
+        cache_dir = stats.get("cache_dir")
+        flag = "model.editor.init_args.cache_dir" if cache_dir else f"${CACHE_ENV}"
+        folders.append((flag, stats_cache_dir(cache_dir)))
+    if needs_conversion(getattr(module, "model_name", "")):
+        folders.append((f"${CACHE_ENV}", models_cache_dir()))
+    return folders
+
+
+def check_output_folders(trainer: Any, module: Any) -> None:
+    """Fail early, before the model loads, if a folder the run writes into is not writable
+    (:func:`output_folders`, :func:`check_writable_folder`)."""
+    for flag, folder in output_folders(trainer, module):
+        check_writable_folder(folder, flag)
 
 
 class EditingCLI(LightningCLI):

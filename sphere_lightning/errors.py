@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 #: Exit code of a run stopped by a :class:`UserInputError` (argparse's, for a bad command line).
 USER_ERROR_EXIT_CODE = 2
@@ -110,38 +109,3 @@ def check_writable_folder(folder: str | Path, flag: str) -> None:
             f"`{flag}` is {str(folder)!r}, but {where} is not writable ({error.strerror}): "
             f"point `{flag}` at a folder you can write to"
         ) from None
-
-
-def output_folders(trainer: Any, module: Any) -> list[tuple[str, Path]]:
-    """The folders a run writes into, each with the flag that sets it: the loggers' ``save_dir``
-    (or ``trainer.default_root_dir`` without a logger), checkpoint folders set explicitly, the
-    editor's statistics cache and, for a model that is converted once (GGUF, embedded), the model
-    cache."""
-    from sphere_lightning.editors.statistics import stats_cache_dir
-    from sphere_lightning.models.loading import CACHE_ENV, cache_root, needs_conversion
-
-    folders: list[tuple[str, Path]] = []
-    for logger in getattr(trainer, "loggers", []):
-        if getattr(logger, "save_dir", None) is not None:
-            folders.append(("trainer.logger.init_args.save_dir", Path(logger.save_dir)))
-    if not folders and getattr(trainer, "default_root_dir", None) is not None:
-        folders.append(("trainer.default_root_dir", Path(trainer.default_root_dir)))
-    for callback in getattr(trainer, "checkpoint_callbacks", []):
-        if getattr(callback, "dirpath", None) is not None:
-            flag = f"{type(callback).__name__}.init_args.dirpath"
-            folders.append((flag, Path(callback.dirpath)))
-    stats = getattr(getattr(module, "editor", None), "stats_options", None)
-    if stats is not None:
-        cache_dir = stats.get("cache_dir")
-        flag = "model.editor.init_args.cache_dir" if cache_dir else f"${CACHE_ENV}"
-        folders.append((flag, stats_cache_dir(cache_dir)))
-    if needs_conversion(getattr(module, "model_name", "")):
-        folders.append((f"${CACHE_ENV}", cache_root() / "models"))
-    return folders
-
-
-def check_output_folders(trainer: Any, module: Any) -> None:
-    """Fail early, before the model loads, if a folder the run writes into is not writable
-    (:func:`output_folders`, :func:`check_writable_folder`)."""
-    for flag, folder in output_folders(trainer, module):
-        check_writable_folder(folder, flag)

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import encode_target
+from sphere_lightning.models.batching import encode_target
 from sphere_lightning.scoring import ContinuationScores, padding_id, score_token_continuations
 
 
@@ -29,7 +29,7 @@ def score_continuations(
     """Teacher-forced scores of each target after its prompt, the edit metrics' tokenisation.
 
     The prompt is tokenised as the tokenizer does by default (a BOS where it adds one) and the
-    target with :func:`~sphere_lightning.editors.hooks.encode_target` (a leading space, no special
+    target with :func:`~sphere_lightning.models.batching.encode_target` (a leading space, no special
     tokens), as the editors see them. Scoring is
     :func:`~sphere_lightning.scoring.score_token_continuations`: a prompt shared by several
     targets runs once.

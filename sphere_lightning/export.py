@@ -31,12 +31,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import sphere_lightning
+from sphere_lightning.cache import temporary_sibling
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
-from sphere_lightning.models.loading import load_model, resolve_dtype, temporary_sibling
+from sphere_lightning.models.loading import load_model, resolve_dtype
 from sphere_lightning.module import (
     CheckpointMismatchError,
     base_model_fingerprint,

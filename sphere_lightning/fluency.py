@@ -36,7 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import model_device
+from sphere_lightning.models.batching import model_device
 
 #: ROME's n-gram orders and their weights (``ns = [2, 3]``, ``ws = [2/3, 4/3]``).
 NGRAM_ORDERS = (2, 3)

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-from sphere_lightning.editors.hooks import model_device, pad_batch
+from sphere_lightning.models.batching import model_device, pad_batch
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from test_cli import _fit_args
 
 import sphere_lightning
 from sphere_lightning import __main__ as entry
+from sphere_lightning import cache
 from sphere_lightning.callbacks import DeltaTransform, SphereProjectionCallback
 from sphere_lightning.callbacks.transform import NonFiniteDeltaError
 from sphere_lightning.cli import cli_main
@@ -514,10 +515,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        loading.atomic_write(target, fail)
+        cache.atomic_write(target, fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
-    loading.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    cache.atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["entry.json"]
 
@@ -576,7 +577,7 @@ def test_gguf_conversion_keeps_a_copy_another_run_finished_first(fake_gguf, monk
 
 
 def test_temporary_names_are_unique_per_call_and_process(tmp_path):
-    names = {loading.temporary_sibling(tmp_path / "folder") for _ in range(20)}
+    names = {cache.temporary_sibling(tmp_path / "folder") for _ in range(20)}
     assert len(names) == 20
     assert all(f".folder.{os.getpid()}-" in n.name and n.name.endswith(".tmp") for n in names)
 

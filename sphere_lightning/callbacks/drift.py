@@ -14,8 +14,8 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver
-from sphere_lightning.editors.hooks import model_device
 from sphere_lightning.editors.statistics import generate_corpus
+from sphere_lightning.models.batching import model_device
 
 
 @contextmanager

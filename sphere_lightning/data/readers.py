@@ -34,19 +34,9 @@ from sphere_lightning.data.formats import (
 )
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.errors import ConfigError, DataError, MissingFileError
+from sphere_lightning.paths import looks_like_path
 
 # ------------------------------------------------------------------------------------------ loading
-
-
-def _looks_like_path(text: str) -> bool:
-    """Whether a missing source was meant as a file, not a hub id (``name``, ``owner/name``)."""
-    lowered = text.lower()
-    return (
-        lowered.endswith((".json", ".jsonl"))
-        or text.startswith(("/", "./", "../", "~"))
-        or "\\" in text
-        or text.count("/") > 1
-    )
 
 
 def _read_json_file(path: Path) -> list[Any]:
@@ -102,8 +92,8 @@ def load_raw_records(source: str | Path, split: str = "train") -> tuple[str, lis
 
     Raises:
         FileNotFoundError: ``source`` does not exist but looks like a path (it is a ``Path``,
-            ends with ``.json``/``.jsonl``, starts with ``/``, ``./``, ``../`` or ``~``, or has
-            more than one ``/``); hub ids are ``name`` or ``owner/name``.
+            or :func:`~sphere_lightning.paths.looks_like_path`); hub ids are ``name`` or
+            ``owner/name``.
     """
     path = Path(source).expanduser()
     if path.is_file():
@@ -111,7 +101,7 @@ def load_raw_records(source: str | Path, split: str = "train") -> tuple[str, lis
     if path.is_dir():
         return str(source), _load_hub(str(path), split)
     text = str(source)
-    if isinstance(source, Path) or _looks_like_path(text):
+    if isinstance(source, Path) or looks_like_path(text):
         raise MissingFileError(f"edit data file not found: {text} (`--data.dataset`)")
     return text, _load_hub(text, split)
 

@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import DeltaFn, Editor
-from sphere_lightning.editors.hooks import encode_target, model_device, pad_batch
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
+from sphere_lightning.models.batching import encode_target, model_device, pad_batch
 
 
 class _Chunk(NamedTuple):

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
+from sphere_lightning.models.batching import model_device, pad_batch
 
 #: Which side of a module an activation is read from.
 ActivationSide = Literal["input", "output"]
@@ -43,38 +43,6 @@ def encode_with_subject(
     ids = tokenizer(template.format(subject))["input_ids"]
     subject_last = len(tokenizer(prefix + subject)["input_ids"]) - 1
     return EncodedPrompt(list(ids), min(subject_last, len(ids) - 1))
-
-
-def encode_target(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
-    """Token ids of an answer as it follows a prompt (a leading space, no special tokens)."""
-    text = target if target.startswith(" ") else " " + target
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"Target {target!r} tokenises to nothing")
-    return list(ids)
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists into ``(input_ids, attention_mask)``."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where the model's inputs go: the device of its input embeddings (of its first parameter
-    for a model without them). A model placed across devices (``device_map``) moves the hidden
-    states from block to block itself."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
 
 
 def capture(

@@ -28,10 +28,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sphere_lightning.editors.hooks import capture, model_device
+from sphere_lightning.cache import atomic_write, stats_cache_dir
+from sphere_lightning.editors.hooks import capture
 from sphere_lightning.errors import DataError, MissingFileError
 from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
-from sphere_lightning.models.loading import atomic_write, cache_root
+from sphere_lightning.models.batching import model_device
+from sphere_lightning.paths import looks_like_path
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def read_corpus(source: str, num_samples: int) -> list[str]:
         texts = _first_usable(raw.split("\n\n"), num_samples)
         if len(texts) < num_samples:
             texts = _first_usable(raw.splitlines(), num_samples)
-    elif source.endswith(".txt") or source.startswith((".", "/", "~")):
+    elif looks_like_path(source):
         raise MissingFileError(f"Statistics corpus file not found: {source} (`{_CORPUS_FLAG}`)")
     else:
         texts = _read_hub_corpus(source, num_samples)
@@ -150,11 +152,6 @@ def read_corpus(source: str, num_samples: int) -> list[str]:
             f"that are not headings; `{_CORPUS_FLAG}`)"
         )
     return texts
-
-
-def stats_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where statistics are cached: ``cache_dir``, else ``$SPHERE_LIGHTNING_CACHE/stats``."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "stats"
 
 
 def _fingerprint(model: PreTrainedModel, spec: ArchitectureSpec, upto: int) -> str:

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.hooks import encode_target, encode_with_subject, model_device
+from sphere_lightning.editors.hooks import encode_with_subject
 from sphere_lightning.models.architectures import ArchitectureSpec
+from sphere_lightning.models.batching import encode_target, model_device
 
 KL_PROMPT = "{} is a"
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.fluency import top_k_generations
+
 #: The words MEMIT's ``get_context_templates`` starts its samples from.
 TEMPLATE_SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -53,9 +55,6 @@ def generate_context_templates(
     The draws come from a ``torch.Generator`` seeded with ``seed`` (the reference's are unseeded):
     the same model and seed give the same templates, and the global RNG is left alone.
     """
-    # Imported here: sphere_lightning.fluency imports this package (editors.hooks).
-    from sphere_lightning.fluency import top_k_generations
-
     prompts = template_seed_prompts(count)
     if not prompts:
         return ["{}"]

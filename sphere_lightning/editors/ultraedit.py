@@ -21,9 +21,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import DeltaFn, Editor
-from sphere_lightning.editors.hooks import encode_target, model_device, pad_batch
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of, linear_weight
+from sphere_lightning.models.batching import encode_target, model_device, pad_batch
 
 #: The reference adds float32's machine epsilon (its features are float32) in the running std's
 #: denominator and in the normalisation; the same constant is used here whatever the precision.

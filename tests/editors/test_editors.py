@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from sphere_lightning.cache import stats_cache_dir
 from sphere_lightning.editors import MEMIT, AlphaEdit, base, statistics
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
-from sphere_lightning.models import architecture_of, cache_root, linear_weight
+from sphere_lightning.models import architecture_of, linear_weight
 
 FAMILIES = ["gpt2", "llama"]
 KINDS = ["memit", "alphaedit"]
@@ -312,7 +313,7 @@ def test_second_moments_are_cached_on_disk(tiny_llama, tokenizer, monkeypatch):
 
     first = statistics.second_moments(tiny_llama, tokenizer, spec, [2, 1], **options)
     assert len(calls) == 1
-    files = sorted((cache_root() / "stats").glob("*.pt"))
+    files = sorted(stats_cache_dir().glob("*.pt"))
     assert len(files) == 2
     assert sorted(first) == [1, 2]
     for cov in first.values():
@@ -491,7 +492,8 @@ def _reference_v_star(model, tokenizer, request, layer, templates, steps, lr):
     """ROME/MEMIT's ``compute_z`` for one request, written plainly: one unpadded forward pass of
     the whole model per prompt and step, the full vocabulary at every position, and the reference
     code's loss (NLL + 0.0625·KL(current ‖ initial) + 0.5·‖δ‖/‖h‖²), clamp and early stop."""
-    from sphere_lightning.editors.hooks import encode_target, encode_with_subject
+    from sphere_lightning.editors.hooks import encode_with_subject
+    from sphere_lightning.models.batching import encode_target
 
     block = architecture_of(model).blocks(model)[layer]
     target = encode_target(tokenizer, request.target_new)

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sphere_lightning.cache import stats_cache_dir
 from sphere_lightning.editors import AlphaEdit, statistics
 from sphere_lightning.models import architecture_of
 
@@ -157,7 +158,7 @@ def test_collection_record_counts_texts_and_tokens(tiny_gpt2, tokenizer, tmp_pat
     for layer in (0, 1):
         assert torch.equal(second.moments[layer], first.moments[layer])
 
-    entries = sorted((statistics.cache_root() / "stats").glob("*.json"))
+    entries = sorted(stats_cache_dir().glob("*.json"))
     assert len(entries) == 2
     stored = json.loads(entries[0].read_text(encoding="utf-8"))
     assert stored["meta"]["corpus"] == str(corpus.resolve())

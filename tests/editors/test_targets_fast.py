@@ -10,7 +10,7 @@ import torch
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors import AlphaEdit
-from sphere_lightning.editors.hooks import encode_target, encode_with_subject
+from sphere_lightning.editors.hooks import encode_with_subject
 from sphere_lightning.editors.targets import (
     TargetOptimisation,
     TargetOptions,
@@ -18,6 +18,7 @@ from sphere_lightning.editors.targets import (
 )
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of
+from sphere_lightning.models.batching import encode_target
 
 FAMILIES = ["gpt2", "llama"]
 TEMPLATES = ["{}", "Because the sun was warm . {}"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from sphere_lightning import cache
 from sphere_lightning.editors import MEMIT
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.errors import MissingFileError, MissingPackageError
@@ -184,7 +185,7 @@ def chunked_wheels(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "files", fake.files)
     monkeypatch.setattr(importlib.metadata, "requires", fake.requires)
     monkeypatch.setitem(loading.EMBEDDED_MODELS, "tiny-chunked", ("tiny-meta", "pip install x"))
-    monkeypatch.setenv(loading.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     return fake
 
 
