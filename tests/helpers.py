@@ -10,6 +10,8 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 
+from sphere_lightning.experiments import WITH_SPHERE, WITHOUT_SPHERE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,3 +62,29 @@ def run_cli(args: list[str], pythonpath: Path, env: dict[str, str]) -> subproces
         text=True,
         timeout=900,
     )
+
+
+# ---------------------------------------------------------------------- experiment runner
+
+#: The experiment suite and the configs it lists (one per base editor).
+EXPERIMENT_SUITE = ROOT / "configs" / "experiments" / "suite.yaml"
+EXPERIMENT_CONFIGS = sorted(
+    p for p in EXPERIMENT_SUITE.parent.glob("*.yaml") if p != EXPERIMENT_SUITE
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The order of a pair's runs in tables and figures.
+RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
+
+
+def markdown_rows(text: str, table: int = 0) -> list[list[str]]:
+    """The body rows of the ``table``-th markdown table of ``text``."""
+    tables: list[list[str]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("| "):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+        previous = line
+    rows = tables[table] if table < len(tables) else []
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]

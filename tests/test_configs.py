@@ -41,7 +41,7 @@ def header_compositions(path: Path) -> list[tuple[str, ...]]:
 
 def suite_files() -> list[Path]:
     """Experiment suites: files whose top level is ``configs:`` (a list of experiment configs
-    for ``python -m sphere_lightning.experiments --suite``) and optionally ``num_edits:``."""
+    for ``sphere-lightning experiments --suite``) and optionally ``num_edits:``."""
     return [
         path
         for path in sorted(CONFIGS.rglob("*.yaml"))

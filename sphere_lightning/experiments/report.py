@@ -1,0 +1,468 @@
+"""The experiment reports: a pair's comparison at every evaluation step (``table.md``,
+``table.json``, ``figure.png``) and a suite's combined table of every editor without and with
+SPHERE."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sphere_lightning.experiments.config import RUNS, WITH_SPHERE, Pair, Run
+from sphere_lightning.experiments.results import (
+    EDIT_PHASES,
+    HE_CHANGE,
+    LOGGED_METRICS,
+    METRICS,
+    SUITE_TASKS,
+    RunLog,
+    present_runs,
+    summary_values,
+)
+from sphere_lightning.horizon import DRIFT_KL_THRESHOLD, EFFICACY_THRESHOLD
+
+MISSING = "—"
+
+
+def build_table(
+    out: Path,
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> dict[str, Any]:
+    """The comparison of the runs under ``out`` (the content of ``table.json``).
+
+    Rows are the evaluation steps of either run (steps at which an edit, general-ability or drift
+    metric was logged; HE steps if there are none). A run that has no folder (``--runs`` left it
+    out) has no columns. Each run's ``usable_horizon`` uses the two thresholds
+    (:meth:`RunLog.horizon`).
+    """
+    runs = present_runs(out)
+    logs = {run.name: RunLog.read(out / run.name) for run in runs}
+    steps = set().union(*(log.evaluation_steps for log in logs.values()))
+    if not steps:
+        steps = set().union(*(log.energy_steps for log in logs.values()))
+    rows = []
+    for step in sorted(steps):
+        edits = next((e for log in logs.values() if (e := log.edits(step)) is not None), None)
+        row: dict[str, Any] = {"step": step, "edits": edits}
+        row.update({name: log.row(step) for name, log in logs.items()})
+        rows.append(row)
+    infos = {}
+    for run in runs:
+        log = logs[run.name]
+        summary = log.summary or {}
+        infos[run.name] = {
+            "label": run.label,
+            "log_dir": str(log.directory),
+            "finished": log.summary is not None,
+            "wall_seconds": summary.get("wall_seconds"),
+            "num_edited": summary.get("num_edited"),
+            "global_step": summary.get("global_step"),
+            "usable_horizon": log.horizon(efficacy_threshold, drift_kl_threshold).as_dict(),
+        }
+    return {
+        "runs": infos,
+        "metrics": [{"key": m.key, "label": m.label} for m in METRICS],
+        "rows": rows,
+        "energy_change": {  # every logged step, for the figure
+            name: [
+                {"step": s, "edits": log.edits(s), HE_CHANGE.key: log.he_change(s)}
+                for s in sorted(log.energy_steps)
+            ]
+            for name, log in logs.items()
+        },
+    }
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return format(value, fmt)
+
+
+def horizon_text(horizon: dict[str, Any]) -> str:
+    """A usable horizon of ``table.json`` in words: ``3000 edits (efficacy < 0.8)``, ``beyond
+    10000 edits`` or ``—`` (no evaluation after the first edit)."""
+    if not horizon.get("evaluated"):
+        return MISSING
+    if horizon["edits"] is None:
+        return f"{horizon['label']} edits"
+    limits = {
+        "efficacy": f"efficacy < {horizon['efficacy_threshold']:g}",
+        "drift_kl": f"drift KL > {horizon['drift_kl_threshold']:g}",
+    }
+    reasons = " and ".join(limits[reason] for reason in horizon["crossed_by"])
+    return f"{horizon['edits']} edits ({reasons})"
+
+
+def _table_runs(table: dict[str, Any]) -> tuple[Run, ...]:
+    return tuple(run for run in RUNS if run.name in table["runs"])
+
+
+def format_markdown(table: dict[str, Any]) -> str:
+    """``table.md``: one row per number of edits, a column per run (without / with SPHERE) and
+    metric."""
+    runs = _table_runs(table)
+    header = ["edits"]
+    for metric in METRICS:
+        header += [f"{metric.label} ({run.label.split()[0]})" for run in runs]
+    lines = [
+        "# SPHERE vs the base editor",
+        "",
+        "Each metric has a column per run: without SPHERE (every SphereProjectionCallback "
+        "removed) and with SPHERE (the config as given); a run left out (`--runs`) has none.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---:|" * len(header),
+    ]
+    for row in table["rows"]:
+        cells = [MISSING if row["edits"] is None else str(row["edits"])]
+        for metric in METRICS:
+            cells += [_cell(row[run.name][metric.key], metric.fmt) for run in runs]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not table["rows"]:
+        lines.append("| " + " | ".join(["(nothing logged yet)"] + [""] * (len(header) - 1)) + " |")
+    lines += [
+        "",
+        "- efficacy, generalization, specificity, fluency: `edit/*`, after all edits so far, over "
+        "all facts edited so far;",
+        "- SST-2 / NLI accuracy change: `general_change/<task>/accuracy`, accuracy minus its value "
+        "before the first edit;",
+        "- drift KL: `drift/kl`, KL(original ‖ current) of next-token distributions on held-out "
+        "text;",
+        "- HE change: mean over the edited layers of `energy_change/<layer>` (HE minus HE before "
+        "editing), per layer in `table.json`;",
+        "- wall time: seconds from the run's first TensorBoard event to its last one at that step;",
+        f"- {MISSING}: not logged at that step (or not yet).",
+        "",
+        "Runs:",
+        "",
+    ]
+    for run in runs:
+        info = table["runs"][run.name]
+        if info["finished"]:
+            state = (
+                f"finished: {info['num_edited']} edits in {_cell(info['wall_seconds'], '.0f')} s "
+                "(`summary.json`)"
+            )
+        else:
+            state = "no `summary.json`: still running, failed or stopped"
+        lines.append(f"- {run.label}: `{info['log_dir']}` — {state}")
+    horizons = {run: table["runs"][run.name].get("usable_horizon") for run in runs}
+    if any(horizons.values()):
+        first = next(h for h in horizons.values() if h)
+        lines += [
+            "",
+            "Usable horizon: edits at the first evaluation where efficacy < "
+            f"{first['efficacy_threshold']:g} or drift KL > {first['drift_kl_threshold']:g} "
+            '("beyond N": none did, in the N edits made):',
+            "",
+        ]
+        lines += [f"- {run.label}: {horizon_text(h)}" for run, h in horizons.items() if h]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(table: dict[str, Any], path: Path) -> None:
+    """``figure.png``: one panel per metric against the number of edits, both runs on each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = math.ceil(len(METRICS) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, METRICS, strict=False):
+        plotted = False
+        for index, run in enumerate(_table_runs(table)):
+            if metric is HE_CHANGE:  # logged every batch: the whole curve
+                points = [(p["edits"], p[HE_CHANGE.key]) for p in table["energy_change"][run.name]]
+            else:
+                points = [(r["edits"], r[run.name][metric.key]) for r in table["rows"]]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, color=f"C{index}", label=run.label)
+                plotted = True
+        ax.set_title(metric.label)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+        if plotted:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(METRICS) :]:
+        ax.axis("off")
+    fig.suptitle("SPHERE vs the base editor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    out: Path,
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> tuple[Path, Path, Path]:
+    """Write ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns their paths
+    (the thresholds: of the usable horizon)."""
+    table = build_table(out, efficacy_threshold, drift_kl_threshold)
+    markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
+    markdown.write_text(format_markdown(table))
+    data.write_text(json.dumps(table, indent=2))
+    plot_comparison(table, figure)
+    return markdown, data, figure
+
+
+@dataclass(frozen=True)
+class SuiteColumn:
+    """A column of the combined table: its key in ``table.json``, label and number format."""
+
+    key: str
+    label: str
+    fmt: str
+
+
+SUITE_COLUMNS = (
+    SuiteColumn("num_edited", "edits", "d"),
+    SuiteColumn("efficacy", "efficacy", ".3f"),
+    SuiteColumn("generalization", "generalization", ".3f"),
+    SuiteColumn("specificity", "specificity", ".3f"),
+    SuiteColumn("fluency", "fluency", ".1f"),
+    *(
+        SuiteColumn(f"{task}_accuracy_change", f"{label} Δacc", "+.3f")
+        for task, label in SUITE_TASKS.items()
+    ),
+    SuiteColumn("drift_kl", "drift KL", ".4f"),
+    SuiteColumn("usable_horizon", "usable horizon", "s"),
+    SuiteColumn("he_change", "HE change", ".4g"),
+    # The collapse diagnostics (CollapseDiagnosticsCallback), each a mean over the edited layers.
+    SuiteColumn("weight_growth", "‖W‖/‖W₀‖", ".2f"),
+    SuiteColumn("update_ratio", "‖W−W₀‖/‖W₀‖", ".2f"),
+    SuiteColumn("principal_share", "principal share", ".3f"),
+    SuiteColumn("principal_share_random", "r/d", ".3f"),
+    SuiteColumn("key_leak", "key leak", ".3f"),
+    SuiteColumn("v_norm", "‖v*‖", ".2f"),
+    SuiteColumn("edit_seconds", "edit seconds", ".0f"),
+    SuiteColumn("wall_seconds", "wall seconds", ".0f"),
+)
+
+#: The combined figure's panels: (key, title). Keys of :data:`LOGGED_METRICS` are read at each
+#: evaluation, ``energy_change/mean`` and the diagnostics (:meth:`RunLog.diagnostics`) at every
+#: batch that logged them.
+SUITE_PANELS = (
+    *((m.key, m.label) for m in LOGGED_METRICS),
+    (HE_CHANGE.key, HE_CHANGE.label),
+    ("weight_growth", "‖W‖ / ‖W₀‖"),
+    ("update_ratio", "‖W − W₀‖ / ‖W₀‖"),
+    ("principal_excess", "principal share of ΔW ÷ r/d"),
+    ("key_leak", "key leak ‖ΔW K₀‖ / ‖W K₀‖"),
+    ("v_norm", "mean ‖v*‖"),
+)
+#: Panels whose trajectory has a point per batch (the others: per evaluation).
+_PER_BATCH = {HE_CHANGE.key, "weight_growth", "update_ratio", "principal_excess", "key_leak",
+              "v_norm"}  # fmt: skip
+
+
+def run_trajectories(log: RunLog) -> dict[str, list[list[float]]]:
+    """``{panel key: [[edits, value], ...]}`` of one run for the combined figure and the
+    per-evaluation tables (:data:`SUITE_PANELS`)."""
+    trajectories: dict[str, list[list[float]]] = {key: [] for key, _ in SUITE_PANELS}
+    for step in sorted(log.evaluation_steps):
+        edits = log.edits(step)
+        for metric in LOGGED_METRICS:
+            value = log.value(metric.key, step)
+            if edits is not None and value is not None:
+                trajectories[metric.key].append([edits, value])
+    for step in sorted(log.energy_steps):
+        edits, value = log.edits(step), log.he_change(step)
+        if edits is not None and value is not None:
+            trajectories[HE_CHANGE.key].append([edits, value])
+    for step in log.diagnostic_steps:
+        edits = log.edits(step)
+        for key, value in log.diagnostics(step).items():
+            if edits is not None and value is not None:
+                trajectories[key].append([edits, value])
+    return trajectories
+
+
+def build_suite_table(
+    pairs: Sequence[Pair],
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> dict[str, Any]:
+    """The combined table (the content of the suite's ``table.json``): one row per editor and
+    SPHERE setting, from each run's ``summary.json`` (values ``None`` where it has none), and
+    its usable horizon from its TensorBoard events (:meth:`RunLog.horizon`; the label, ``None``
+    without an evaluation after the first edit)."""
+    rows = []
+    for pair in pairs:
+        for run in pair.runs or present_runs(pair.directory):
+            directory = pair.directory / run.name
+            summary_path = directory / "summary.json"
+            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+            values = summary_values(summary or {})
+            log = RunLog.read(directory) if directory.is_dir() else None
+            horizon = log.horizon(efficacy_threshold, drift_kl_threshold) if log else None
+            values["usable_horizon"] = horizon.label if horizon and horizon.evaluated else None
+            rows.append(
+                {
+                    "editor": pair.name,
+                    "config": pair.describe(),
+                    "run": run.name,
+                    "label": run.label,
+                    "log_dir": str(directory),
+                    "finished": summary is not None,
+                    "values": values,
+                    "trajectories": run_trajectories(log) if log else {},
+                }
+            )
+    return {
+        "columns": [{"key": c.key, "label": c.label} for c in SUITE_COLUMNS],
+        "rows": rows,
+        "horizon_thresholds": {"efficacy": efficacy_threshold, "drift_kl": drift_kl_threshold},
+    }
+
+
+def format_suite_markdown(table: dict[str, Any]) -> str:
+    """The suite's ``table.md``: one row per editor × {without, with SPHERE}."""
+    header = ["editor", "SPHERE", *(c.label for c in SUITE_COLUMNS)]
+    lines = [
+        "# Every base editor without and with SPHERE",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|" + "---:|" * len(SUITE_COLUMNS),
+    ]
+    for row in table["rows"]:
+        cells = [row["editor"], row["label"].split()[0]]
+        cells += [_cell(row["values"][c.key], c.fmt) for c in SUITE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    unfinished = [row for row in table["rows"] if not row["finished"]]
+    lines += [
+        "",
+        "Every value is the run's `summary.json`, after its last edit (the figure and the "
+        "tables below: every evaluation, from the runs' TensorBoard events):",
+        "",
+        "- edits: facts written; efficacy, generalization, specificity, fluency: `edit.final`, "
+        "over all facts edited;",
+        "- Δacc: general-ability accuracy minus its value before the first edit;",
+        "- drift KL: KL(original ‖ edited) of next-token distributions on held-out text;",
+        "- usable horizon: edits at the first evaluation where efficacy < "
+        f"{table['horizon_thresholds']['efficacy']:g} or drift KL > "
+        f'{table["horizon_thresholds"]["drift_kl"]:g}, "beyond N" if none did in the N '
+        "edits made; from the run's TensorBoard events (every evaluation it logged);",
+        "- HE change: mean over the edited layers of HE minus HE before editing;",
+        "- collapse diagnostics (`diagnostics.history`, each a mean over the edited layers): "
+        "‖W‖/‖W₀‖ and ‖W−W₀‖/‖W₀‖ after the last edit against the unedited weight; principal "
+        "share: the share of the editor's ΔW (before SPHERE) in SPHERE's principal space, mean "
+        "over every batch, next to r/d, a random direction's share; key leak: ‖ΔW K₀‖/‖W K₀‖ of "
+        "the last batch on the preserved keys; ‖v*‖: the last batch's mean target-value norm;",
+        "- edit seconds: time spent computing, transforming and applying the edits "
+        f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
+        "resumes;",
+        "- wall seconds: `wall_seconds` of the run's last `fit` process, evaluations included (a "
+        "resumed run counts from its resume);",
+        f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",
+    ]
+    if unfinished:
+        lines += ["", "No `summary.json` (still running, failed or stopped):", ""]
+        lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
+    for key, title, fmt in EVALUATION_TABLES:
+        lines += ["", *format_trajectory_table(table, key, title, fmt)]
+    return "\n".join(lines) + "\n"
+
+
+#: The metrics the suite's ``table.md`` lists at every evaluation: (key, title, format).
+EVALUATION_TABLES = (
+    ("edit/efficacy", "Efficacy", ".3f"),
+    ("edit/generalization", "Generalization", ".3f"),
+    ("edit/specificity", "Specificity", ".3f"),
+    ("drift/kl", "Drift KL", ".3f"),
+)
+
+
+def format_trajectory_table(table: dict[str, Any], key: str, title: str, fmt: str) -> list[str]:
+    """Lines of a markdown table of one metric: a row per run, a column per number of edits at
+    which any run logged it."""
+    edits = sorted({int(x) for row in table["rows"] for x, _ in row["trajectories"].get(key, [])})
+    lines = [f"## {title} at every evaluation", ""]
+    if not edits:
+        return [*lines, "(not logged yet)"]
+    lines += [
+        "| editor | SPHERE | " + " | ".join(str(e) for e in edits) + " |",
+        "|---|---|" + "---:|" * len(edits),
+    ]
+    for row in table["rows"]:
+        values = {int(x): y for x, y in row["trajectories"].get(key, [])}
+        cells = [row["editor"], row["label"].split()[0]]
+        cells += [_cell(values.get(e), fmt) for e in edits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_suite(table: dict[str, Any], path: Path) -> None:
+    """The suite's ``figure.png``: a panel per quantity of :data:`SUITE_PANELS` against the
+    number of edits; a colour per editor, solid with SPHERE and dashed without."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = math.ceil(len(SUITE_PANELS) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
+    editors = list(dict.fromkeys(row["editor"] for row in table["rows"]))
+    for ax, (key, title) in zip(axes.flat, SUITE_PANELS, strict=False):
+        plotted = False
+        for row in table["rows"]:
+            points = row["trajectories"].get(key) or []
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            ax.plot(
+                xs,
+                ys,
+                color=f"C{editors.index(row['editor']) % 10}",
+                linestyle="-" if row["run"] == WITH_SPHERE.name else "--",
+                marker=None if key in _PER_BATCH else "o",
+                markersize=3,
+                linewidth=1.2,
+                label=f"{row['editor']} {row['label']}",
+            )
+            plotted = True
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+        if not plotted:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    for ax in list(axes.flat)[len(SUITE_PANELS) :]:
+        ax.axis("off")
+    handles, labels = next(
+        (ax.get_legend_handles_labels() for ax in axes.flat if ax.get_legend_handles_labels()[0]),
+        ([], []),
+    )
+    if handles:
+        fig.legend(handles, labels, loc="lower right", fontsize="small", ncol=2)
+    fig.suptitle("Every base editor without (dashed) and with (solid) SPHERE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_suite_report(
+    out: Path,
+    pairs: Sequence[Pair],
+    efficacy_threshold: float = EFFICACY_THRESHOLD,
+    drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
+) -> tuple[Path, Path, Path]:
+    """Write the combined ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns
+    their paths."""
+    table = build_suite_table(pairs, efficacy_threshold, drift_kl_threshold)
+    markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
+    markdown.write_text(format_suite_markdown(table))
+    data.write_text(json.dumps(table, indent=2))
+    plot_suite(table, figure)
+    return markdown, data, figure

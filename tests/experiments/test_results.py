@@ -1,0 +1,103 @@
+"""Reading a run's results: the combined table's values from `summary.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sphere_lightning import experiments
+from tests.helpers import (
+    PNG_SIGNATURE,
+    RUNS_ORDER,
+    markdown_rows,
+)
+
+
+def test_suite_table_takes_every_value_from_summary_json(tmp_path):
+    summary = {
+        "num_edited": 300,
+        "global_step": 3,
+        "edit": {
+            "final": {
+                "efficacy": 0.75,
+                "generalization": 0.5,
+                "specificity": 0.625,
+                "fluency": 480.25,
+            }
+        },  # fmt: skip
+        "general": {
+            "sst2": {"baseline": {"accuracy": 0.5}, "final": {"accuracy": 0.375}},
+            "nli": {"baseline": {"accuracy": 0.25}, "final": {"accuracy": 0.5}},
+            "boolq": {"baseline": {"accuracy": 0.625}, "final": {"accuracy": 0.625}},
+        },
+        "drift": {"kl": 0.0625, "perplexity": 9.0},
+        "energy": {"a": {"baseline": 10.0, "final": 12.0}, "b": {"baseline": 5.0, "final": 9.0}},
+        "phase_seconds": {
+            "setup": 9.0,
+            "compute_deltas": 600.25,
+            "transform_and_apply": 2.5,
+            "after_apply": 7.0,
+            "evaluation": 100.0,
+        },  # fmt: skip
+        "wall_seconds": 1234.4,
+        "diagnostics": {
+            "history": {
+                "step": [0, 1, 2],
+                "edits": [0, 100, 200],
+                "diag/weight_norm/a": [10.0, 11.0, 12.0],
+                "diag/weight_norm/b": [4.0, 5.0, 6.0],
+                "diag/update_norm/a": [0.0, 2.0, 3.0],
+                "diag/update_norm/b": [0.0, 1.0, 2.0],
+                "diag/principal_share/a": [None, 0.25, 0.5],
+                "diag/principal_share/b": [None, 0.125, 0.125],
+                "diag/principal_share_random/a": [None, 0.1, 0.1],
+                "diag/principal_share_random/b": [None, 0.2, 0.2],
+                "diag/key_leak/a": [None, 0.5, 0.25],
+                "diag/key_leak/b": [None, 0.5, None],  # not measured at the last step
+                "diag/v_norm_mean": [None, 3.0, 4.5],
+            }
+        },
+    }
+    pairs = [
+        experiments.Pair(name, Path(f"{name}.yaml"), tmp_path / name, runs=RUNS_ORDER)
+        for name in "xy"
+    ]
+    (tmp_path / "x" / "with_sphere").mkdir(parents=True)
+    (tmp_path / "x" / "with_sphere" / "summary.json").write_text(json.dumps(summary))
+
+    markdown, data, figure = experiments.write_suite_report(tmp_path, pairs)
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
+
+    table = json.loads(data.read_text())
+    assert [(r["editor"], r["run"], r["finished"]) for r in table["rows"]] == [
+        ("x", "without_sphere", False), ("x", "with_sphere", True),
+        ("y", "without_sphere", False), ("y", "with_sphere", False),
+    ]  # fmt: skip
+    assert table["rows"][1]["values"] == {
+        "num_edited": 300,
+        "efficacy": 0.75,
+        "generalization": 0.5,
+        "specificity": 0.625,
+        "fluency": 480.25,
+        "sst2_accuracy_change": -0.125,
+        "nli_accuracy_change": 0.25,
+        "boolq_accuracy_change": 0.0,
+        "drift_kl": 0.0625,
+        "usable_horizon": None,  # no TensorBoard events: no evaluation to read it from
+        "he_change": 3.0,  # mean of 2 and 4
+        "weight_growth": (12 / 10 + 6 / 4) / 2,  # last over the unedited norm, mean of layers
+        "update_ratio": (3 / 10 + 2 / 4) / 2,  # last accumulated update over the unedited norm
+        "principal_share": (0.25 + 0.5 + 0.125 + 0.125) / 4,  # every batch and layer
+        "principal_share_random": (0.1 + 0.1 + 0.2 + 0.2) / 4,
+        "key_leak": (0.25 + 0.5) / 2,  # each layer's last measured value
+        "v_norm": 4.5,
+        "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
+        "wall_seconds": 1234.4,
+    }
+    assert set(table["rows"][0]["values"].values()) == {None}
+    rows = markdown_rows(markdown.read_text())
+    assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
+                       "+0.250", "+0.000", "0.0625", "—", "3", "1.35", "0.40", "0.250", "0.150",
+                       "0.375", "4.50", "610", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 19
+    assert "y with SPHERE: `" in markdown.read_text()
