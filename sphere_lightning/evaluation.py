@@ -144,4 +144,5 @@ def _per_request_mean(
     return scores
 
 
+#: The edit-metric families: name (``--data.metric_family``) → scorer.
 METRIC_FAMILIES = {"counterfact": counterfact_scores, "zsre": zsre_scores}

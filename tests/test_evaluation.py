@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import get_args
 
 import pytest
 import torch
 
-from sphere_lightning.evaluation import counterfact_scores, score_continuations, zsre_scores
+from sphere_lightning.data.datamodule import MetricFamily
+from sphere_lightning.evaluation import (
+    METRIC_FAMILIES,
+    counterfact_scores,
+    score_continuations,
+    zsre_scores,
+)
 
 
 def _naive(model, tokenizer, prompt: str, target: str) -> tuple[float, float, float]:
@@ -72,3 +79,7 @@ def test_zsre_scores_use_neighborhood_answers(tiny_llama, tokenizer, requests):
     assert scores["specificity"][0].item() == expected
     _, expected, _ = _naive(tiny_llama, tokenizer, request.filled_prompt, "Germany")
     assert scores["efficacy"][0].item() == expected
+
+
+def test_every_metric_family_of_the_data_module_has_a_scorer():
+    assert set(get_args(MetricFamily)) == {"auto", *METRIC_FAMILIES}

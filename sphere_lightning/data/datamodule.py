@@ -17,11 +17,9 @@ from sphere_lightning.data.readers import load_requests_with_format
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.errors import ConfigError
 
-#: Values of ``--data.metric_family``.
+#: Values of ``--data.metric_family``: ``auto`` (from the data format) or a key of
+#: :data:`sphere_lightning.evaluation.METRIC_FAMILIES`.
 MetricFamily = Literal["auto", "counterfact", "zsre"]
-
-#: The values of :data:`MetricFamily`, in that order.
-METRIC_FAMILIES: tuple[str, ...] = get_args(MetricFamily)
 
 
 class EditRequestDataset(Dataset):
@@ -175,9 +173,9 @@ class EditDataModule(LightningDataModule):
             raise ConfigError(
                 f"`--data.format` must be one of {', '.join(FORMATS)}, got {format!r}"
             )
-        if metric_family not in METRIC_FAMILIES:
+        if metric_family not in get_args(MetricFamily):
             raise ConfigError(
-                f"`--data.metric_family` must be one of {', '.join(METRIC_FAMILIES)}, "
+                f"`--data.metric_family` must be one of {', '.join(get_args(MetricFamily))}, "
                 f"got {metric_family!r}"
             )
         _check_positive("num_edits", num_edits)

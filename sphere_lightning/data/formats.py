@@ -96,18 +96,37 @@ def _short(text: str, limit: int = 80) -> str:
 
 
 class Record:
-    """Typed, validating access to one raw record (what a :class:`RecordFormat` reads)."""
+    """Typed, validating access to one raw record (what a :class:`RecordFormat` or a
+    general-ability task reads); its errors name the source, the record and the field.
 
-    def __init__(self, raw: Any, source: str, index: int) -> None:
+    Args:
+        raw: The decoded record (must be a JSON object).
+        source: File name or hub dataset, for messages.
+        index: Position of the record (0-based for edit data; the 1-based line or row of
+            general-ability data), for messages.
+        unit: What ``index`` counts (``"record"``, ``"line"``, ``"row"``), for messages.
+        error_type: The error raised for a bad field (a :class:`MalformedRecordError`).
+    """
+
+    def __init__(
+        self,
+        raw: Any,
+        source: str,
+        index: int,
+        unit: str = "record",
+        error_type: type[MalformedRecordError] = MalformedRecordError,
+    ) -> None:
         self.source = source
         self.index = index
+        self.unit = unit
+        self.error_type = error_type
         if not isinstance(raw, Mapping):
             raise self.error(None, f"expected a JSON object, got {type(raw).__name__}")
         self.raw = raw
 
     def error(self, field: str | None, problem: str) -> MalformedRecordError:
         """The error for ``field`` of this record (``None``: the whole record)."""
-        return MalformedRecordError(self.source, self.index, field, problem)
+        return self.error_type(self.source, self.index, field, problem, self.unit)
 
     def has(self, field: str) -> bool:
         """Whether the (dotted) ``field`` is present and not null."""

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.data.formats import Record
 from sphere_lightning.data.readers import MalformedRecordError
 from sphere_lightning.distributed import SINGLE, Collective
 from sphere_lightning.general.metrics import classification_metrics
@@ -87,46 +88,6 @@ class HubDataset:
     def __str__(self) -> str:
         parts = ", ".join(p for p in (self.name, self.split) if p)
         return f"{self.path} ({parts})"
-
-
-_MISSING = object()
-
-
-class Record:
-    """Validating access to one raw record; its errors name the source and the line (or row).
-
-    Args:
-        raw: The decoded record (must be a JSON object).
-        source: File path or hub dataset, for messages.
-        line: 1-based line (row) of the record.
-        unit: ``"line"`` for files, ``"row"`` for hub splits.
-    """
-
-    def __init__(self, raw: Any, source: str, line: int, unit: str) -> None:
-        self.source, self.line, self.unit = source, line, unit
-        if not isinstance(raw, Mapping):
-            raise self.error(None, f"expected a JSON object, got {type(raw).__name__}")
-        self.raw = raw
-
-    def error(self, field: str | None, problem: str) -> MalformedExampleError:
-        """An error about ``field`` of this record (to be raised)."""
-        return MalformedExampleError(self.source, self.line, field, problem, self.unit)
-
-    def get(self, field: str) -> Any:
-        """The value of a field; missing and ``null`` are errors."""
-        value = self.raw.get(field, _MISSING)
-        if value is _MISSING or value is None:
-            raise self.error(field, "missing")
-        return value
-
-    def string(self, field: str) -> str:
-        """A non-empty string field, stripped."""
-        value = self.get(field)
-        if not isinstance(value, str):
-            raise self.error(field, f"expected a string, got {type(value).__name__}")
-        if not value.strip():
-            raise self.error(field, "empty string")
-        return value.strip()
 
 
 class GeneralTask:
@@ -232,7 +193,9 @@ class GeneralTask:
                     raise MalformedExampleError(
                         str(path), number, None, f"not valid JSON ({err.msg})"
                     ) from err
-                examples.append(self.parse(Record(raw, str(path), number, "line")))
+                examples.append(
+                    self.parse(Record(raw, str(path), number, "line", MalformedExampleError))
+                )
         return examples
 
     def _read_hub(self, hub: HubDataset, limit: int | None) -> list[GeneralExample]:
@@ -243,7 +206,11 @@ class GeneralTask:
         for number, row in enumerate(rows, start=1):
             if limit is not None and len(examples) >= limit:
                 break
-            examples.append(self.parse(Record(self.from_hub(dict(row)), str(hub), number, "row")))
+            examples.append(
+                self.parse(
+                    Record(self.from_hub(dict(row)), str(hub), number, "row", MalformedExampleError)
+                )
+            )
         return examples
 
     # ----------------------------------------------------------------------------------- scoring
