@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 import time
@@ -18,10 +19,11 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from sphere_lightning.callbacks.transform import DeltaTransform, NonFiniteDeltaError, check_delta
+from sphere_lightning.context import StepDecision, StepPolicy
 from sphere_lightning.data.requests import EditBatch, EditRequest
+from sphere_lightning.deltas import DeltaPipeline, NonFiniteDeltaError, check_delta
 from sphere_lightning.distributed import Collective, EditDDPStrategy
-from sphere_lightning.editors.base import Editor
+from sphere_lightning.editors.base import DeltaFn, Editor
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
@@ -117,7 +119,8 @@ class DeltaApplier(torch.optim.Optimizer):
     """The "optimizer" of an editing run: its ``step`` applies the module's pending ΔW.
 
     Lightning calls ``on_before_optimizer_step`` on every callback before the deltas are
-    applied, which is where ``after_loop`` delta transforms rewrite ``pending_deltas``.
+    applied; the ``after_loop`` delta transforms then run in
+    :meth:`EditingModule.apply_pending_deltas`.
     """
 
     def __init__(self, module: EditingModule) -> None:
@@ -136,15 +139,13 @@ class DeltaApplier(torch.optim.Optimizer):
 class EditingModule(LightningModule):
     """Sequential knowledge editing of a causal LM.
 
-    Public attributes callbacks may use: ``model``, ``tokenizer``, ``editor``,
-    ``edited_parameter_names``, ``pending_deltas`` (``{name: ΔW}``, nn.Linear out × in convention,
-    set during the step), ``step_metrics`` (scalars a transform wants logged at the step its
-    update lands on), ``original_weights`` (``{name: W₀}``, same convention),
-    :meth:`edited_weight`, :meth:`edit_scores` and :meth:`evaluated_weights` (the weights every
-    evaluation sees, with delta transforms of stage ``evaluation``). With
-    ``record_step_deltas`` set (by a callback, in its ``setup``), ``editor_deltas`` holds the
-    step's ΔW as the editor returned it, before any transform, and ``applied_deltas`` the ΔW
-    added to the weights, from the step until its ``on_train_batch_end`` hooks have run.
+    Callbacks see it through :class:`~sphere_lightning.context.EditingContext`, which it
+    implements. Each step runs the trainer's delta transforms through one
+    :class:`~sphere_lightning.deltas.DeltaPipeline`, built in :meth:`setup`, and logs the scalars
+    they return with the step's own. A :class:`~sphere_lightning.context.StepPolicy` among the
+    callbacks (the HE alarm) is asked after each attempt of a step whether it stands; the module
+    undoes the step (edited weights and editor state, as copied before it) and edits the batch
+    again or leaves it out, as the policy decides.
 
     Edit metrics follow two protocols, each under its own prefix:
 
@@ -256,6 +257,12 @@ class EditingModule(LightningModule):
         self.record_step_deltas = False
         self.editor_deltas: dict[str, torch.Tensor] = {}
         self.applied_deltas: dict[str, torch.Tensor] = {}
+        #: Added to SPHERE's α while a step policy has a step edited again (0 otherwise).
+        self.suppression_increase = 0.0
+        #: The trainer's delta transforms, in order (built in :meth:`setup`).
+        self.delta_pipeline = DeltaPipeline()
+        #: The trainer's step policy, if any (found in :meth:`setup`).
+        self.step_policy: StepPolicy | None = None
         self.step_metrics: dict[str, float] = {}
         self.original_weights: dict[str, torch.Tensor] = {}
         self.pre_edit_metrics: dict[str, float] = {}
@@ -352,6 +359,12 @@ class EditingModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        self.delta_pipeline = DeltaPipeline.of(self.trainer.callbacks)
+        policies = [c for c in self.trainer.callbacks if isinstance(c, StepPolicy)]
+        if len(policies) > 1:
+            names = ", ".join(type(p).__name__ for p in policies)
+            raise ConfigError(f"`trainer.callbacks` holds more than one step policy ({names})")
+        self.step_policy = policies[0] if policies else None
         if self.device_map is not None and self.trainer.world_size > 1:
             raise ConfigError(
                 "`model.device_map` places one model across devices and `trainer.devices` "
@@ -417,28 +430,59 @@ class EditingModule(LightningModule):
                 "the applied batches are out of step (a request would be edited twice or "
                 "skipped)"
             )
+        policy = self.step_policy
+        before = self._copy_step_state() if policy is not None and policy.undoes_steps else None
+        decision, attempt = StepDecision(), 0
+        while True:
+            self._edit_batch(batch, counted=attempt > 0, increase=decision.suppression_increase)
+            if policy is None:
+                return
+            decision = policy.review_step(self, attempt)
+            if decision.action == "accept":
+                return
+            if before is None:
+                raise RuntimeError(
+                    f"{type(policy).__name__} decided `{decision.action}` on step "
+                    f"{self.global_step}, but does not undo steps (`undoes_steps` is False)"
+                )
+            self._restore_step_state(before)
+            if decision.action == "skip":
+                return
+            attempt += 1
+
+    def _edit_batch(self, batch: EditBatch, counted: bool, increase: float) -> None:
+        """Compute, transform and apply the batch's ΔW, update the editor's state, and log the
+        step's scalars. ``counted``: a retry of a step Lightning has already counted (its ΔW is
+        applied without another optimizer step); ``increase``: the retry's raise of SPHERE's α."""
         self.editor_deltas, self.applied_deltas = {}, {}
-        start = time.perf_counter()
-        transform = self._in_loop_transform(self.delta_transforms("in_loop"))
-        if self.editor.transform_in_loop:
-            deltas = self.editor.compute_deltas(
-                self.model, self.tokenizer, batch.requests, transform=transform
-            )
-        else:
-            # An editor without a layer loop: its in-loop transforms run here, layer by layer.
-            raw = self.editor.compute_deltas(self.model, self.tokenizer, batch.requests)
-            deltas = {name: transform(name, delta) for name, delta in raw.items()}
-        self._add_time("compute_deltas", start)
-        self.pending_deltas = deltas
-        # The step lands as a whole: a Ctrl-C from here on is delivered once the weights and the
-        # editor's state are both updated (before here, nothing in the model has changed).
-        with sigint_deferred():
+        self.suppression_increase = increase
+        try:
             start = time.perf_counter()
-            self.optimizers().step()
-            self._add_time("transform_and_apply", start)
-            start = time.perf_counter()
-            self.editor.after_apply(self.model, self.tokenizer, batch.requests)
-            self._add_time("after_apply", start)
+            transform = self._in_loop_transform()
+            if self.editor.transform_in_loop:
+                deltas = self.editor.compute_deltas(
+                    self.model, self.tokenizer, batch.requests, transform=transform
+                )
+            else:
+                # An editor without a layer loop: its in-loop transforms run here, layer by layer.
+                raw = self.editor.compute_deltas(self.model, self.tokenizer, batch.requests)
+                deltas = {name: transform(name, delta) for name, delta in raw.items()}
+            self._add_time("compute_deltas", start)
+            self.pending_deltas = deltas
+            # The step lands as a whole: a Ctrl-C from here on is delivered once the weights and
+            # the editor's state are both updated (before here, nothing in the model changed).
+            with sigint_deferred():
+                start = time.perf_counter()
+                if counted:
+                    self.apply_pending_deltas()
+                else:
+                    self.optimizers().step()  # Lightning counts the step: global_step + 1
+                self._add_time("transform_and_apply", start)
+                start = time.perf_counter()
+                self.editor.after_apply(self.model, self.tokenizer, batch.requests)
+                self._add_time("after_apply", start)
+        finally:
+            self.suppression_increase = 0.0
         self.pending_deltas = {}
         if self.batch_metrics:
             start = time.perf_counter()
@@ -451,20 +495,34 @@ class EditingModule(LightningModule):
         self.log_now(self.step_metrics)
         self.step_metrics = {}
 
+    def _copy_step_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The edited weights and the editor's sequential state, copied before a step that a
+        step policy may have undone."""
+        weights = {
+            name: self.edited_weight(name).detach().clone() for name in self.edited_parameter_names
+        }
+        return weights, copy.deepcopy(self.editor.state_dict())
+
+    def _restore_step_state(self, state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+        """Put back the edited weights and the editor's state of :meth:`_copy_step_state`, bit
+        for bit (all of it, also when Ctrl-C arrives meanwhile)."""
+        weights, editor_state = state
+        with torch.no_grad(), sigint_deferred():
+            for name, saved in weights.items():
+                self.edited_weight(name).copy_(saved)
+            # A fresh copy each time: load_state_dict may keep references later steps mutate.
+            self.editor.load_state_dict(copy.deepcopy(editor_state))
+
     @override
     def on_train_batch_end(self, outputs: Any, batch: EditBatch, batch_idx: int) -> None:
         # After the callbacks' hooks (Lightning calls the module's last).
         self.editor_deltas, self.applied_deltas = {}, {}
 
-    def delta_transforms(self, stage: str) -> list[DeltaTransform]:
-        """The trainer's delta-transform callbacks of ``stage``, in ``trainer.callbacks`` order."""
-        callbacks = self._trainer.callbacks if self._trainer is not None else []
-        return [c for c in callbacks if isinstance(c, DeltaTransform) and c.stage == stage]
-
-    def _in_loop_transform(self, transforms: list[DeltaTransform]):
+    def _in_loop_transform(self) -> DeltaFn:
         """One function ``(name, ΔW) -> ΔW`` that checks the editor's ΔW, then runs it through
-        ``transforms`` in order, checking each one's output (the editor calls it per layer,
-        inside its loop, before the layer's update is placed)."""
+        the pipeline's ``in_loop`` transforms, checking each one's output and keeping their
+        scalars for the step (the editor calls it per layer, inside its loop, before the
+        layer's update is placed)."""
 
         def transform(name: str, delta: torch.Tensor) -> torch.Tensor:
             editor = type(self.editor).__name__
@@ -472,19 +530,25 @@ class EditingModule(LightningModule):
                 raise KeyError(f"{editor} returned ΔW for {name!r}, not an edited parameter")
             try:
                 check_delta(delta, name, self.edited_weight(name).shape, editor)
-                if self.record_step_deltas:  # summed: ROME calls this once per request
-                    held = self.editor_deltas.get(name)
-                    self.editor_deltas[name] = delta if held is None else held + delta
-                for t in transforms:
-                    delta = t.apply_in_loop(name, delta, self)
             except NonFiniteDeltaError as error:
                 raise NonFiniteDeltaError(f"Step {self.global_step}: {error}") from None
+            if self.record_step_deltas:  # summed: ROME calls this once per request
+                held = self.editor_deltas.get(name)
+                self.editor_deltas[name] = delta if held is None else held + delta
+            delta, metrics = self.delta_pipeline.in_loop(name, delta, self)
+            self.step_metrics.update(metrics)
             return delta
 
         return transform
 
     def apply_pending_deltas(self) -> None:
-        """Add every pending ΔW to its weight: all of them, or none if any is invalid."""
+        """Run the pending ΔW through the ``after_loop`` transforms, then add each to its
+        weight: all of them, or none if any is invalid."""
+        if self.pending_deltas:
+            self.pending_deltas, metrics = self.delta_pipeline.whole_batch(
+                "after_loop", self.pending_deltas, self
+            )
+            self.step_metrics.update(metrics)
         for name, delta in self.pending_deltas.items():
             if name not in self.original_weights:
                 raise KeyError(f"ΔW for {name!r}, which is not an edited parameter")
@@ -512,17 +576,16 @@ class EditingModule(LightningModule):
         Without delta transforms of stage ``evaluation`` these are the live weights and nothing
         changes. With them, each edited weight holds W₀ + T(W − W₀): the total update since the
         unedited weight W₀, through every ``evaluation`` transform in ``trainer.callbacks``
-        order (:meth:`~sphere_lightning.callbacks.transform.DeltaTransform.apply_to_batch`),
+        order (:meth:`~sphere_lightning.deltas.DeltaTransform.apply_to_batch`),
         while editing goes on from the plain W. They are computed once per state of the live
         weights (the transforms' scalars are logged then, at ``global_step``) and kept, so
         every evaluation of a step reuses them. Nested blocks swap once.
         """
-        transforms = self.delta_transforms("evaluation")
-        if not transforms or self._evaluating:
+        if not self.delta_pipeline.stage("evaluation") or self._evaluating:
             yield
             return
         names = self.edited_parameter_names
-        evaluated = self._compute_evaluated_weights(transforms, names)
+        evaluated = self._compute_evaluated_weights(names)
         live = {name: self.edited_weight(name).detach().clone() for name in names}
         self._evaluating = True
         try:
@@ -543,9 +606,7 @@ class EditingModule(LightningModule):
         rollback, a loaded checkpoint) moves them."""
         return tuple(self.model.get_parameter(name)._version for name in names)
 
-    def _compute_evaluated_weights(
-        self, transforms: list[DeltaTransform], names: list[str]
-    ) -> dict[str, torch.Tensor]:
+    def _compute_evaluated_weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         """``{name: W₀ + T(W − W₀)}`` for the live weights W (cached, see
         :meth:`evaluated_weights`)."""
         versions = self._weight_versions(names)
@@ -559,13 +620,7 @@ class EditingModule(LightningModule):
             dtype = torch.promote_types(weight.dtype, torch.float32)
             original = self.original_weights[name].to(weight.device, dtype)
             totals[name] = weight.to(dtype) - original
-        saved, self.step_metrics = self.step_metrics, {}
-        try:
-            for transform in transforms:
-                totals = transform.apply_to_batch(totals, self)
-            produced = self.step_metrics
-        finally:
-            self.step_metrics = saved
+        totals, produced = self.delta_pipeline.whole_batch("evaluation", totals, self)
         collective = self.collective
         evaluated = {}
         for name in names:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 
 from sphere_lightning.experiments import WITH_SPHERE, WITHOUT_SPHERE
+from sphere_lightning.models.architectures import architecture_of, linear_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +91,75 @@ def markdown_rows(text: str, table: int = 0) -> list[list[str]]:
         previous = line
     rows = tables[table] if table < len(tables) else []
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+# ---------------------------------------------------------------------- the callbacks' view
+
+
+class ContextStub:
+    """A stand-in for :class:`~sphere_lightning.context.EditingContext` (what callbacks see of
+    the module): over a model's edited layers (``model``, ``layers``, or ``editor.layers``), or
+    over plain tensors (``weights``: ``{name: W}``, returned as they are by ``edited_weight``,
+    so a test may change them in place or replace them). ``log_now`` records
+    ``(global_step, metrics)`` in :attr:`logged`.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        layers: tuple[int, ...] = (1, 2),
+        *,
+        editor: Any = None,
+        weights: dict[str, Any] | None = None,
+        original_weights: dict[str, Any] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.editor = model, tokenizer, editor
+        self.weights = weights
+        if weights is not None:
+            names = list(weights)
+        elif model is not None:
+            spec = architecture_of(model)
+            names = [spec.weight_name(i) for i in (editor.layers if editor else layers)]
+        else:
+            names = []
+        self.edited_parameter_names = names
+        if original_weights is None:
+            original_weights = {n: self.edited_weight(n).detach().clone() for n in names}
+        self.original_weights = original_weights
+        self.global_step = 0
+        self.record_step_deltas = False
+        self.editor_deltas: dict[str, Any] = {}
+        self.applied_deltas: dict[str, Any] = {}
+        self.suppression_increase = 0.0
+        self.phase_seconds: dict[str, float] = {}
+        self.final_edit_metrics: dict[str, float] = {}
+        self.sampled_edit_metrics: list[dict[str, float]] = []
+        self.evaluated_at_current_step = False
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def edited_weight(self, name: str) -> torch.Tensor:
+        if self.weights is not None:
+            return self.weights[name]
+        return linear_weight(self.model.get_submodule(name.removesuffix(".weight")))
+
+    def evaluated_weights(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def num_edited(self) -> int:
+        return 0
+
+    def log_now(self, metrics: dict[str, float]) -> None:
+        self.logged.append((self.global_step, dict(metrics)))
+
+    @property
+    def last_logged(self) -> dict[str, float]:
+        """The metrics of the last ``log_now`` call."""
+        return self.logged[-1][1]
+
+    def perturb(self, scale: float = 0.5, seed: int = 1) -> None:
+        """An "edit": add noise to the last edited weight."""
+        g = torch.Generator().manual_seed(seed)
+        weight = self.edited_weight(self.edited_parameter_names[-1])
+        with torch.no_grad():
+            weight.add_(scale * torch.randn(weight.shape, generator=g))

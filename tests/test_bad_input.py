@@ -24,8 +24,8 @@ import sphere_lightning
 from sphere_lightning import __main__ as entry
 from sphere_lightning import cache
 from sphere_lightning.callbacks import DeltaTransform, SphereProjectionCallback
-from sphere_lightning.callbacks.transform import NonFiniteDeltaError
 from sphere_lightning.cli import cli_main
+from sphere_lightning.deltas import DeltaPipeline, NonFiniteDeltaError
 from sphere_lightning.editors import AlphaEdit, statistics
 from sphere_lightning.errors import (
     ConfigError,
@@ -316,9 +316,9 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     def bug(args=None):
         raise KeyError("a real bug")
 
-    monkeypatch.setattr(entry, "cli_main", bug)
+    monkeypatch.setattr("sphere_lightning.cli.cli_main", bug)
     with pytest.raises(KeyError, match="a real bug"):
-        entry.main([])
+        entry.main(["fit"])
 
 
 @pytest.mark.parametrize(
@@ -392,7 +392,8 @@ def test_nan_from_a_transform_names_step_layer_and_class(tiny_model_dir):
     module = EditingModule(editor=AlphaEdit(layers=[1, 2]), model=tiny_model_dir)
     module.configure_model()
     before = weights(module.model)
-    transform = module._in_loop_transform([NaNDelta()])
+    module.delta_pipeline = DeltaPipeline([NaNDelta()])
+    transform = module._in_loop_transform()
     name = module.edited_parameter_names[0]
     with pytest.raises(
         NonFiniteDeltaError,

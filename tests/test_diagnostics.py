@@ -25,8 +25,7 @@ from sphere_lightning.editors.base import value_norm_metrics
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
 from sphere_lightning.horizon import Evaluation, usable_horizon
-from sphere_lightning.models.architectures import architecture_of, linear_weight
-from tests.helpers import ROOT, tiny_alphaedit_flags
+from tests.helpers import ROOT, ContextStub, tiny_alphaedit_flags
 
 # -- plain references --------------------------------------------------------------------------
 
@@ -257,33 +256,6 @@ def test_runner_tables_report_the_horizon_of_every_run(tmp_path):
 # -- the callback ------------------------------------------------------------------------------
 
 
-class _Module:
-    """The module surface the callback reads, over the tiny Llama's two edited layers."""
-
-    def __init__(self, model, editor) -> None:
-        self.model, self.tokenizer, self.editor = model, None, editor
-        spec = architecture_of(model)
-        self.edited_parameter_names = [spec.weight_name(layer) for layer in editor.layers]
-        self.original_weights = {
-            n: self.edited_weight(n).detach().clone() for n in self.edited_parameter_names
-        }
-        self.record_step_deltas = False
-        self.editor_deltas: dict[str, torch.Tensor] = {}
-        self.applied_deltas: dict[str, torch.Tensor] = {}
-        self.phase_seconds: dict[str, float] = {}
-        self.logged: list[dict[str, float]] = []
-        self.step_metrics: dict[str, float] = {}  # SPHERE's scalars
-
-    def edited_weight(self, name: str) -> torch.Tensor:
-        return linear_weight(self.model.get_submodule(name.removesuffix(".weight")))
-
-    def log_now(self, metrics: dict[str, float]) -> None:
-        self.logged.append(dict(metrics))
-
-    def num_edited(self) -> int:
-        return 0
-
-
 def _trainer(callbacks: list) -> SimpleNamespace:
     data = SimpleNamespace(edits_per_step=2, requests=list(range(10)))
     return SimpleNamespace(
@@ -305,7 +277,7 @@ def test_callback_logs_each_quantity_as_computed_plainly(
 ):
     model = make_tiny_model(family)
     editor = MEMIT(layers=[0, 1])
-    module = _Module(model, editor)
+    module = ContextStub(model, editor=editor)
     g = torch.Generator().manual_seed(4)
     keys = {}
     editor.covariances = {}
@@ -329,8 +301,8 @@ def test_callback_logs_each_quantity_as_computed_plainly(
     callback.on_train_start(trainer, module)  # the baseline: norms only
     name0 = module.edited_parameter_names[0]
     layer0 = name0.removesuffix(".weight")
-    assert module.logged[0][f"diag/update_norm/{layer0}"] == 0.0
-    assert f"diag/principal_share/{layer0}" not in module.logged[0]
+    assert module.logged[0][1][f"diag/update_norm/{layer0}"] == 0.0
+    assert f"diag/principal_share/{layer0}" not in module.logged[0][1]
 
     with torch.no_grad():  # one edit batch, by hand, as the module runs it
         module.edited_weight(name0).add_(0.5)  # the current weight differs from the original
@@ -341,14 +313,14 @@ def test_callback_logs_each_quantity_as_computed_plainly(
     beta = 0.3 if sphere is not None else 0.6
     applied = {}
     for name, delta in raw.items():  # SPHERE as the module runs it, on the weight before
-        applied[name] = sphere.transform_delta(name, delta, module) if sphere else delta
+        applied[name] = sphere.transform_delta(name, delta, module)[0] if sphere else delta
         with torch.no_grad():
             module.edited_weight(name).add_(applied[name])
     module.applied_deltas = applied
     trainer.global_step = 1
     callback.on_train_batch_end(trainer, module, None, None, 0)
 
-    logged = module.logged[-1]
+    logged = module.last_logged
     for name in module.edited_parameter_names:
         layer = name.removesuffix(".weight")
         after = module.edited_weight(name).double()

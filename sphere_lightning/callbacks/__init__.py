@@ -11,7 +11,7 @@ from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.callbacks.prune import PruneCallback
 from sphere_lightning.callbacks.rect import RectCallback
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
-from sphere_lightning.callbacks.transform import DeltaTransform
+from sphere_lightning.deltas import DeltaTransform
 
 __all__ = [
     "CollapseDiagnosticsCallback",

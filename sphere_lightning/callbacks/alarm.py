@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
@@ -27,87 +24,12 @@ from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.callbacks.timing import add_seconds
-from sphere_lightning.interrupts import sigint_deferred
+from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
+from sphere_lightning.functional.band import DeltaBand, excess, outside
 
 AlarmAction = Literal["warn", "stop", "rollback"]
 RetryPolicy = Literal["retry", "skip"]
 ExhaustedPolicy = Literal["keep", "skip"]
-
-#: Scale of the median absolute deviation that makes it estimate σ for normal data.
-MAD_TO_SIGMA = 1.4826
-
-
-def robust_centre_scale(values: Sequence[float]) -> tuple[float, float]:
-    """``(median, 1.4826 · MAD)`` of ``values``: a centre and a scale that a few outliers do
-    not move (MAD = median of ``|x − median|``; the median of an even count is the mean of the
-    middle two)."""
-    if not values:
-        raise ValueError("robust_centre_scale needs at least one value")
-    centre = statistics.median(values)
-    mad = statistics.median(abs(v - centre) for v in values)
-    return float(centre), MAD_TO_SIGMA * float(mad)
-
-
-@dataclass(frozen=True)
-class DeltaBand:
-    """The band of ordinary per-step ΔHE of one layer, learned from its accepted steps so far.
-
-    With ``history`` the ΔHE of the steps kept so far (the last ``window`` of them), a value
-    ``x`` is out of band when
-
-    - ``|x − median| > k · scale``, ``scale = max(1.4826 · MAD, min_scale)``, once the history
-      holds at least ``warmup_steps`` values (before that this test is off); or
-    - ``|x| > max_abs_delta`` (when set; applies from the first step); or
-    - ``x`` is not finite.
-
-    The bounds are strict: a value exactly on a limit is in band.
-
-    Args:
-        k: Width of the band in robust standard deviations.
-        warmup_steps: Steps in the history before the relative test starts.
-        max_abs_delta: Absolute limit on |ΔHE| (``None``: none).
-        min_scale: Floor of the scale, so that a history of (nearly) identical ΔHE does not turn
-            every small difference into an alarm.
-        window: Only the last this-many values of the history count (``None``: all).
-    """
-
-    k: float = 6.0
-    warmup_steps: int = 3
-    max_abs_delta: float | None = None
-    min_scale: float = 0.0
-    window: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.k > 0:
-            raise ValueError(f"`k` should be > 0, got {self.k}")
-        if self.warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` should be ≥ 1, got {self.warmup_steps}")
-        if self.max_abs_delta is not None and not self.max_abs_delta > 0:
-            raise ValueError(f"`max_abs_delta` should be > 0 or None, got {self.max_abs_delta}")
-        if not self.min_scale >= 0:
-            raise ValueError(f"`min_scale` should be ≥ 0, got {self.min_scale}")
-        if self.window is not None and self.window < self.warmup_steps:
-            raise ValueError(
-                f"`window` should be None or ≥ `warmup_steps` ({self.warmup_steps}), "
-                f"got {self.window}"
-            )
-
-    def limits(self, history: Sequence[float]) -> tuple[float, float]:
-        """``(low, high)``: the ΔHE values allowed after ``history`` (±inf where unbounded)."""
-        if self.window is not None:
-            history = history[-self.window :]
-        low, high = -math.inf, math.inf
-        if len(history) >= self.warmup_steps:
-            centre, scale = robust_centre_scale(history)
-            scale = max(scale, self.min_scale)
-            low, high = centre - self.k * scale, centre + self.k * scale
-        if self.max_abs_delta is not None:
-            low, high = max(low, -self.max_abs_delta), min(high, self.max_abs_delta)
-        return low, high
-
-    def is_out(self, value: float, history: Sequence[float]) -> bool:
-        """Whether ``value`` is outside the band that ``history`` gives."""
-        return not _within(value, self.limits(history))
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -116,24 +38,28 @@ def _finite_or_none(value: float) -> float | None:
 
 
 @dataclass
-class _Snapshot:
-    """What a step started from: HE per layer, the batch, and for a rollback the edited weights
-    and the editor's state."""
+class _Step:
+    """A step under review: HE per layer before it, the batch's request positions, and what
+    the reviews of its attempts found."""
 
     energy: dict[str, float]
     positions: list[int]
-    batch: Any
-    batch_idx: int
-    weights: dict[str, torch.Tensor] | None = None
-    editor_state: dict[str, Any] | None = None
+    limits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    delta: dict[str, float] = field(default_factory=dict)
+    fired: bool = False
+    retries: int = 0
+    skipped: bool = False
+    alpha: float | None = None
+    stop_reason: str | None = None
 
 
-class HEAlarmCallback(EditObserver):
+class HEAlarmCallback(EditObserver, StepPolicy):
     """Watch the HE change of each step, and warn, stop or roll back when it is out of band.
 
     Before each step (``on_train_batch_start``) the HE of every edited weight is computed; after
-    it (``on_train_batch_end``) again, and ΔHE = HE after − HE before, per layer, is checked
-    against a :class:`DeltaBand` learned from that layer's ΔHE over the steps kept so far
+    each attempt of it (:meth:`review_step`) again, and ΔHE = HE after − HE before, per layer,
+    is checked against a :class:`~sphere_lightning.functional.band.DeltaBand` learned from that
+    layer's ΔHE over the steps kept so far
     (median ± ``k`` · 1.4826 · MAD, once ``warmup_steps`` steps are in; optionally an absolute
     ``max_abs_delta``). A step is out of band if any layer is. Then, per ``action``:
 
@@ -141,12 +67,12 @@ class HEAlarmCallback(EditObserver):
     - ``stop``: also ``trainer.should_stop = True`` (the run ends after this step, whose edit
       stays in); the reason is warned and kept in :attr:`stop_reason` and ``summary.json``;
     - ``rollback``: the edited weights and the editor's sequential state (``editor.state_dict()``,
-      e.g. AlphaEdit's accumulated K Kᵀ) are put back bit for bit as they were before the step
-      (snapshots taken in ``on_train_batch_start``), then per ``on_retry``:
+      e.g. AlphaEdit's accumulated K Kᵀ) are put back bit for bit as they were before the step,
+      then per ``on_retry``:
 
-      - ``retry``: the batch is edited again (``pl_module.training_step``) with the α
-        (``suppression``) of every :class:`SphereProjectionCallback` raised by ``alpha_step``
-        per retry (capped at 1) and set back afterwards; up to ``max_retries`` times. If every
+      - ``retry``: the batch is edited again with the α (``suppression``) of every live
+        :class:`SphereProjectionCallback` raised by ``alpha_step`` per retry (capped at 1), for
+        the retry only; up to ``max_retries`` times. If every
         retry is out of band too, ``on_exhausted`` keeps the last attempt (``keep``) or rolls it
         back and leaves the batch out (``skip``). Needs a SPHERE callback in the trainer; to
         edit without SPHERE until an alarm, list one with ``suppression: 0.0`` (α = 0 applies
@@ -156,17 +82,18 @@ class HEAlarmCallback(EditObserver):
     Only steps that are kept add their ΔHE to the history (a skipped batch adds nothing), and
     only steps with ΔHE (not drift or edit metrics) are watched.
 
-    **Where to list it.** Before every observer (``HyperSphericalEnergyCallback``, drift, general
-    ability, figures) in ``trainer.callbacks``: callbacks run in list order, so observers listed
-    after it see the weights of the attempt that was kept (a warning is raised otherwise).
-    Order relative to delta transforms does not matter; ``ModelCheckpoint`` always runs last.
+    **How it acts.** The callback holds the configuration and the band; it is the run's
+    :class:`~sphere_lightning.context.StepPolicy`. The module asks it after each attempt of a
+    step (:meth:`review_step`) and does the rollback and the retry itself, inside the step, so
+    every observer, wherever it is listed, measures the attempt that was kept. The retry is
+    applied without another optimizer step: ``global_step`` is the step's number throughout it.
 
     **Logging** (TensorBoard, at the step's ``global_step``): ``alarm/fired`` (1 if the step's
     first attempt was out of band), ``alarm/retries``, ``alarm/skipped``, ``alarm/alpha`` (α of
     the step's last attempt, when a SPHERE callback is present), ``alarm/delta_he/<layer>`` (ΔHE
     of the kept attempt; 0 for a skipped batch), ``alarm/band_{low,high}/<layer>`` (finite limits
-    only) and ``time/alarm`` (HE after the step; HE before it is the previous step's after). A
-    retry re-runs ``training_step``, so the module's own scalars (``edit_batch/*``, ``editor/*``,
+    only) and ``time/alarm`` (HE after each attempt; HE before the step is the previous step's
+    after). Every attempt logs the module's own scalars (``edit_batch/*``, ``editor/*``,
     ``sphere/*``, ``time/*``, ``edit/num_edited``) are written again at the same step: the last
     value at a step belongs to the attempt that was kept (after a skip, the first attempt's
     scalars stay; ``alarm/skipped`` marks them). ``edit/num_edited`` counts the batch's facts
@@ -252,7 +179,9 @@ class HEAlarmCallback(EditObserver):
         self.skipped_positions: list[int] = []
         #: Why the run was stopped (``action: stop``), else ``None``.
         self.stop_reason: str | None = None
-        self._before: _Snapshot | None = None
+        self._step: _Step | None = None
+        self._spheres: list[SphereProjectionCallback] = []
+        self._review_seconds = 0.0
         self._energy_cache: tuple[int, dict[str, float]] | None = None
 
     @property
@@ -260,170 +189,147 @@ class HEAlarmCallback(EditObserver):
         """Exponent of the energy."""
         return self._energy.s
 
+    @property
+    @override
+    def undoes_steps(self) -> bool:
+        return self.action == "rollback"
+
     # -- hooks ---------------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.action == "rollback" and self.on_retry == "retry" and not self._spheres(trainer):
+        # One of stage `evaluation` never touches the live model a retry re-edits.
+        self._spheres = [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, SphereProjectionCallback) and c.stage != "evaluation"
+        ]
+        if self.action == "rollback" and self.on_retry == "retry" and not self._spheres:
             raise ValueError(
                 "HEAlarmCallback with `action: rollback` and `on_retry: retry` raises SPHERE's α "
                 "on a retry, but trainer.callbacks holds no SphereProjectionCallback: add one "
                 "(`suppression: 0.0` edits without SPHERE until an alarm) or set `on_retry: skip`"
             )
-        callbacks = list(trainer.callbacks)
-        if self in callbacks:
-            before = callbacks[: callbacks.index(self)]
-            early = [type(c).__name__ for c in before if isinstance(c, EditObserver)]
-            if early:
-                rank_zero_warn(
-                    f"HEAlarmCallback is listed after {', '.join(early)} in trainer.callbacks: "
-                    "those measure a step before the alarm has rolled it back or retried it. "
-                    "List the alarm before them."
-                )
 
     @override
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        before = _Snapshot(
+        self._step = _Step(
             energy=self._energies_before(trainer, pl_module),
             positions=list(getattr(batch, "positions", [])),
-            batch=batch,
-            batch_idx=batch_idx,
         )
-        if self.action == "rollback":
-            before.weights = {
-                name: pl_module.edited_weight(name).detach().clone()
-                for name in pl_module.edited_parameter_names
+        self._review_seconds = 0.0
+
+    # -- the policy ----------------------------------------------------------------------------
+
+    def alpha(self, attempt: int) -> float | None:
+        """SPHERE's α (of the first live SPHERE callback) at ``attempt``; ``None`` without one."""
+        if not self._spheres:
+            return None
+        base = self._spheres[0].suppression
+        return base if attempt == 0 else min(1.0, base + self.increase(attempt))
+
+    def increase(self, attempt: int) -> float:
+        """The raise of α at retry ``attempt``."""
+        return attempt * self.alpha_step
+
+    @override
+    def review_step(self, context: EditingContext, attempt: int) -> StepDecision:
+        step = self._step
+        if step is None:  # not started through on_train_batch_start: nothing to compare with
+            return StepDecision()
+        if attempt == 0:
+            step.limits = {
+                layer: self.band.limits(self.history.get(layer, [])) for layer in step.energy
             }
-            before.editor_state = copy.deepcopy(pl_module.editor.state_dict())
-        self._before = before
+        step.delta = self._delta(context, step)
+        out = outside(step.delta, step.limits)
+        step.retries, step.alpha = attempt, self.alpha(attempt)
+        if attempt == 0:
+            step.fired = bool(out)
+            return self._first_verdict(context.global_step, step, out)
+        if not out:
+            action = "accept"
+        elif attempt < self.max_retries:
+            action = "retry"
+        else:
+            action = self.on_exhausted
+        self._record(context.global_step, attempt, action, step.delta, out, step.limits, step.alpha)
+        if action == "retry":
+            return StepDecision("retry", self.increase(attempt + 1))
+        step.skipped = action == "skip"
+        return StepDecision("skip" if step.skipped else "accept")
+
+    def _first_verdict(self, index: int, step: _Step, out: dict[str, float]) -> StepDecision:
+        """The decision on a step's first attempt."""
+        if not out:
+            return StepDecision()
+
+        def record(action: str) -> dict[str, Any]:
+            return self._record(index, 0, action, step.delta, out, step.limits, step.alpha)
+
+        if self.action == "warn":
+            record("warn")
+            return StepDecision()
+        if self.action == "stop":
+            event = record("stop")
+            step.stop_reason = (
+                f"HE alarm at step {index}: ΔHE of {event['layer']} = {event['delta_he']:.6g} "
+                f"outside {_band_text(event['band'])}"
+            )
+            return StepDecision()
+        if self.on_retry == "skip":
+            record("skip")
+            step.skipped = True
+            return StepDecision("skip")
+        record("retry")
+        return StepDecision("retry", self.increase(1))
 
     @override
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        before, self._before = self._before, None
-        if before is None:  # no step since the last check (e.g. at the end of a resumed run)
+        step, self._step = self._step, None
+        if step is None or not step.delta:  # no step reviewed since the last check
             return {}
-        step = trainer.global_step
-        spheres = self._spheres(trainer)
-        alpha = _alpha(spheres)
-        limits = {layer: self.band.limits(self.history.get(layer, [])) for layer in before.energy}
-        delta = self._delta(pl_module, before)
-        out = _outside(delta, limits)
-        retries, skipped = 0, False
-        if out and self.action == "warn":
-            self._record(step, 0, "warn", delta, out, limits, alpha)
-        elif out and self.action == "stop":
-            event = self._record(step, 0, "stop", delta, out, limits, alpha)
-            self.stop_reason = (
-                f"HE alarm at step {step}: ΔHE of {event['layer']} = {event['delta_he']:.6g} "
-                f"outside {_band_text(event['band'])}"
-            )
+        if self._part_seconds is not None:
+            self._part_seconds[self.phase] = self._review_seconds
+        if step.stop_reason is not None:
+            self.stop_reason = step.stop_reason
             trainer.should_stop = True
-        elif out and self.on_retry == "skip":
-            self._record(step, 0, "skip", delta, out, limits, alpha)
-            skipped = True
-        elif out:
-            delta, retries, skipped, alpha = self._retry(
-                trainer, pl_module, before, spheres, delta, out, limits
-            )
-        if skipped:
-            self._restore(pl_module, before)
-            self._energy_cache = (step, dict(before.energy))
-            self.skipped_positions.extend(before.positions)
+        if step.skipped:
+            self._energy_cache = (trainer.global_step, dict(step.energy))
+            self.skipped_positions.extend(step.positions)
         else:
-            for layer, value in delta.items():
+            for layer, value in step.delta.items():
                 self.history.setdefault(layer, []).append(value)
         values = {
-            "alarm/fired": float(bool(out)),
-            "alarm/retries": float(retries),
-            "alarm/skipped": float(skipped),
+            "alarm/fired": float(step.fired),
+            "alarm/retries": float(step.retries),
+            "alarm/skipped": float(step.skipped),
         }
-        if alpha is not None:
-            values["alarm/alpha"] = alpha
-        for layer, value in delta.items():
-            values[f"alarm/delta_he/{layer}"] = 0.0 if skipped else value
-            low, high = limits[layer]
+        if step.alpha is not None:
+            values["alarm/alpha"] = step.alpha
+        for layer, value in step.delta.items():
+            values[f"alarm/delta_he/{layer}"] = 0.0 if step.skipped else value
+            low, high = step.limits[layer]
             if math.isfinite(low):
                 values[f"alarm/band_low/{layer}"] = low
             if math.isfinite(high):
                 values[f"alarm/band_high/{layer}"] = high
-        if self.skipped_positions and before.positions:
+        if self.skipped_positions and step.positions:
             # The module logged the batch's last position + 1; correct it for skipped facts.
-            values["edit/num_edited"] = float(
-                before.positions[-1] + 1 - len(self.skipped_positions)
-            )
+            values["edit/num_edited"] = float(step.positions[-1] + 1 - len(self.skipped_positions))
         return values
-
-    # -- rollback and retry ----------------------------------------------------------------------
-
-    def _retry(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        before: _Snapshot,
-        spheres: list[SphereProjectionCallback],
-        delta: dict[str, float],
-        out: dict[str, float],
-        limits: dict[str, tuple[float, float]],
-    ) -> tuple[dict[str, float], int, bool, float | None]:
-        """Roll back and re-edit the batch with a stronger α until ΔHE is in band or the retries
-        run out. Returns the last attempt's ΔHE, the number of retries, whether the batch is to
-        be left out (rolled back by the caller) and the α of the last attempt."""
-        step = trainer.global_step
-        base = [sphere.suppression for sphere in spheres]
-        self._record(step, 0, "retry", delta, out, limits, _alpha(spheres))
-        for attempt in range(1, self.max_retries + 1):
-            self._restore(pl_module, before)
-            raised = [min(1.0, alpha + attempt * self.alpha_step) for alpha in base]
-            try:
-                for sphere, alpha in zip(spheres, raised, strict=True):
-                    sphere.suppression = alpha
-                with _step_replayed(trainer):
-                    pl_module.training_step(before.batch, before.batch_idx)
-            finally:
-                for sphere, alpha in zip(spheres, base, strict=True):
-                    sphere.suppression = alpha
-            delta = self._delta(pl_module, before)
-            out = _outside(delta, limits)
-            if not out:
-                action = "accept"
-            elif attempt < self.max_retries:
-                action = "retry"
-            else:
-                action = self.on_exhausted
-            self._record(step, attempt, action, delta, out, limits, raised[0])
-            if not out:
-                break
-        return delta, attempt, action == "skip", raised[0]
-
-    def _restore(self, pl_module: LightningModule, before: _Snapshot) -> None:
-        """Put the edited weights and the editor's state back as they were before the step
-        (all of it, also when Ctrl-C arrives meanwhile)."""
-        with torch.no_grad(), sigint_deferred():
-            for name, saved in before.weights.items():
-                pl_module.edited_weight(name).copy_(saved)
-            # A fresh copy each time: load_state_dict may keep references later steps mutate.
-            pl_module.editor.load_state_dict(copy.deepcopy(before.editor_state))
 
     # -- helpers -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _spheres(trainer: Trainer) -> list[SphereProjectionCallback]:
-        # One of stage `evaluation` never touches the live model a retry re-edits.
-        return [
-            c
-            for c in trainer.callbacks
-            if isinstance(c, SphereProjectionCallback) and c.stage != "evaluation"
-        ]
-
-    def _energies(self, pl_module: LightningModule) -> dict[str, float]:
+    def _energies(self, pl_module: EditingContext) -> dict[str, float]:
         """``{layer: HE}`` of every edited weight now."""
         names = pl_module.edited_parameter_names
         energies = self._energy.energies({n: pl_module.edited_weight(n) for n in names})
         return {tag.removeprefix("energy/"): value for tag, value in energies.items()}
 
-    def _energies_before(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def _energies_before(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """HE before the coming step: the HE after the previous step if this callback measured
         it (nothing changes the weights between steps), else computed now."""
         if self._energy_cache is not None and self._energy_cache[0] == trainer.global_step:
@@ -433,13 +339,14 @@ class HEAlarmCallback(EditObserver):
         add_seconds(pl_module, self.phase, time.perf_counter() - start)
         return energies
 
-    def _delta(self, pl_module: LightningModule, before: _Snapshot) -> dict[str, float]:
+    def _delta(self, pl_module: EditingContext, step: _Step) -> dict[str, float]:
         """``{layer: HE now − HE before the step}``; HE now is kept as the HE before the next
         step (a later rollback replaces it)."""
-        with self.timed(self.phase):
-            after = self._energies(pl_module)
+        start = time.perf_counter()
+        after = self._energies(pl_module)
+        self._review_seconds += time.perf_counter() - start
         self._energy_cache = (pl_module.global_step, after)
-        return {layer: after[layer] - before.energy[layer] for layer in before.energy}
+        return {layer: after[layer] - step.energy[layer] for layer in step.energy}
 
     def _record(
         self,
@@ -452,7 +359,7 @@ class HEAlarmCallback(EditObserver):
         alpha: float | None,
     ) -> dict[str, Any]:
         """Append an event (and warn, for an out-of-band attempt); returns the event."""
-        layer = max(out or delta, key=lambda name: _excess(delta[name], limits[name]))
+        layer = max(out or delta, key=lambda name: excess(delta[name], limits[name]))
         low, high = limits[layer]
         event = {
             "step": step,
@@ -502,48 +409,6 @@ class HEAlarmCallback(EditObserver):
         self.events = [copy.deepcopy(e) for e in state_dict.get("events") or []]
         self.skipped_positions = list(state_dict.get("skipped_positions") or [])
         self.stop_reason = state_dict.get("stop_reason")
-
-
-@contextmanager
-def _step_replayed(trainer: Trainer) -> Iterator[None]:
-    """Run the step that just finished again as the trainer's loop ran it: ``global_step`` is
-    one back while the batch is edited (the module checks the batch's positions against it) and
-    the optimizer step advances it, so the re-run logs at the same step as the first run. The
-    step counters are restored exactly on exit, whatever happened inside."""
-    loop = trainer.fit_loop.epoch_loop.manual_optimization
-    progress = loop.optim_step_progress
-    saved = progress.state_dict()
-    progress.increment_by(-1)
-    loop.on_run_start()  # lets the optimizer step count, as inside the loop
-    try:
-        yield
-    finally:
-        loop.on_run_end()
-        progress.load_state_dict(saved)
-
-
-def _outside(
-    delta: Mapping[str, float], limits: Mapping[str, tuple[float, float]]
-) -> dict[str, float]:
-    """``{layer: ΔHE}`` of the layers outside their ``(low, high)`` limits."""
-    return {layer: value for layer, value in delta.items() if not _within(value, limits[layer])}
-
-
-def _within(value: float, limits: tuple[float, float]) -> bool:
-    """``low ≤ value ≤ high`` (false for NaN)."""
-    return limits[0] <= value <= limits[1]
-
-
-def _alpha(spheres: Sequence[SphereProjectionCallback]) -> float | None:
-    """α of the first SPHERE callback (``None`` without one)."""
-    return spheres[0].suppression if spheres else None
-
-
-def _excess(value: float, limits: tuple[float, float]) -> float:
-    """How far ``value`` lies beyond its band (negative inside; inf if not finite)."""
-    if not math.isfinite(value):
-        return math.inf
-    return max(limits[0] - value, value - limits[1])
 
 
 def _band_text(band: Sequence[float | None]) -> str:

@@ -11,7 +11,8 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.sphere import short_name
-from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
+from sphere_lightning.context import EditingContext
+from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
 
 
 def restrain_singular_values(singular_values: torch.Tensor, bound: float) -> torch.Tensor:
@@ -81,7 +82,7 @@ class PruneCallback(DeltaTransform):
 
     Args:
         stage: ``after_loop`` (default), ``in_loop`` or ``evaluation``; see above and
-            :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
+            :class:`~sphere_lightning.deltas.DeltaTransform`.
     """
 
     def __init__(self, stage: TransformStage = "after_loop") -> None:
@@ -93,7 +94,7 @@ class PruneCallback(DeltaTransform):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._bounds = {}  # a new fit may edit another model
 
-    def bound(self, pl_module: LightningModule, name: str) -> float:
+    def bound(self, pl_module: EditingContext, name: str) -> float:
         """σ_max of the original weight of parameter ``name``."""
         if name not in self._bounds:
             original = pl_module.original_weights[name].detach()
@@ -103,8 +104,8 @@ class PruneCallback(DeltaTransform):
 
     @override
     def transform_delta(
-        self, name: str, delta: torch.Tensor, pl_module: LightningModule
-    ) -> torch.Tensor:
+        self, name: str, delta: torch.Tensor, pl_module: EditingContext
+    ) -> DeltaResult:
         if self.stage == "evaluation":
             accumulated = delta  # the total update W − W₀ itself
         else:
@@ -115,6 +116,8 @@ class PruneCallback(DeltaTransform):
         correction, sigma = prune_delta(accumulated, bound)
         count = int((sigma > bound).sum())
         layer = short_name(name)
-        pl_module.step_metrics[f"prune/num_rescaled/{layer}"] = float(count)
-        pl_module.step_metrics[f"prune/max_singular_value_ratio/{layer}"] = float(sigma[0]) / bound
-        return delta + correction if count else delta
+        metrics = {
+            f"prune/num_rescaled/{layer}": float(count),
+            f"prune/max_singular_value_ratio/{layer}": float(sigma[0]) / bound,
+        }
+        return (delta + correction if count else delta), metrics

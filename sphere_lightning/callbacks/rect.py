@@ -8,11 +8,11 @@ import math
 from fractions import Fraction
 
 import torch
-from lightning.pytorch import LightningModule
 from typing_extensions import override
 
 from sphere_lightning.callbacks.sphere import short_name
-from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
+from sphere_lightning.context import EditingContext
+from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
 from sphere_lightning.errors import ConfigError
 
 #: Added to W before dividing (``w + epsilon`` in the reference, sign included).
@@ -62,7 +62,7 @@ class RectCallback(DeltaTransform):
             :func:`rect_mask`.
         stage: ``after_loop`` (default; the official code rectifies each layer's update as it
             applies the batch, after the layer loop) or ``in_loop`` (before the layers above are
-            solved). See :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
+            solved). See :class:`~sphere_lightning.deltas.DeltaTransform`.
     """
 
     def __init__(self, ratio: float = 0.4, stage: TransformStage = "after_loop") -> None:
@@ -74,14 +74,13 @@ class RectCallback(DeltaTransform):
 
     @override
     def transform_delta(
-        self, name: str, delta: torch.Tensor, pl_module: LightningModule
-    ) -> torch.Tensor:
+        self, name: str, delta: torch.Tensor, pl_module: EditingContext
+    ) -> DeltaResult:
         weight = pl_module.edited_weight(name).detach().to(delta.device)
         mask = rect_mask(delta, weight, self.ratio)
         kept = torch.where(mask, delta, torch.zeros_like(delta))
         layer = short_name(name)
-        pl_module.step_metrics[f"rect/kept_fraction/{layer}"] = float(mask.float().mean())
-        pl_module.step_metrics[f"rect/kept_norm_ratio/{layer}"] = float(
-            kept.norm() / delta.norm().clamp_min(1e-12)
-        )
-        return kept
+        return kept, {
+            f"rect/kept_fraction/{layer}": float(mask.float().mean()),
+            f"rect/kept_norm_ratio/{layer}": float(kept.norm() / delta.norm().clamp_min(1e-12)),
+        }

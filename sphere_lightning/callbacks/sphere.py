@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
-from lightning.pytorch import LightningModule
 from typing_extensions import override
 
-from sphere_lightning.callbacks.transform import DeltaTransform, TransformStage
+from sphere_lightning.context import EditingContext
+from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.projection import project_delta
 from sphere_lightning.models.architectures import stores_transposed
@@ -49,7 +49,7 @@ class SphereProjectionCallback(DeltaTransform):
             ``evaluation`` (the live model keeps the plain updates; the total update W − W₀ is
             projected only in the weights evaluated, as the official ``MEMIT_prune`` code does
             after PRUNE, with ``reference: original``; ``current`` then means the live W).
-            See :class:`~sphere_lightning.callbacks.transform.DeltaTransform`.
+            See :class:`~sphere_lightning.deltas.DeltaTransform`.
         neuron_rows: Which rows are the neurons U is computed from: ``linear`` (default) the
             rows of the (out × in) weight, one per output unit, so ΔW is projected on its input
             side; ``stored`` the rows of the weight tensor as the module stores it, as the
@@ -91,13 +91,22 @@ class SphereProjectionCallback(DeltaTransform):
         self.reference = reference
         self.neuron_rows = neuron_rows
 
-    def reference_weight(self, pl_module: LightningModule, name: str) -> torch.Tensor:
+    def suppression_now(self, pl_module: EditingContext) -> float:
+        """α of the ΔW being projected: :attr:`suppression`, raised by the module's
+        ``suppression_increase`` (capped at 1) while a step policy has a step edited again
+        (never at stage ``evaluation``, which does not touch the live model)."""
+        increase = pl_module.suppression_increase
+        if not increase or self.stage == "evaluation":
+            return self.suppression
+        return min(1.0, self.suppression + increase)
+
+    def reference_weight(self, pl_module: EditingContext, name: str) -> torch.Tensor:
         """The weight whose principal directions ΔW is projected away from."""
         if self.reference == "original":
             return pl_module.original_weights[name]
         return pl_module.edited_weight(name)
 
-    def stored_transposed(self, pl_module: LightningModule, name: str) -> bool:
+    def stored_transposed(self, pl_module: EditingContext, name: str) -> bool:
         """Whether ``neuron_rows: stored`` projects ``name`` on the transposed view: True only
         for a weight the module stores (in × out), GPT-2's Conv1D."""
         if self.neuron_rows == "linear":
@@ -106,8 +115,8 @@ class SphereProjectionCallback(DeltaTransform):
 
     @override
     def transform_delta(
-        self, name: str, delta: torch.Tensor, pl_module: LightningModule
-    ) -> torch.Tensor:
+        self, name: str, delta: torch.Tensor, pl_module: EditingContext
+    ) -> DeltaResult:
         weight = self.reference_weight(pl_module, name).detach()
         # ΔW P⊥ on the stored (in × out) rows of a Conv1D is (ΔWᵀ P⊥)ᵀ in the (out × in) view.
         transposed = self.stored_transposed(pl_module, name)
@@ -115,13 +124,14 @@ class SphereProjectionCallback(DeltaTransform):
             delta.mT if transposed else delta,
             (weight.mT if transposed else weight).to(delta.device),
             self.cumulative_ratio,
-            self.suppression,
+            self.suppression_now(pl_module),
         )
         if transposed:
             projected = projected.mT.contiguous()
         layer = short_name(name)
-        pl_module.step_metrics[f"sphere/rank/{layer}"] = float(rank)
-        pl_module.step_metrics[f"sphere/kept_norm_ratio/{layer}"] = float(
-            projected.norm() / delta.norm().clamp_min(1e-12)
-        )
-        return projected
+        return projected, {
+            f"sphere/rank/{layer}": float(rank),
+            f"sphere/kept_norm_ratio/{layer}": float(
+                projected.norm() / delta.norm().clamp_min(1e-12)
+            ),
+        }

@@ -1,25 +1,24 @@
-"""HE alarm: the band on synthetic ΔHE series, and warn / stop / rollback on a tiny editing run."""
+"""HE alarm: warn / stop / rollback on a tiny editing run, the module acting on its decisions."""
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import json
-import warnings
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 
+import sphere_lightning.callbacks
 from sphere_lightning.callbacks import (
     DeltaTransform,
     HEAlarmCallback,
-    HyperSphericalEnergyCallback,
     SphereProjectionCallback,
 )
-from sphere_lightning.callbacks.alarm import DeltaBand, robust_centre_scale
 from sphere_lightning.cli import summarise
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
@@ -30,91 +29,6 @@ from tests.helpers import quiet_trainer
 
 LAYERS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 ALWAYS = 1e-12  # a max_abs_delta every real step exceeds: the alarm fires at every attempt
-
-
-# -- the band, on synthetic series ---------------------------------------------------------------
-
-
-def _reference_out(value: float, history: list[float], k: float) -> bool:
-    """Out of band, written out with numpy: |x − median| > k · 1.4826 · median|h − median|."""
-    h = np.asarray(history, dtype=np.float64)
-    centre = np.median(h)
-    return bool(abs(value - centre) > k * 1.4826 * np.median(np.abs(h - centre)))
-
-
-def test_median_and_mad_match_a_hand_computation():
-    # Odd count: median 4; |x − 4| = 3, 2, 0, 3, 96 → sorted 0, 2, 3, 3, 96 → MAD 3.
-    assert robust_centre_scale([7.0, 1.0, 4.0, 100.0, 2.0]) == pytest.approx((4.0, 1.4826 * 3))
-    # Even count: median (2 + 4) / 2 = 3; |x − 3| = 2, 1, 1, 4 → MAD (1 + 2) / 2 = 1.5.
-    assert robust_centre_scale([1.0, 2.0, 4.0, 7.0]) == pytest.approx((3.0, 1.4826 * 1.5))
-    with pytest.raises(ValueError, match="at least one"):
-        robust_centre_scale([])
-
-
-def _steady_then_jump(seed: int = 0) -> list[float]:
-    """30 steps of ΔHE ≈ 10 ± 0.1, a jump to 12 at step 30, then 10 steps back at ≈ 10."""
-    rng = np.random.default_rng(seed)
-    series = list(10.0 + 0.1 * rng.standard_normal(30))
-    series.append(12.0)
-    series += list(10.0 + 0.1 * rng.standard_normal(10))
-    return [float(x) for x in series]
-
-
-def _fired(band: DeltaBand, series: list[float]) -> list[int]:
-    """Indices where the band fires; out-of-band values are left out of the history (as a
-    rollback does)."""
-    history: list[float] = []
-    fired = []
-    for i, value in enumerate(series):
-        if band.is_out(value, history):
-            fired.append(i)
-        else:
-            history.append(value)
-    return fired
-
-
-def test_band_fires_exactly_at_the_jump_and_agrees_with_a_plain_reference():
-    series = _steady_then_jump()
-    band = DeltaBand(k=6.0, warmup_steps=3)
-    assert _fired(band, series) == [30]
-    history = series[:30]
-    for value in [series[30], series[31], 10.3, 9.7, 10.5]:
-        assert band.is_out(value, history) == _reference_out(value, history, 6.0)
-
-
-def test_band_is_silent_during_warm_up():
-    wild = [10.0, 1000.0, 10.1, 9.9, 10.05, 10.0, 500.0]
-    # The 1000 at step 1 is inside the warm-up of 3 steps; the 500 at step 6 is not.
-    assert _fired(DeltaBand(k=3.0, warmup_steps=3), wild) == [6]
-    assert _fired(DeltaBand(k=3.0, warmup_steps=1, min_scale=0.5), wild) == [1, 6]
-    assert DeltaBand(warmup_steps=3).limits([1.0, 2.0]) == (-np.inf, np.inf)
-
-
-def test_band_respects_k():
-    history = [7.0, 1.0, 4.0, 100.0, 2.0]  # median 4, scale 1.4826 · 3 = 4.4478
-    value = 4.0 + 5.0 * 1.4826 * 3  # five robust standard deviations above the median
-    assert DeltaBand(k=4.0).is_out(value, history)
-    assert not DeltaBand(k=6.0).is_out(value, history)
-    assert DeltaBand(k=6.0).limits(history) == pytest.approx((4 - 6 * 4.4478, 4 + 6 * 4.4478))
-    assert not DeltaBand(k=5.0).is_out(value, history)  # on the limit: in band
-
-
-def test_absolute_limit_window_floor_and_non_finite():
-    assert DeltaBand(max_abs_delta=1.0).is_out(-1.5, [])  # from the first step
-    assert not DeltaBand(max_abs_delta=1.0).is_out(0.5, [])
-    # The relative band (1 ± 6 · 1.4826) is wider than the absolute limit, which wins.
-    assert DeltaBand(max_abs_delta=1.0).limits([0.0, 1.0, 2.0]) == pytest.approx((-1.0, 1.0))
-    assert DeltaBand(max_abs_delta=9.0).limits([0.0, 0.1, 0.2]) == pytest.approx(
-        (0.1 - 6 * 0.14826, 0.1 + 6 * 0.14826)
-    )
-    assert DeltaBand().is_out(float("nan"), [1.0, 2.0, 3.0])
-    # Only the last 3 values count: their median is 100, so 100 is in band, 1 is not.
-    assert DeltaBand(window=3).limits([1.0, 1.0, 1.0, 99.0, 100.0, 101.0]) == pytest.approx(
-        (100 - 6 * 1.4826, 100 + 6 * 1.4826)
-    )
-    # Identical history: scale 0, any change fires unless floored.
-    assert DeltaBand().is_out(1.001, [1.0, 1.0, 1.0])
-    assert not DeltaBand(min_scale=0.01).is_out(1.001, [1.0, 1.0, 1.0])
 
 
 @pytest.mark.parametrize(
@@ -188,7 +102,7 @@ class _Snapshots(Callback):
 
 
 class _AlphaSeen(DeltaTransform):
-    """Records SPHERE's α each time a layer's ΔW passes (listed after SPHERE)."""
+    """Records SPHERE's α each time a layer's ΔW passes."""
 
     def __init__(self, sphere: SphereProjectionCallback) -> None:
         super().__init__("in_loop")
@@ -196,7 +110,7 @@ class _AlphaSeen(DeltaTransform):
         self.seen: list[tuple[int, float]] = []
 
     def transform_delta(self, name, delta, pl_module):
-        self.seen.append((pl_module.global_step, self.sphere.suppression))
+        self.seen.append((pl_module.global_step, self.sphere.suppression_now(pl_module)))
         return delta
 
 
@@ -289,9 +203,10 @@ def test_rollback_retry_raises_alpha_for_the_retry_only(fit):
         module, trainer, logger = fit([sphere, seen, alarm])
     assert trainer.global_step == 2  # retries replay a step, they do not add one
     assert sphere.suppression == 0.5
-    # Two layers per attempt; global_step inside a step is the number of steps before it.
+    # Two layers per attempt; global_step is the number of steps before the step on its first
+    # attempt, and counts the step on a retry (applied after the step was counted).
     attempts = [0.5, 0.5, 0.6, 0.6, 0.7, 0.7]
-    assert [s for s, _ in seen.seen] == [0] * 6 + [1] * 6
+    assert [s for s, _ in seen.seen] == [0, 0] + [1] * 4 + [1, 1] + [2] * 4
     assert [a for _, a in seen.seen] == pytest.approx(attempts * 2)
     assert [(e["step"], e["attempt"], e["action"]) for e in alarm.events] == [
         (1, 0, "retry"), (1, 1, "retry"), (1, 2, "keep"),
@@ -354,11 +269,52 @@ def test_events_reach_the_summary_and_survive_a_checkpoint(fit):
     assert restored.summary(trainer, module) == summary
 
 
-def test_retry_needs_a_sphere_callback_and_the_alarm_goes_before_observers(fit):
+def test_retry_needs_a_sphere_callback_and_observers_anywhere_see_the_kept_attempt(fit):
     with pytest.raises(ValueError, match="no SphereProjectionCallback.*suppression: 0.0"):
         fit([HEAlarmCallback(action="rollback")], num_edits=2)
-    late = [HyperSphericalEnergyCallback(), HEAlarmCallback(k=1e6)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit(late, num_edits=2, folder="late")
-    assert any("listed after HyperSphericalEnergyCallback" in str(w.message) for w in caught)
+    # The module undoes the step inside it: an observer listed before the alarm already sees
+    # the weights the alarm's decision left.
+    snaps = _Snapshots()
+    alarm = HEAlarmCallback(action="rollback", on_retry="skip", max_abs_delta=ALWAYS)
+    with pytest.warns(UserWarning, match="action: skip"):
+        fit([snaps, SphereProjectionCallback(), alarm], num_edits=2, folder="early")
+    (w0, e0), (w1, e1) = snaps.start[0], snaps.end[0]
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert _equal_states(e0, e1)
+
+
+def _callback_sources() -> list[tuple[str, ast.AST]]:
+    package = Path(sphere_lightning.callbacks.__file__).parent
+    return [(path.name, ast.parse(path.read_text())) for path in sorted(package.glob("*.py"))]
+
+
+def test_no_callback_runs_a_step_or_touches_the_loop_counters():
+    """A callback never drives the loop: no ``training_step(`` call, no use of the fit loop or
+    its progress counters, and no write to another callback's SPHERE α."""
+    offences = []
+    for name, tree in _callback_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in {
+                "training_step",
+                "fit_loop",
+                "epoch_loop",
+                "optim_step_progress",
+                "manual_optimization",
+                "automatic_optimization",
+            }:
+                offences.append(f"{name}:{node.lineno} .{node.attr}")
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AugAssign | ast.AnnAssign)
+                else []
+            )
+            for target in targets:
+                if (
+                    isinstance(target, ast.Attribute)
+                    and target.attr == "suppression"
+                    and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+                ):
+                    offences.append(f"{name}:{node.lineno} writes another object's .suppression")
+    assert not offences, offences

@@ -6,26 +6,16 @@ import pytest
 import torch
 
 from sphere_lightning.callbacks import HyperSphericalEnergyCallback, SphereProjectionCallback
+from sphere_lightning.deltas import DeltaPipeline
 from sphere_lightning.functional import hyperspherical_energy, project_delta
+from tests.helpers import ContextStub
 
 
-class _Module:
-    """The public surface callbacks use, over two random weights."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.weights = {f"layer{i}.weight": torch.randn(12, 20, generator=g) for i in range(2)}
-        self.original_weights = {n: w.clone() for n, w in self.weights.items()}
-        self.edited_parameter_names = list(self.weights)
-        self.pending_deltas = {n: torch.randn(12, 20, generator=g) for n in self.weights}
-        self.step_metrics: dict[str, float] = {}
-        self.logged: list[dict[str, float]] = []
-
-    def edited_weight(self, name: str) -> torch.Tensor:
-        return self.weights[name]
-
-    def log_now(self, metrics: dict[str, float]) -> None:
-        self.logged.append(dict(metrics))
+def _module() -> tuple[ContextStub, dict[str, torch.Tensor]]:
+    """The callbacks' view of a module over two random weights, and a random ΔW for each."""
+    g = torch.Generator().manual_seed(0)
+    weights = {f"layer{i}.weight": torch.randn(12, 20, generator=g) for i in range(2)}
+    return ContextStub(weights=weights), {n: torch.randn(12, 20, generator=g) for n in weights}
 
 
 class _Trainer:
@@ -34,23 +24,25 @@ class _Trainer:
 
 @pytest.mark.parametrize("stage", ["in_loop", "after_loop"])
 @pytest.mark.parametrize("reference", ["current", "original"])
-def test_sphere_callback_projects_every_pending_delta(reference, stage):
-    module = _Module()
+def test_sphere_callback_projects_every_delta_and_returns_its_scalars(reference, stage):
+    module, raw = _module()
     module.weights["layer0.weight"] += 5.0  # current and original now differ
-    raw = {n: d.clone() for n, d in module.pending_deltas.items()}
     callback = SphereProjectionCallback(
         cumulative_ratio=0.5, suppression=0.8, reference=reference, stage=stage
     )
-    callback.on_before_optimizer_step(_Trainer(), module, optimizer=None)
-    if stage == "in_loop":  # the hook leaves in-loop work to the editor's loop
-        assert all(torch.equal(module.pending_deltas[n], d) for n, d in raw.items())
+    pipeline = DeltaPipeline([callback])
+    out, metrics = pipeline.whole_batch("after_loop", raw, module)
+    if stage == "in_loop":  # after the loop, only after_loop transforms run
+        assert all(torch.equal(out[n], d) for n, d in raw.items()) and not metrics
+        out = {}
         for name, delta in raw.items():
-            module.pending_deltas[name] = callback.apply_in_loop(name, delta, module)
+            out[name], produced = pipeline.in_loop(name, delta, module)
+            metrics.update(produced)
     for name, delta in raw.items():
         weight = module.weights[name] if reference == "current" else module.original_weights[name]
         expected, rank = project_delta(delta, weight, 0.5, 0.8)
-        torch.testing.assert_close(module.pending_deltas[name], expected)
-        assert module.step_metrics[f"sphere/rank/{name.removesuffix('.weight')}"] == rank
+        torch.testing.assert_close(out[name], expected)
+        assert metrics[f"sphere/rank/{name.removesuffix('.weight')}"] == rank
 
 
 def test_sphere_callback_rejects_bad_arguments():
@@ -65,22 +57,20 @@ def test_sphere_callback_rejects_bad_arguments():
 
 
 def test_energy_callback_logs_energy_and_change_and_resumes():
-    module = _Module()
+    module, deltas = _module()
     trainer = _Trainer()
     callback = HyperSphericalEnergyCallback(s=2.0)
     callback.on_train_start(trainer, module)
     baseline = hyperspherical_energy(module.original_weights["layer1.weight"], 2.0).item()
-    assert module.logged[0]["energy/layer1"] == pytest.approx(baseline)
-    assert module.logged[0]["energy_change/layer1"] == 0.0
+    assert module.logged[0][1]["energy/layer1"] == pytest.approx(baseline)
+    assert module.logged[0][1]["energy_change/layer1"] == 0.0
 
-    module.weights["layer1.weight"] = (
-        module.weights["layer1.weight"] + module.pending_deltas["layer1.weight"]
-    )
+    module.weights["layer1.weight"] = module.weights["layer1.weight"] + deltas["layer1.weight"]
     trainer.global_step = 1
     callback.on_train_batch_end(trainer, module, None, None, 0)
     now = hyperspherical_energy(module.weights["layer1.weight"], 2.0).item()
-    assert module.logged[-1]["energy/layer1"] == pytest.approx(now)
-    assert module.logged[-1]["energy_change/layer1"] == pytest.approx(now - baseline)
+    assert module.last_logged["energy/layer1"] == pytest.approx(now)
+    assert module.last_logged["energy_change/layer1"] == pytest.approx(now - baseline)
 
     resumed = HyperSphericalEnergyCallback(s=2.0)
     resumed.load_state_dict(callback.state_dict())

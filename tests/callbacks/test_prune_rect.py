@@ -28,7 +28,7 @@ from sphere_lightning.functional import project_delta
 from sphere_lightning.models.architectures import linear_weight
 from sphere_lightning.module import EditingModule
 from tests.callbacks.test_transforms import EDITOR as TRANSFORM_EDITOR
-from tests.helpers import quiet_trainer
+from tests.helpers import ContextStub, quiet_trainer
 
 NAME = "layer.weight"
 
@@ -59,16 +59,11 @@ def reference_rect(upd_matrix: np.ndarray, w: np.ndarray, k_percent: int = 40) -
 # -- unit level: a stand-in for the module's public surface --------------------------------------
 
 
-class _Module:
-    """``original_weights``, ``edited_weight`` and ``step_metrics`` over one weight."""
-
-    def __init__(self, original: torch.Tensor, applied: torch.Tensor | None = None) -> None:
-        self.original_weights = {NAME: original}
-        self.applied = original.clone() if applied is None else applied
-        self.step_metrics: dict[str, float] = {}
-
-    def edited_weight(self, name: str) -> torch.Tensor:
-        return self.applied
+def _module(original: torch.Tensor, applied: torch.Tensor | None = None) -> ContextStub:
+    """The callbacks' view of one weight: ``original`` is W₀, ``applied`` (default: W₀) the
+    weight as applied so far (``module.weights[NAME]``)."""
+    live = original.clone() if applied is None else applied
+    return ContextStub(weights={NAME: live}, original_weights={NAME: original})
 
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -87,16 +82,16 @@ def _with_singular_values(sigma: list[float], shape: tuple[int, int], seed: int)
 def test_prune_rescales_exactly_the_singular_values_above_the_original_largest():
     _, _, _, original = _with_singular_values([2.0, 1.0, 0.5], (6, 9), seed=0)
     u, _, v, accumulated = _with_singular_values([10.0, 5.0, 1.5, 0.3], (6, 9), seed=1)
-    module = _Module(original)
-    out = PruneCallback().transform_delta(NAME, accumulated, module)  # first step: A = ΔW
+    module = _module(original)
+    out, metrics = PruneCallback().transform_delta(NAME, accumulated, module)  # A = ΔW
     expected_sigma = [2.0 + math.log(10.0 / 2.0), 2.0 + math.log(5.0 / 2.0), 1.5, 0.3]
     got = torch.linalg.svdvals(out)
     torch.testing.assert_close(got[:4], torch.tensor(expected_sigma, dtype=torch.float64))
     assert float(got[4:].abs().max()) < 1e-12
     # Same singular vectors: only the spectrum changed.
     torch.testing.assert_close(out, (u * torch.tensor(expected_sigma, dtype=torch.float64)) @ v.T)
-    assert module.step_metrics["prune/num_rescaled/layer"] == 2.0
-    assert module.step_metrics["prune/max_singular_value_ratio/layer"] == pytest.approx(5.0)
+    assert metrics["prune/num_rescaled/layer"] == 2.0
+    assert metrics["prune/max_singular_value_ratio/layer"] == pytest.approx(5.0)
 
 
 def test_prune_returns_the_step_that_lands_on_original_plus_restrained_accumulation():
@@ -105,31 +100,31 @@ def test_prune_returns_the_step_that_lands_on_original_plus_restrained_accumulat
     original = torch.randn(16, 24, generator=g)
     applied = original + 3.0 * torch.randn(16, 24, generator=g)  # a first, unrestrained update
     delta = 2.0 * torch.randn(16, 24, generator=g)
-    module = _Module(original, applied)
-    out = PruneCallback().transform_delta(NAME, delta, module)
+    module = _module(original, applied)
+    out, metrics = PruneCallback().transform_delta(NAME, delta, module)
     expected = reference_prune((applied + delta).double().numpy(), original.double().numpy())
     landed = (applied + out - original).double().numpy()
     np.testing.assert_allclose(landed, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    assert module.step_metrics["prune/num_rescaled/layer"] >= 1  # the test exercises the rescale
+    assert metrics["prune/num_rescaled/layer"] >= 1  # the test exercises the rescale
 
 
 def test_prune_leaves_delta_untouched_below_the_bound():
     g = torch.Generator().manual_seed(3)
     original = torch.randn(8, 12, generator=g)
     delta = 1e-3 * torch.randn(8, 12, generator=g)
-    module = _Module(original)
-    out = PruneCallback(stage="in_loop").transform_delta(NAME, delta, module)
+    module = _module(original)
+    out, metrics = PruneCallback(stage="in_loop").transform_delta(NAME, delta, module)
     assert torch.equal(out, delta)
-    assert module.step_metrics["prune/num_rescaled/layer"] == 0.0
+    assert metrics["prune/num_rescaled/layer"] == 0.0
 
 
 def test_prune_reads_the_bound_of_each_fits_own_original_weight():
     _, _, _, accumulated = _with_singular_values([8.0], (4, 6), seed=6)
     callback = PruneCallback()
     for sigma_max in (2.0, 4.0):  # the same callback over two models, one fit each
-        module = _Module(_with_singular_values([sigma_max], (4, 6), seed=7)[3])
+        module = _module(_with_singular_values([sigma_max], (4, 6), seed=7)[3])
         callback.setup(None, module, "fit")
-        out = callback.transform_delta(NAME, accumulated, module)
+        out, _ = callback.transform_delta(NAME, accumulated, module)
         expected = sigma_max + math.log(8.0 / sigma_max)
         assert float(torch.linalg.matrix_norm(out, ord=2)) == pytest.approx(expected)
 
@@ -164,20 +159,20 @@ def _distinct_relative_changes(shape: tuple[int, int], seed: int) -> tuple:
 )
 def test_rect_keeps_the_largest_relative_changes(shape, ratio, kept):
     delta, weight, ranks = _distinct_relative_changes(shape, seed=4)
-    module = _Module(weight.clone(), weight)
-    out = RectCallback(ratio=ratio).transform_delta(NAME, delta, module)
+    module = _module(weight.clone(), weight)
+    out, metrics = RectCallback(ratio=ratio).transform_delta(NAME, delta, module)
     expected_mask = ranks > ranks.numel() - kept
     assert int(expected_mask.sum()) == kept
     assert torch.equal(out != 0, expected_mask)
     assert torch.equal(out[expected_mask], delta[expected_mask])
-    assert module.step_metrics["rect/kept_fraction/layer"] == pytest.approx(kept / ranks.numel())
+    assert metrics["rect/kept_fraction/layer"] == pytest.approx(kept / ranks.numel())
 
 
 def test_rect_divides_by_the_weight_as_applied_so_far():
     delta, weight, ranks = _distinct_relative_changes((6, 5), seed=5)
     original = torch.ones(6, 5)  # |ΔW / W₀| would rank the entries by |ΔW| instead
-    module = _Module(original, weight)
-    out = RectCallback().transform_delta(NAME, delta, module)
+    module = _module(original, weight)
+    out, _ = RectCallback().transform_delta(NAME, delta, module)
     assert torch.equal(out != 0, ranks > 30 - 13)  # k = 18: 13 kept
     by_original = rect_mask(delta, original, 0.4)
     assert not torch.equal(out != 0, by_original)
@@ -189,7 +184,8 @@ def test_rect_matches_the_reference_code(seed):
     weight = torch.randn(24, 40, generator=g)
     weight[0, :3] = 0.0  # W + 1e-8: finite, very large relative changes
     delta = torch.randn(24, 40, generator=g) * 1e-2
-    out = RectCallback(ratio=0.4).transform_delta(NAME, delta, _Module(weight.clone(), weight))
+    module = _module(weight.clone(), weight)
+    out, _ = RectCallback(ratio=0.4).transform_delta(NAME, delta, module)
     np.testing.assert_array_equal(out.numpy(), reference_rect(delta.numpy(), weight.numpy()))
 
 
@@ -496,10 +492,12 @@ def test_live_prune_drifts_from_the_reference_over_a_long_run_of_equal_updates()
     as m + log(300): the updates differ by 55 % of the reference's."""
     _, _, _, original = _with_singular_values([2.0, 1.0, 0.5], (6, 9), seed=0)
     _, _, _, delta = _with_singular_values([6.0, 3.0], (6, 9), seed=1)
-    callback, module = PruneCallback(), _Module(original)
+    callback, module = PruneCallback(), _module(original)
     for _ in range(100):
-        module.applied = module.applied + callback.transform_delta(NAME, delta, module)
-    live = (module.applied - original).numpy()
+        module.weights[NAME] = (
+            module.weights[NAME] + callback.transform_delta(NAME, delta, module)[0]
+        )
+    live = (module.weights[NAME] - original).numpy()
     reference = reference_prune((original + 100 * delta).numpy(), original.numpy())
     gap = np.linalg.norm(live - reference) / np.linalg.norm(reference)
     assert 0.5 < gap < 0.6, gap
@@ -536,8 +534,8 @@ def test_prune_at_evaluation_restrains_the_total_update_it_is_given():
     _, _, _, original = _with_singular_values([2.0, 1.0], (6, 9), seed=0)
     _, _, _, total = _with_singular_values([10.0, 1.5], (6, 9), seed=1)
     applied = original + 100.0  # the live weight plays no part: the total is W − W₀ already
-    module = _Module(original, applied)
-    out = PruneCallback(stage="evaluation").transform_delta(NAME, total, module)
+    module = _module(original, applied)
+    out, _ = PruneCallback(stage="evaluation").transform_delta(NAME, total, module)
     expected = reference_prune((original + total).numpy(), original.numpy())
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
 

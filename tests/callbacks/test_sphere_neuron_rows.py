@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sphere_lightning.callbacks import SphereProjectionCallback
-from sphere_lightning.models import architecture_of, linear_weight
+from tests.helpers import ContextStub
 
 
 def project_b_into_soft_dirs(a, b, energy_ratio, alpha):
@@ -24,37 +24,22 @@ def project_b_into_soft_dirs(a, b, energy_ratio, alpha):
     return b @ p_soft.T, r
 
 
-class _Module:
-    """The callbacks' view of a module over a real tiny model: ``model``, ``edited_weight``
-    (out × in), ``original_weights`` and ``step_metrics``."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        spec = architecture_of(model)
-        self.names = [spec.weight_name(layer) for layer in (1, 2)]
-        self.original_weights = {n: self.edited_weight(n).detach().clone() for n in self.names}
-        self.step_metrics: dict[str, float] = {}
-
-    def edited_weight(self, name: str) -> torch.Tensor:
-        return linear_weight(self.model.get_submodule(name.removesuffix(".weight")))
-
-
-def _edit_live_weights(module: _Module, generator: torch.Generator) -> None:
+def _edit_live_weights(module: ContextStub, generator: torch.Generator) -> None:
     """Move the live weights away from the originals, so ``current`` and ``original`` differ."""
     with torch.no_grad():
-        for name in module.names:
+        for name in module.edited_parameter_names:
             weight = module.model.get_parameter(name)
             weight += 0.3 * torch.randn(weight.shape, generator=generator)
 
 
 @pytest.mark.parametrize("reference", ["current", "original"])
 def test_stored_rows_on_conv1d_match_the_reference(make_tiny_model, reference):
-    module = _Module(make_tiny_model("gpt2"))  # c_proj is a Conv1D, stored (in × out)
+    module = ContextStub(make_tiny_model("gpt2"))  # c_proj is a Conv1D, stored (in × out)
     generator = torch.Generator().manual_seed(0)
     _edit_live_weights(module, generator)
     stored = SphereProjectionCallback(0.5, 0.8, reference=reference, neuron_rows="stored")
     linear = SphereProjectionCallback(0.5, 0.8, reference=reference)
-    for name in module.names:
+    for name in module.edited_parameter_names:
         delta = torch.randn(module.edited_weight(name).shape, generator=generator)  # out × in
         if reference == "current":
             as_stored = module.model.get_parameter(name)  # `nethook.get_parameter`, as stored
@@ -64,25 +49,25 @@ def test_stored_rows_on_conv1d_match_the_reference(make_tiny_model, reference):
         # The reference's update has the stored shape (upd_matrix_match_shape): ΔWᵀ here.
         expected, rank = project_b_into_soft_dirs(as_stored, delta.T, 0.5, 0.8)
 
-        projected = stored.transform_delta(name, delta, module)
+        projected, metrics = stored.transform_delta(name, delta, module)
         assert projected.shape == delta.shape
         torch.testing.assert_close(projected.T.double(), expected, rtol=1e-4, atol=1e-5)
         layer = name.removesuffix(".weight")
-        assert module.step_metrics[f"sphere/rank/{layer}"] == rank
+        assert metrics[f"sphere/rank/{layer}"] == rank
         # The default acts on the other side: a different update on GPT-2.
-        other = linear.transform_delta(name, delta, module)
+        other, _ = linear.transform_delta(name, delta, module)
         assert (other - projected).abs().max() > 1e-2
 
 
 def test_stored_rows_on_linear_are_the_default(make_tiny_model):
-    module = _Module(make_tiny_model("llama"))  # down_proj is an nn.Linear, stored (out × in)
+    module = ContextStub(make_tiny_model("llama"))  # down_proj is an nn.Linear, stored (out × in)
     generator = torch.Generator().manual_seed(1)
     stored = SphereProjectionCallback(0.5, 0.5, neuron_rows="stored")
     linear = SphereProjectionCallback(0.5, 0.5)
-    for name in module.names:
+    for name in module.edited_parameter_names:
         delta = torch.randn(module.edited_weight(name).shape, generator=generator)
-        projected = stored.transform_delta(name, delta, module)
-        torch.testing.assert_close(projected, linear.transform_delta(name, delta, module))
+        projected, _ = stored.transform_delta(name, delta, module)
+        torch.testing.assert_close(projected, linear.transform_delta(name, delta, module)[0])
         expected, _ = project_b_into_soft_dirs(module.model.get_parameter(name), delta, 0.5, 0.5)
         torch.testing.assert_close(projected.double(), expected, rtol=1e-4, atol=1e-5)
 

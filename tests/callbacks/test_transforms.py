@@ -28,7 +28,7 @@ EDITOR = {
 }
 LAYER_NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
 
-#: The README's example transform, verbatim apart from the import.
+#: The example transform of DeltaTransform's docstring, and a recorder.
 CUSTOM_TRANSFORMS = '''
 from sphere_lightning.callbacks import DeltaTransform
 
@@ -41,9 +41,9 @@ class ClipDeltaNorm(DeltaTransform):
         self.max_norm = max_norm
 
     def transform_delta(self, name, delta, pl_module):
-        norm = delta.norm()
-        pl_module.step_metrics[f"clip/norm/{name}"] = float(norm)
-        return delta * min(1.0, self.max_norm / float(norm.clamp_min(1e-12)))
+        norm = float(delta.norm())
+        scale = min(1.0, self.max_norm / max(norm, 1e-12))
+        return delta * scale, {f"clip/norm/{name}": norm}
 
 
 class Recorder(DeltaTransform):

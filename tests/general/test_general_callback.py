@@ -10,6 +10,7 @@ from jsonargparse import ArgumentParser
 
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
 from sphere_lightning.general import TASKS, GeneralTask, HubDataset, get_task
+from tests.helpers import ContextStub
 
 
 class _Capitals(GeneralTask):
@@ -62,18 +63,6 @@ RECORDS = {
 NAMES = list(RECORDS)
 
 
-class _Module:
-    """The public surface the callback uses: model, tokenizer and log_now."""
-
-    def __init__(self, model, tokenizer) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.logged: list[dict[str, float]] = []
-
-    def log_now(self, metrics: dict[str, float]) -> None:
-        self.logged.append(dict(metrics))
-
-
 class _Trainer:
     global_step = 0
 
@@ -93,13 +82,13 @@ def _expected(model, tokenizer, data_dir, name):
 
 
 def test_logs_baseline_then_change_and_resumes(tiny_gpt2, tokenizer, data_dir):
-    module, trainer = _Module(tiny_gpt2, tokenizer), _Trainer()
+    module, trainer = ContextStub(tiny_gpt2, tokenizer), _Trainer()
     callback = GeneralAbilityCallback(NAMES, data_dir=data_dir, every_n_steps=2, progress=False)
     callback.setup(trainer, module, "fit")
     assert [len(callback.examples[n]) for n in NAMES] == [3, 2, 2, 6]
 
     callback.on_train_start(trainer, module)
-    (logged,) = module.logged
+    ((_, logged),) = module.logged
     baseline = {n: _expected(tiny_gpt2, tokenizer, data_dir, n) for n in RECORDS}
     assert set(baseline["cola"]) == {"accuracy", "f1", "mcc"}
     assert set(baseline["sst2"]) == {"accuracy", "f1"}
@@ -124,8 +113,8 @@ def test_logs_baseline_then_change_and_resumes(tiny_gpt2, tokenizer, data_dir):
     assert now["capitals"] != baseline["capitals"], "the perturbation should move the metrics"
     for name, values in now.items():
         for metric, value in values.items():
-            assert module.logged[-1][f"general/{name}/{metric}"] == pytest.approx(value)
-            change = module.logged[-1][f"general_change/{name}/{metric}"]
+            assert module.last_logged[f"general/{name}/{metric}"] == pytest.approx(value)
+            change = module.last_logged[f"general_change/{name}/{metric}"]
             assert change == pytest.approx(value - baseline[name][metric])
     assert callback.by_task(callback.latest) == now and callback.latest_step == 2
     assert callback.summary(trainer, module)["capitals"] == {
@@ -137,24 +126,24 @@ def test_logs_baseline_then_change_and_resumes(tiny_gpt2, tokenizer, data_dir):
     # Resume at step 2: the baseline comes from the checkpoint, nothing is re-measured.
     resumed = GeneralAbilityCallback(NAMES, data_dir=data_dir, progress=False)
     resumed.load_state_dict(callback.state_dict())
-    resumed_module = _Module(tiny_gpt2, tokenizer)
+    resumed_module = ContextStub(tiny_gpt2, tokenizer)
     resumed.on_train_start(trainer, resumed_module)
     assert resumed_module.logged == []
     assert resumed.baseline == callback.baseline and resumed.latest_step == 2
     # Training ends at step 3, which every_n_steps=2 skipped: it is scored at the end.
     trainer.global_step = 3
     resumed.on_train_end(trainer, resumed_module)
-    assert resumed.latest_step == 3 and "general_change/sst2/f1" in resumed_module.logged[-1]
+    assert resumed.latest_step == 3 and "general_change/sst2/f1" in resumed_module.last_logged
 
 
 def test_resume_without_baseline_warns_and_logs_no_change(tiny_llama, tokenizer, data_dir):
-    module, trainer = _Module(tiny_llama, tokenizer), _Trainer()
+    module, trainer = ContextStub(tiny_llama, tokenizer), _Trainer()
     trainer.global_step = 4
     callback = GeneralAbilityCallback(["sst2"], data_dir=data_dir, limit=2, progress=False)
     with pytest.warns(UserWarning, match="without a stored baseline"):
         callback.on_train_start(trainer, module)
     callback.on_train_batch_end(trainer, module, None, None, 0)
-    assert set(module.logged[-1]) == {
+    assert set(module.last_logged) == {
         "general/sst2/accuracy",
         "general/sst2/f1",
         "time/general/sst2",
