@@ -8,8 +8,11 @@ in it needs sphere_lightning. Two ways in, one writer:
 - :func:`export_checkpoint`: from a checkpoint of a run (``python -m sphere_lightning export``).
   The checkpoint holds only the edited parameters, so the base model is loaded again, checked
   against the run's fingerprint, and the edited values are put into it.
-- :func:`export_module`: from a module in memory, at the end of a run
-  (:class:`~sphere_lightning.callbacks.ExportCallback`).
+- :func:`~sphere_lightning.callbacks.export.export_module`: from a module in memory, at the end
+  of a run (:class:`~sphere_lightning.callbacks.ExportCallback`).
+
+Both describe the run in an :class:`~sphere_lightning.export_writer.EditedRun` and write the folder
+with :func:`~sphere_lightning.export_writer.write_export`.
 """
 
 from __future__ import annotations
@@ -17,26 +20,19 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import shutil
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-import sphere_lightning
-from sphere_lightning.cache import temporary_sibling
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.data.datamodule import EditDataModule
-from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
+from sphere_lightning.export_writer import SPHERE_SETTINGS, EditedRun, check_out_dir, write_export
 from sphere_lightning.models.loading import load_model, resolve_dtype
 from sphere_lightning.module import (
     CheckpointMismatchError,
@@ -44,59 +40,12 @@ from sphere_lightning.module import (
     checkpoint_meta,
 )
 
-#: The SPHERE settings a model card reports, in this order.
-SPHERE_SETTINGS = ("cumulative_ratio", "suppression", "stage", "reference")
-
-#: Edit metrics a model card reports, in this order (others follow, sorted).
-CARD_METRICS = ("efficacy", "generalization", "specificity", "fluency")
-
-
-@dataclass(frozen=True)
-class EditedRun:
-    """What an export says about the run that edited the model.
-
-    Attributes:
-        base_model: The model the run edited, as the run named it (``model.model``).
-        run_dtype: The dtype the run edited in.
-        editor: ``class_path`` of the editor.
-        edited_parameters: Names of the parameters that differ from the base model.
-        sphere: The settings (:data:`SPHERE_SETTINGS`) of each SPHERE projection callback of
-            the run; ``[]`` when the run had none, ``None`` when that is unknown.
-        sphere_source: The ``config.yaml`` ``sphere`` was read from (``None``: the run's
-            callbacks, or no config found).
-        requests: The edited facts, in edit order.
-        source: What the export was made from (a checkpoint, or the run in memory).
-        pre_edit_metrics: Edit metrics before the first edit, over every fact of the run.
-        final_edit_metrics: The last lifelong edit metrics (``num_evaluated``: edits so far).
-    """
-
-    base_model: str
-    run_dtype: str
-    editor: str
-    edited_parameters: list[str]
-    sphere: list[dict[str, Any]] | None
-    sphere_source: str | None
-    requests: list[EditRequest]
-    source: str
-    pre_edit_metrics: dict[str, float] = field(default_factory=dict)
-    final_edit_metrics: dict[str, float] = field(default_factory=dict)
-
-
 # -- SPHERE settings --------------------------------------------------------------------------
 
 
 def _sphere_defaults() -> dict[str, Any]:
     parameters = inspect.signature(SphereProjectionCallback.__init__).parameters
     return {name: parameters[name].default for name in SPHERE_SETTINGS}
-
-
-def sphere_settings(callbacks: Iterable[Any]) -> list[dict[str, Any]]:
-    """The settings of every :class:`SphereProjectionCallback` among ``callbacks``, in order."""
-    return [
-        {name: getattr(c, name) for name in SPHERE_SETTINGS}
-        for c in callbacks
-        if isinstance(c, SphereProjectionCallback)
-    ]
 
 
 def sphere_settings_from_config(path: str | Path) -> list[dict[str, Any]]:
@@ -158,200 +107,6 @@ def _final_metrics(checkpoint: Mapping[str, Any], ckpt_path: Path) -> dict[str, 
     except (OSError, ValueError, KeyError, TypeError):
         return final
     return from_summary if same and from_summary else final
-
-
-# -- the folder -------------------------------------------------------------------------------
-
-
-class OutputFolderError(ConfigError, FileExistsError):
-    """The export folder is a file, or a non-empty folder and overwriting was not asked for."""
-
-
-def check_out_dir(out_dir: str | Path, overwrite: bool, flag: str = "--out") -> None:
-    """Raise :class:`OutputFolderError` (naming ``flag``) if ``out_dir`` is a file, or a
-    non-empty folder while ``overwrite`` is false."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputFolderError(f"`{flag}` {str(out_dir)!r} is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputFolderError(
-            f"`{flag}` {str(out_dir)!r} exists and is not empty; choose another folder or set "
-            "overwrite (`--overwrite`, `overwrite=True`) to replace it"
-        )
-
-
-def request_record(position: int, request: EditRequest) -> dict[str, Any]:
-    """One line of ``edits.jsonl``: the fact and its position in the edit order."""
-    record: dict[str, Any] = {} if request.case_id is None else {"case_id": request.case_id}
-    record.update(
-        prompt=request.prompt,
-        subject=request.subject,
-        target_new=request.target_new,
-        target_true=request.target_true,
-        position=position,
-    )
-    return record
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _sphere_line(run: EditedRun) -> str:
-    if run.sphere is None:
-        return "unknown (no run config found)"
-    if not run.sphere:
-        return "none"
-    return "; ".join(
-        f"β (cumulative_ratio) = {s['cumulative_ratio']}, α (suppression) = {s['suppression']}, "
-        f"stage `{s['stage']}`, reference `{s['reference']}`"
-        for s in run.sphere
-    )
-
-
-def _metrics_section(run: EditedRun) -> str:
-    pre, final = run.pre_edit_metrics, run.final_edit_metrics
-    names = [m for m in CARD_METRICS if m in pre or m in final]
-    names += sorted((set(pre) | set(final)) - set(CARD_METRICS) - {"num_evaluated"})
-    if not names:
-        return "No edit metrics were recorded.\n"
-    rows = "".join(
-        f"| {m} | {_number(pre.get(m, '—'))} | {_number(final.get(m, '—'))} |\n" for m in names
-    )
-    evaluated = final.get("num_evaluated")
-    after = f"after {int(evaluated)} edits, over those facts" if evaluated else "not measured"
-    return (
-        "| metric | pre-edit | final |\n|---|---|---|\n" + rows + "\nPre-edit: before the first "
-        "edit, over every fact of the run. Final: the run's last lifelong evaluation "
-        f"({after}).{' Fluency is ×100.' if 'fluency' in names else ''}\n"
-    )
-
-
-def model_card(run: EditedRun, out_dir: Path, dtype: str) -> str:
-    """The ``README.md`` of an export: what was edited, how, how well, and how to load it."""
-    parameters = "\n".join(f"- `{name}`" for name in run.edited_parameters)
-    sphere_source = f" (read from `{run.sphere_source}`)" if run.sphere_source else ""
-    return f"""---
-library_name: transformers
-tags:
-- knowledge-editing
-- sphere_lightning
----
-
-# {out_dir.name}
-
-`{run.base_model}` with {len(run.requests)} facts written into it by sequential knowledge
-editing. Only the parameters listed below differ from the base model.
-
-| | |
-|---|---|
-| base model | `{run.base_model}` (edited in {run.run_dtype}) |
-| weights | {dtype} |
-| editor | `{run.editor}` |
-| SPHERE | {_sphere_line(run)}{sphere_source} |
-| edits | {len(run.requests)} (`edits.jsonl`, in edit order) |
-| exported | {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} from {run.source} |
-| sphere_lightning | {sphere_lightning.__version__} |
-
-Edited parameters:
-
-{parameters}
-
-## Edit metrics
-
-{_metrics_section(run)}
-## Use
-
-Plain transformers; sphere_lightning is not needed:
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{out_dir}")
-tokenizer = AutoTokenizer.from_pretrained("{out_dir}")
-```
-
-`edits.jsonl` lists the edited facts, one JSON object per line: `case_id` (when the data set
-has one), `prompt` (`{{}}` marks the subject), `subject`, `target_new`, `target_true` and
-`position` in the edit order.
-"""
-
-
-def write_export(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    run: EditedRun,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write the export folder: weights and config, tokenizer, model card and ``edits.jsonl``.
-
-    Everything goes into a temporary folder beside ``out_dir``, which is renamed to ``out_dir``
-    once complete, so ``out_dir`` never holds a half-written export. A non-empty ``out_dir`` is
-    refused unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = temporary_sibling(out_dir)
-    partial.mkdir()
-    try:
-        model.save_pretrained(partial)  # safetensors (the only format of transformers ≥ 5)
-        tokenizer.save_pretrained(partial)
-        dtype = str(model.dtype).removeprefix("torch.")
-        (partial / "README.md").write_text(model_card(run, out_dir, dtype), encoding="utf-8")
-        lines = [
-            json.dumps(request_record(i, r), ensure_ascii=False) for i, r in enumerate(run.requests)
-        ]
-        (partial / "edits.jsonl").write_text("".join(f"{line}\n" for line in lines), "utf-8")
-        check_out_dir(out_dir, overwrite)  # again: it may have been filled meanwhile
-        if out_dir.exists():
-            old = temporary_sibling(out_dir)
-            out_dir.rename(old)
-            partial.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out_dir
-
-
-# -- from a module in memory ------------------------------------------------------------------
-
-
-def export_module(
-    pl_module: LightningModule,
-    datamodule: LightningDataModule,
-    out_dir: str | Path,
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Export the model of an :class:`~sphere_lightning.module.EditingModule` as evaluations
-    see it now (:meth:`~sphere_lightning.module.EditingModule.evaluated_weights`: W₀ + T(W − W₀)
-    with delta transforms of stage ``evaluation``, else the live weights).
-
-    The module must be attached to a trainer (the number of edits and the SPHERE callbacks come
-    from it). Weights are written in the run's dtype; the model in memory is not changed.
-    """
-    trainer = pl_module.trainer
-    num_edited = pl_module.num_edited()
-    run = EditedRun(
-        base_model=pl_module.hparams["model"],
-        run_dtype=pl_module.hparams["dtype"],
-        editor=pl_module.editor_class_path,
-        edited_parameters=list(pl_module.edited_parameter_names),
-        sphere=sphere_settings(trainer.callbacks),
-        sphere_source=None,
-        requests=list(datamodule.requests[:num_edited]),
-        pre_edit_metrics=dict(pl_module.pre_edit_metrics),
-        final_edit_metrics=dict(pl_module.final_edit_metrics),
-        source=f"the run in memory (log folder {run_log_dir(trainer)})",
-    )
-    with pl_module.evaluated_weights():
-        return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
 
 
 # -- from a checkpoint ------------------------------------------------------------------------

@@ -3,22 +3,68 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from sphere_lightning.callbacks.sphere import SphereProjectionCallback
+from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import ConfigError, check_writable_folder
+from sphere_lightning.export_writer import SPHERE_SETTINGS, EditedRun, check_out_dir, write_export
 
 _DIRPATH_FLAG = "ExportCallback.init_args.dirpath"
+
+
+def sphere_settings(callbacks: Iterable[Any]) -> list[dict[str, Any]]:
+    """The settings of every :class:`SphereProjectionCallback` among ``callbacks``, in order."""
+    return [
+        {name: getattr(c, name) for name in SPHERE_SETTINGS}
+        for c in callbacks
+        if isinstance(c, SphereProjectionCallback)
+    ]
+
+
+def export_module(
+    pl_module: LightningModule,
+    datamodule: LightningDataModule,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Export the model of an :class:`~sphere_lightning.module.EditingModule` as evaluations
+    see it now (:meth:`~sphere_lightning.module.EditingModule.evaluated_weights`: W₀ + T(W − W₀)
+    with delta transforms of stage ``evaluation``, else the live weights).
+
+    The module must be attached to a trainer (the number of edits and the SPHERE callbacks come
+    from it). Weights are written in the run's dtype; the model in memory is not changed.
+    """
+    trainer = pl_module.trainer
+    num_edited = pl_module.num_edited()
+    run = EditedRun(
+        base_model=pl_module.hparams["model"],
+        run_dtype=pl_module.hparams["dtype"],
+        editor=pl_module.editor_class_path,
+        edited_parameters=list(pl_module.edited_parameter_names),
+        sphere=sphere_settings(trainer.callbacks),
+        sphere_source=None,
+        requests=list(datamodule.requests[:num_edited]),
+        pre_edit_metrics=dict(pl_module.pre_edit_metrics),
+        final_edit_metrics=dict(pl_module.final_edit_metrics),
+        source=f"the run in memory (log folder {run_log_dir(trainer)})",
+    )
+    with pl_module.evaluated_weights():
+        return write_export(pl_module.model, pl_module.tokenizer, run, out_dir, overwrite=overwrite)
 
 
 class ExportCallback(Callback):
     """At the end of ``fit``, write the edited model (as evaluations see it:
     ``pl_module.evaluated_weights()``) to ``dirpath`` as a folder that plain
     ``transformers`` loads (weights, tokenizer, ``README.md`` model card, ``edits.jsonl``), with
-    :func:`sphere_lightning.export.export_module`; rank zero only.
+    :func:`export_module`; rank zero only.
 
     ``dirpath`` is checked when fit starts (it must be empty or absent, unless ``overwrite``, and
     its parent writable), so a run does not edit for hours to fail at the end.
@@ -41,10 +87,6 @@ class ExportCallback(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
-            # Imported in the hooks: sphere_lightning.export imports the module, which imports
-            # this package.
-            from sphere_lightning.export import check_out_dir
-
             check_out_dir(self.dirpath, self.overwrite, flag=_DIRPATH_FLAG)
             check_writable_folder(self.dirpath.parent, _DIRPATH_FLAG)
 
@@ -55,8 +97,6 @@ class ExportCallback(Callback):
         with pl_module.evaluated_weights():
             if not trainer.is_global_zero:
                 return
-            from sphere_lightning.export import export_module
-
             if not pl_module.evaluated_at_current_step:
                 rank_zero_warn(
                     "ExportCallback: the edit metrics were not measured after the last batch "
