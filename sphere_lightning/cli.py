@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sphere_lightning.cache import CACHE_ENV, models_cache_dir, stats_cache_dir
 from sphere_lightning.callbacks import EditObserver
+from sphere_lightning.checkpoints import last_checkpoint
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import check_writable_folder
@@ -40,13 +41,6 @@ def _logger_args(trainer_config: Any) -> Any | None:
     if init_args is None or not all(k in init_args for k in ("save_dir", "name", "version")):
         return None
     return init_args
-
-
-def find_last_checkpoint(save_dir: str | Path, name: str | None) -> Path | None:
-    """The newest ``last.ckpt`` of the runs under ``save_dir/name`` (``<version>/checkpoints/``)."""
-    root = Path(save_dir) / (name or "")
-    found = [path for path in root.glob("*/checkpoints/last*.ckpt") if path.is_file()]
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
 
 
 def output_folders(trainer: Any, module: Any) -> list[tuple[str, Path]]:
@@ -105,7 +99,8 @@ class EditingCLI(LightningCLI):
         if not ckpt_path or logger is None or logger["version"] is not None:
             return
         if ckpt_path == "last":
-            found = find_last_checkpoint(logger["save_dir"], logger["name"])
+            runs = Path(logger["save_dir"]) / (logger["name"] or "")
+            found = last_checkpoint(runs, folder="*/checkpoints")
             if found is None:
                 return  # Lightning warns and starts afresh
             config["ckpt_path"] = ckpt_path = str(found)

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
+from sphere_lightning.checkpoints import last_checkpoint
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.errors import ConfigError, MissingFileError, exit_on_user_error
 from sphere_lightning.export_writer import SPHERE_SETTINGS, EditedRun, check_out_dir, write_export
@@ -211,22 +212,15 @@ def export_checkpoint(
     return write_export(model, tokenizer, run, out_dir, overwrite=overwrite)
 
 
-def newest_checkpoint(root: str | Path = "logs") -> Path:
-    """The most recently written ``last.ckpt`` (or ``last-v<n>.ckpt``) under ``root``."""
-    found = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
-    if not found:
-        raise MissingFileError(f"`--ckpt_path last`: no last.ckpt under {str(root)!r}")
-    return max(found, key=lambda p: p.stat().st_mtime_ns)
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """``python -m sphere_lightning export --ckpt_path PATH --out DIR [--overwrite]``.
+def main(argv: Sequence[str] | None = None, prog: str = "sphere-lightning export") -> Path:
+    """``sphere-lightning export --ckpt_path PATH --out DIR [--overwrite]`` (``prog``: how usage
+    names the command).
 
     A mistake in the input ends it with ``error: <message>`` and exit code 2, a checkpoint that
     does not fit its base model with exit code 1 (no traceback either way).
     """
     parser = argparse.ArgumentParser(
-        prog="python -m sphere_lightning export",
+        prog=prog,
         description="Export the edited model of a checkpoint as a plain Hugging Face folder "
         "(weights, tokenizer, README.md model card, edits.jsonl).",
     )
@@ -248,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        ckpt = newest_checkpoint() if args.ckpt_path == "last" else Path(args.ckpt_path)
+        ckpt = last_checkpoint("logs") if args.ckpt_path == "last" else Path(args.ckpt_path)
+        if ckpt is None:
+            raise MissingFileError("`--ckpt_path last`: no last.ckpt under 'logs'")
         out = export_checkpoint(
             ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, base_model=args.base_model
         )
