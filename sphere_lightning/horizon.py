@@ -21,6 +21,19 @@ EFFICACY_THRESHOLD = 0.8
 DRIFT_KL_THRESHOLD = 1.0
 
 
+def edits_after(step: int, edits_per_step: int, num_edits: int | None = None) -> int:
+    """How many facts a run has written after ``step`` editing steps (batches):
+    ``step × edits_per_step``, at most ``num_edits`` (the last batch may be short).
+
+    Args:
+        step: Editing steps applied (``global_step``).
+        edits_per_step: Requests per step (``--data.edits_per_step``).
+        num_edits: Requests of the whole run; ``None``: no cap.
+    """
+    edits = step * edits_per_step
+    return edits if num_edits is None else min(edits, num_edits)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """What one evaluation of a run measured: after ``edits`` edits, the lifelong efficacy and

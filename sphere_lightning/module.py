@@ -28,6 +28,7 @@ from sphere_lightning.errors import ConfigError
 from sphere_lightning.evaluation import METRIC_FAMILIES
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
 from sphere_lightning.functional.sampling import mean_ci95_half_width, sample_indices
+from sphere_lightning.horizon import edits_after
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.loading import (
@@ -672,8 +673,8 @@ class EditingModule(LightningModule):
 
     def num_edited(self) -> int:
         """How many requests have been written into the model so far."""
-        per_step = self.trainer.datamodule.edits_per_step
-        return min(self.global_step * per_step, len(self.trainer.datamodule.requests))
+        data = self.trainer.datamodule
+        return edits_after(self.global_step, data.edits_per_step, len(data.requests))
 
     def is_final_evaluation(self) -> bool:
         """Whether a validation now is the run's final one: every request applied, the last

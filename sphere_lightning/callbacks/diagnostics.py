@@ -20,6 +20,7 @@ from sphere_lightning.horizon import (
     EFFICACY_THRESHOLD,
     Evaluation,
     UsableHorizon,
+    edits_after,
     usable_horizon,
 )
 from sphere_lightning.models.architectures import architecture_of
@@ -256,7 +257,7 @@ class CollapseDiagnosticsCallback(EditObserver):
     def edits_at(trainer: Trainer, step: int) -> int:
         """Edits applied after ``step`` batches."""
         data = trainer.datamodule
-        return min(step * data.edits_per_step, len(data.requests))
+        return edits_after(step, data.edits_per_step, len(data.requests))
 
     def _record(
         self, step: int, edits: int, efficacy: float | None = None, drift_kl: float | None = None

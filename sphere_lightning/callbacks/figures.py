@@ -21,6 +21,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.distributed import run_log_dir
+from sphere_lightning.horizon import edits_after
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -64,7 +65,7 @@ def edits_at(trainer: Trainer, step: int) -> int:
     if per_step is None:
         return step
     total = getattr(trainer.datamodule, "num_edits", None)
-    return min(step * per_step, total) if isinstance(total, int) else step * per_step
+    return edits_after(step, per_step, total if isinstance(total, int) else None)
 
 
 def _new_figure(width: float, height: float) -> Figure:

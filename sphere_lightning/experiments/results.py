@@ -17,6 +17,7 @@ from sphere_lightning.horizon import (
     EFFICACY_THRESHOLD,
     Evaluation,
     UsableHorizon,
+    edits_after,
     usable_horizon,
 )
 
@@ -137,8 +138,8 @@ class RunLog:
         data = (self.config or {}).get("data") or {}
         if "edits_per_step" not in data:
             return None
-        edits = step * int(data["edits_per_step"])
-        return min(edits, int(data["num_edits"])) if "num_edits" in data else edits
+        num_edits = int(data["num_edits"]) if "num_edits" in data else None
+        return edits_after(step, int(data["edits_per_step"]), num_edits)
 
     @property
     def evaluation_steps(self) -> set[int]:
