@@ -38,6 +38,7 @@ from sphere_lightning.models.loading import (
     prepare,
     resolve_model_path,
 )
+from sphere_lightning.timing import add_seconds
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -799,7 +800,7 @@ class EditingModule(LightningModule):
     def _add_time(self, phase: str, start: float, log: bool = True) -> None:
         """Add wall time to ``phase_seconds`` (and, if ``log``, to this step's scalars)."""
         seconds = time.perf_counter() - start
-        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
+        add_seconds(self, phase, seconds)
         if log:
             self.step_metrics[f"time/{phase}"] = seconds
 

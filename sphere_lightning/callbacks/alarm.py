@@ -23,9 +23,9 @@ from typing_extensions import override
 from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
-from sphere_lightning.callbacks.timing import add_seconds
 from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
 from sphere_lightning.functional.band import DeltaBand, excess, outside
+from sphere_lightning.timing import add_seconds
 
 AlarmAction = Literal["warn", "stop", "rollback"]
 RetryPolicy = Literal["retry", "skip"]

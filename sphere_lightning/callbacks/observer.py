@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import final, override
 
-from sphere_lightning.callbacks.timing import add_seconds
+from sphere_lightning.timing import add_seconds
 
 
 def changes_since(
