@@ -39,9 +39,12 @@ class EditingContext(Protocol):
         suppression_increase: Added to SPHERE's α (capped at 1) while a step policy has the
             step edited again (:class:`StepDecision`); 0 otherwise.
         phase_seconds: Wall time by phase, for ``summary.json``; observers add theirs.
+        pre_edit_metrics: The edit metrics before the first edit (``{metric: value}``).
         final_edit_metrics: The last lifelong evaluation over every edited fact
             (``{metric: value}``).
         sampled_edit_metrics: Every sampled intermediate evaluation.
+        model_name: The base model as the config names it (``model.model``).
+        dtype_name: The weights' dtype as the config names it (``model.dtype``).
     """
 
     model: Any
@@ -53,8 +56,15 @@ class EditingContext(Protocol):
     applied_deltas: dict[str, torch.Tensor]
     suppression_increase: float
     phase_seconds: dict[str, float]
+    pre_edit_metrics: dict[str, float]
     final_edit_metrics: dict[str, float]
     sampled_edit_metrics: list[dict[str, float]]
+    model_name: str
+    dtype_name: str
+
+    @property
+    def trainer(self) -> Any:
+        """The trainer the module is attached to."""
 
     @property
     def global_step(self) -> int:
@@ -63,6 +73,10 @@ class EditingContext(Protocol):
     @property
     def edited_parameter_names(self) -> list[str]:
         """Names of the edited parameters."""
+
+    @property
+    def editor_class_path(self) -> str:
+        """``module.Class`` of the editor, as a config's ``class_path`` names it."""
 
     @property
     def evaluated_at_current_step(self) -> bool:

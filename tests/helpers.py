@@ -133,10 +133,17 @@ class ContextStub:
         self.applied_deltas: dict[str, Any] = {}
         self.suppression_increase = 0.0
         self.phase_seconds: dict[str, float] = {}
+        self.pre_edit_metrics: dict[str, float] = {}
         self.final_edit_metrics: dict[str, float] = {}
         self.sampled_edit_metrics: list[dict[str, float]] = []
         self.evaluated_at_current_step = False
+        self.model_name, self.dtype_name = "stub", "float32"
+        self.trainer: Any = None
         self.logged: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def editor_class_path(self) -> str:
+        return f"{type(self.editor).__module__}.{type(self.editor).__name__}"
 
     def edited_weight(self, name: str) -> torch.Tensor:
         if self.weights is not None:

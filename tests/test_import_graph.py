@@ -150,3 +150,40 @@ def test_the_ground_floor_imports_only_the_ground_floor():
     ground = {"sphere_lightning.errors", "sphere_lightning.cache", "sphere_lightning.paths"}
     for module in ground:
         assert import_graph()[module] <= ground, module
+
+
+#: The core: the LightningModule and what it is built from, below the callbacks.
+CORE = (
+    "sphere_lightning.module",
+    "sphere_lightning.editors",
+    "sphere_lightning.functional",
+    "sphere_lightning.models",
+    "sphere_lightning.data",
+)
+CALLBACKS = "sphere_lightning.callbacks"
+
+
+def _reachable(start: str) -> dict[str, str]:
+    """``{module: the module that first imported it}`` for every module ``start`` runs."""
+    graph, seen, todo = import_graph(), {start: start}, [start]
+    while todo:
+        node = todo.pop()
+        for target in sorted(graph.get(node, ())):
+            if target not in seen:
+                seen[target] = node
+                todo.append(target)
+    return seen
+
+
+def test_the_core_does_not_import_the_callbacks():
+    """Neither directly nor through another module: the callbacks build on the core."""
+    for prefix in CORE:
+        for module in imports_of(prefix):
+            parents = _reachable(module)
+            reached = sorted(m for m in parents if m == CALLBACKS or m.startswith(CALLBACKS + "."))
+            if reached:
+                chain, node = [reached[0]], reached[0]
+                while node != module:
+                    node = parents[node]
+                    chain.append(node)
+                raise AssertionError(f"{module} imports callbacks: " + " <- ".join(chain))

@@ -45,8 +45,8 @@ def export_module(
     trainer = pl_module.trainer
     num_edited = pl_module.num_edited()
     run = EditedRun(
-        base_model=pl_module.hparams["model"],
-        run_dtype=pl_module.hparams["dtype"],
+        base_model=pl_module.model_name,
+        run_dtype=pl_module.dtype_name,
         editor=pl_module.editor_class_path,
         edited_parameters=list(pl_module.edited_parameter_names),
         sphere=sphere_settings(trainer.callbacks),
