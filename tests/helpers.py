@@ -170,3 +170,16 @@ class ContextStub:
         weight = self.edited_weight(self.edited_parameter_names[-1])
         with torch.no_grad():
             weight.add_(scale * torch.randn(weight.shape, generator=g))
+
+
+def tensorboard_scalars(log_root: Path) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the one TensorBoard event file under ``log_root``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (event_file,) = list(Path(log_root).rglob("events.out.tfevents*"))
+    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: {e.step: e.value for e in accumulator.Scalars(tag)}
+        for tag in accumulator.Tags()["scalars"]
+    }

@@ -7,12 +7,33 @@ import json
 import re
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sphere_lightning.cli import cli_main
-from tests.helpers import ROOT, tiny_alphaedit_flags
+from tests.helpers import ROOT, tensorboard_scalars, tiny_alphaedit_flags
 
 MAX_NORM = 0.01
+#: The run: the default config with the two classes listed in ``trainer.callbacks``.
+EXTENSIONS_YAML = """
+model:
+  batch_metrics: false
+  fluency_prompts: 0
+data:
+  dataset: {data}
+  num_edits: 2
+  edits_per_step: 2
+trainer:
+  default_root_dir: {root}
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  logger:
+    init_args: {{save_dir: {logs}}}
+  callbacks:
+    - class_path: my_transforms.ClipDeltaNorm
+      init_args: {{max_norm: {max_norm}}}
+    - class_path: my_observers.WeightNorm
+      init_args: {{every_n_steps: 1}}
+"""
 
 
 def _documented_block(marker: str) -> str:
@@ -41,41 +62,15 @@ def test_documented_transform_and_observer_run_from_yaml(
     (tmp_path / "my_observers.py").write_text(observer)
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    callbacks = [
-        {"class_path": "my_transforms.ClipDeltaNorm", "init_args": {"max_norm": MAX_NORM}},
-        {"class_path": "my_observers.WeightNorm", "init_args": {"every_n_steps": 1}},
-    ]
-    overlay = tmp_path / "extensions.yaml"
-    overlay.write_text(json.dumps({"trainer": {"callbacks": callbacks}}))
     data = write_rome_json(requests[:2], tmp_path / "facts.json")
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "edit.yaml"),
-            "--config",
-            str(overlay),
-            f"--model.model={tiny_model_dir}",
-            *tiny_alphaedit_flags(v_num_steps=2),
-            "--model.batch_metrics=false",
-            "--model.fluency_prompts=0",
-            f"--data.dataset={data}",
-            "--data.num_edits=2",
-            "--data.edits_per_step=2",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
-            "--trainer.enable_checkpointing=false",
-        ]
+    overlay = tmp_path / "extensions.yaml"
+    overlay.write_text(
+        EXTENSIONS_YAML.format(data=data, logs=tmp_path / "logs", root=tmp_path, max_norm=MAX_NORM)
     )
-    (event_file,) = list((tmp_path / "logs").rglob("events.out.tfevents*"))
-    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    scalars = {
-        tag: {e.step: e.value for e in accumulator.Scalars(tag)}
-        for tag in accumulator.Tags()["scalars"]
-    }
+    configs = ["--config", str(ROOT / "configs" / "edit.yaml"), "--config", str(overlay)]
+    flags = [f"--model.model={tiny_model_dir}", *tiny_alphaedit_flags(v_num_steps=2)]
+    cli = cli_main(["fit", *configs, *flags])
+    scalars = tensorboard_scalars(tmp_path / "logs")
     module = cli.model
     for name in module.edited_parameter_names:
         # The transform: the editor's ΔW was larger than the limit (its scalar says so), and the

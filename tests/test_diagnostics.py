@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sphere_lightning import experiments
 from sphere_lightning.callbacks import (
@@ -25,7 +24,7 @@ from sphere_lightning.editors.base import value_norm_metrics
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
 from sphere_lightning.horizon import Evaluation, usable_horizon
-from tests.helpers import ROOT, ContextStub, tiny_alphaedit_flags
+from tests.helpers import ROOT, ContextStub, tensorboard_scalars, tiny_alphaedit_flags
 
 # -- plain references --------------------------------------------------------------------------
 
@@ -448,13 +447,7 @@ def test_cli_run_logs_the_diagnostics_and_the_horizon(
             "--trainer.enable_model_summary=false",
         ]
     )
-    (event_file,) = list((tmp_path / "logs").rglob("events.out.tfevents*"))
-    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    scalars = {
-        tag: {e.step: e.value for e in accumulator.Scalars(tag)}
-        for tag in accumulator.Tags()["scalars"]
-    }
+    scalars = tensorboard_scalars(tmp_path / "logs")
     layers = [name.removesuffix(".weight") for name in cli.model.edited_parameter_names]
     for layer in layers:
         for quantity in ("weight_norm", "update_norm"):
