@@ -38,6 +38,7 @@ from sphere_lightning.models.loading import (
     prepare,
     resolve_model_path,
 )
+from sphere_lightning.tags import EDIT, EDIT_PRE, EDITOR, NUM_EDITED, TIME
 from sphere_lightning.timing import add_seconds
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity")
@@ -415,11 +416,11 @@ class EditingModule(LightningModule):
                 f"Pre-edit metrics over {len(requests)} of {len(everything)} requests: "
                 f"{self.pre_edit_metrics}"
             )
-            metrics = {f"edit_pre/{k}": v for k, v in self.pre_edit_metrics.items()}
-            metrics.update({f"edit/{k}": v for k, v in self.pre_edit_metrics.items()})
-            metrics.update({f"edit_pre/{k}": v for k, v in intervals.items()})
-            metrics.update({f"edit/{k}": v for k, v in intervals.items()})
-            metrics["edit_pre/num_evaluated"] = float(len(requests))
+            metrics = {f"{EDIT_PRE}{k}": v for k, v in self.pre_edit_metrics.items()}
+            metrics.update({f"{EDIT}{k}": v for k, v in self.pre_edit_metrics.items()})
+            metrics.update({f"{EDIT_PRE}{k}": v for k, v in intervals.items()})
+            metrics.update({f"{EDIT}{k}": v for k, v in intervals.items()})
+            metrics[f"{EDIT_PRE}num_evaluated"] = float(len(requests))
             self.log_now(metrics)
 
     @override
@@ -491,9 +492,9 @@ class EditingModule(LightningModule):
             for name, values in _without_nan(self.edit_scores(batch.requests)).items():
                 self.step_metrics[f"edit_batch/{name}"] = float(values.mean())
             self._add_time("batch_evaluation", start)
-        self.step_metrics.update({f"editor/{k}": v for k, v in self.editor.last_metrics.items()})
-        self.step_metrics.update({f"time/{k}": v for k, v in self.editor.last_timings.items()})
-        self.step_metrics["edit/num_edited"] = float(batch.positions[-1] + 1)
+        self.step_metrics.update({f"{EDITOR}{k}": v for k, v in self.editor.last_metrics.items()})
+        self.step_metrics.update({f"{TIME}{k}": v for k, v in self.editor.last_timings.items()})
+        self.step_metrics[NUM_EDITED] = float(batch.positions[-1] + 1)
         self.log_now(self.step_metrics)
         self.step_metrics = {}
 
@@ -802,7 +803,7 @@ class EditingModule(LightningModule):
         seconds = time.perf_counter() - start
         add_seconds(self, phase, seconds)
         if log:
-            self.step_metrics[f"time/{phase}"] = seconds
+            self.step_metrics[f"{TIME}{phase}"] = seconds
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
 from sphere_lightning.functional.band import DeltaBand, excess, outside
+from sphere_lightning.tags import ENERGY, NUM_EDITED
 from sphere_lightning.timing import add_seconds
 
 AlarmAction = Literal["warn", "stop", "rollback"]
@@ -318,7 +319,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
                 values[f"alarm/band_high/{layer}"] = high
         if self.skipped_positions and step.positions:
             # The module logged the batch's last position + 1; correct it for skipped facts.
-            values["edit/num_edited"] = float(step.positions[-1] + 1 - len(self.skipped_positions))
+            values[NUM_EDITED] = float(step.positions[-1] + 1 - len(self.skipped_positions))
         return values
 
     # -- helpers -------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
         """``{layer: HE}`` of every edited weight now."""
         names = pl_module.edited_parameter_names
         energies = self._energy.energies({n: pl_module.edited_weight(n) for n in names})
-        return {tag.removeprefix("energy/"): value for tag, value in energies.items()}
+        return {tag.removeprefix(ENERGY): value for tag, value in energies.items()}
 
     def _energies_before(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """HE before the coming step: the HE after the previous step if this callback measured

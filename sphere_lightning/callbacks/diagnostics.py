@@ -24,6 +24,7 @@ from sphere_lightning.horizon import (
     usable_horizon,
 )
 from sphere_lightning.models.architectures import architecture_of
+from sphere_lightning.tags import DIAG
 
 #: The editor's scalars re-logged under ``diag/`` (``editor/<name>`` holds them too).
 _VALUE_NORMS = ("v_norm_mean", "v_norm_max")
@@ -217,8 +218,8 @@ class CollapseDiagnosticsCallback(EditObserver):
                 layer = short_name(name)
                 weight = pl_module.edited_weight(name).detach()
                 original = pl_module.original_weights[name].to(weight.device)
-                values[f"diag/weight_norm/{layer}"] = _norm(weight)
-                values[f"diag/update_norm/{layer}"] = _norm(
+                values[f"{DIAG}weight_norm/{layer}"] = _norm(weight)
+                values[f"{DIAG}update_norm/{layer}"] = _norm(
                     weight.to(torch.float32) - original.to(torch.float32)
                 )
                 applied = pl_module.applied_deltas.get(name)
@@ -227,7 +228,7 @@ class CollapseDiagnosticsCallback(EditObserver):
                     continue
                 weight_before = before[name]
                 applied = applied.to(weight.device)
-                values[f"diag/delta_ratio/{layer}"] = _norm(applied) / max(
+                values[f"{DIAG}delta_ratio/{layer}"] = _norm(applied) / max(
                     _norm(weight_before), 1e-30
                 )
                 use_original = sphere is not None and sphere.reference == "original"
@@ -236,17 +237,17 @@ class CollapseDiagnosticsCallback(EditObserver):
                 if sphere is not None and sphere.stored_transposed(pl_module, name):
                     raw, reference = raw.mT, reference.mT  # its neurons: Conv1D's stored rows
                 share, rank = principal_share(raw, reference, ratio)
-                values[f"diag/principal_share/{layer}"] = float(share)
-                values[f"diag/principal_share_random/{layer}"] = rank / reference.shape[1]
+                values[f"{DIAG}principal_share/{layer}"] = float(share)
+                values[f"{DIAG}principal_share_random/{layer}"] = rank / reference.shape[1]
                 moment = self.key_moments(pl_module).get(name)
                 if moment is not None:
-                    values[f"diag/key_leak/{layer}"] = float(
+                    values[f"{DIAG}key_leak/{layer}"] = float(
                         key_leak(applied, weight_before, moment.to(weight.device))
                     )
             if before:
                 metrics = pl_module.editor.last_metrics
                 values.update(
-                    {f"diag/{k}": float(metrics[k]) for k in _VALUE_NORMS if k in metrics}
+                    {f"{DIAG}{k}": float(metrics[k]) for k in _VALUE_NORMS if k in metrics}
                 )
         self.history.append({"step": step, "edits": self.edits_at(trainer, step), **values})
         return values

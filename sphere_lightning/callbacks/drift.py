@@ -16,6 +16,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.editors.statistics import generate_corpus
 from sphere_lightning.models.batching import model_device
+from sphere_lightning.tags import DRIFT_KL, DRIFT_PERPLEXITY
 
 
 @contextmanager
@@ -144,12 +145,12 @@ class DriftCallback(EditObserver):
     @property
     def kl(self) -> float | None:
         """Mean KL(original ‖ current) at the last measurement."""
-        return self.latest.get("drift/kl")
+        return self.latest.get(DRIFT_KL)
 
     @property
     def perplexity(self) -> float | None:
         """Perplexity of the current model at the last measurement."""
-        return self.latest.get("drift/perplexity")
+        return self.latest.get(DRIFT_PERPLEXITY)
 
     def load_texts(self, pl_module: LightningModule) -> list[str]:
         """The held-out texts: the file's paragraphs, or text the original model writes."""
@@ -231,7 +232,7 @@ class DriftCallback(EditObserver):
         with self.timed("drift"):
             # Before the first edit the original model is the current one: its KL is 0.
             kl, perplexity = self.kl_and_perplexity(pl_module, trainer.global_step > 0)
-        return {"drift/kl": kl, "drift/perplexity": perplexity}
+        return {DRIFT_KL: kl, DRIFT_PERPLEXITY: perplexity}
 
     @override
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:

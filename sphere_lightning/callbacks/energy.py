@@ -12,6 +12,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.functional.energy import hyperspherical_energy
+from sphere_lightning.tags import ENERGY, ENERGY_CHANGE
 
 
 class HyperSphericalEnergyCallback(EditObserver):
@@ -42,7 +43,7 @@ class HyperSphericalEnergyCallback(EditObserver):
     def energies(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """``{"energy/<layer>": HE}`` of the given ``{parameter name: weight}``."""
         return {
-            f"energy/{short_name(name)}": float(
+            f"{ENERGY}{short_name(name)}": float(
                 hyperspherical_energy(weight.detach(), self.s, chunk_size=self.chunk_size)
             )
             for name, weight in weights.items()
@@ -55,7 +56,7 @@ class HyperSphericalEnergyCallback(EditObserver):
 
     @override
     def changes(self, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-        return changes_since(values, baseline, "energy/", "energy_change/")
+        return changes_since(values, baseline, ENERGY, ENERGY_CHANGE)
 
     @override
     def baseline_after_resume(
@@ -67,13 +68,13 @@ class HyperSphericalEnergyCallback(EditObserver):
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         baseline = self.baseline or {}
         return {
-            tag.removeprefix("energy/"): {"baseline": baseline.get(tag), "final": value}
+            tag.removeprefix(ENERGY): {"baseline": baseline.get(tag), "final": value}
             for tag, value in self.latest.items()
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        if self.baseline is not None and not all(t.startswith("energy/") for t in self.baseline):
+        if self.baseline is not None and not all(t.startswith(ENERGY) for t in self.baseline):
             # Keyed by parameter name (an older checkpoint): rebuilt in on_train_start.
             self.baseline = None

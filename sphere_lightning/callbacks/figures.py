@@ -22,12 +22,13 @@ from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.horizon import edits_after
+from sphere_lightning.tags import EDIT, ENERGY, NUM_EDITED, NUM_EVALUATED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: Counters the module logs under ``edit/`` that are not editing metrics.
-_EDIT_COUNTERS = ("edit/num_edited", "edit/num_evaluated")
+_EDIT_COUNTERS = (NUM_EDITED, NUM_EVALUATED)
 
 
 # -- shared helpers ----------------------------------------------------------------------------
@@ -36,7 +37,7 @@ _EDIT_COUNTERS = ("edit/num_edited", "edit/num_evaluated")
 def _is_edit_metric(tag: str) -> bool:
     """An ``edit/*`` editing metric: not a counter, nor the confidence interval of a sampled
     evaluation (``edit/<metric>_ci95``)."""
-    return tag.startswith("edit/") and tag not in _EDIT_COUNTERS and not tag.endswith("_ci95")
+    return tag.startswith(EDIT) and tag not in _EDIT_COUNTERS and not tag.endswith("_ci95")
 
 
 def figures_dir(trainer: Trainer, dirpath: str | Path | None = None) -> Path:
@@ -284,7 +285,7 @@ class MetricTrendsCallback(EditObserver):
     def __init__(
         self,
         metrics: list[str] | None = None,
-        energy_prefix: str = "energy/",
+        energy_prefix: str = ENERGY,
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
@@ -403,7 +404,7 @@ class MetricTrendsCallback(EditObserver):
             top.legend(fontsize=7)
         for tag in self.metric_tags():
             steps = sorted(self.history[tag])
-            label = tag.removeprefix("edit/")
+            label = tag.removeprefix(EDIT)
             if tag in self.correlations:
                 label += f" (Spearman ρ with mean HE {self.correlations[tag]:+.2f})"
             bottom.plot(
@@ -437,7 +438,7 @@ class MetricTrendsCallback(EditObserver):
         if trainer.is_global_zero:
             self.draw(trainer)
         return {
-            f"correlation/spearman/{tag.removeprefix('edit/')}": rho
+            f"correlation/spearman/{tag.removeprefix(EDIT)}": rho
             for tag, rho in self.correlations.items()
         }
 

@@ -12,6 +12,7 @@ from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.distributed import Collective
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
+from sphere_lightning.tags import GENERAL, GENERAL_CHANGE
 
 #: Per-task settings of the callback accepted in the dict form of ``tasks``; any other setting
 #: is an argument of the task's constructor (``max_new_tokens`` of the generating tasks).
@@ -149,7 +150,7 @@ class GeneralAbilityCallback(EditObserver):
         collective = Collective.of(trainer)
         values: dict[str, float] = {}
         for name, task in self.tasks.items():
-            with self.timed(f"general/{name}"):
+            with self.timed(f"{GENERAL}{name}"):
                 scores = task.evaluate(
                     pl_module.model,
                     pl_module.tokenizer,
@@ -158,19 +159,19 @@ class GeneralAbilityCallback(EditObserver):
                     progress=self.progress and trainer.is_global_zero,
                     collective=collective,
                 )
-            values.update({f"general/{name}/{metric}": v for metric, v in scores.items()})
+            values.update({f"{GENERAL}{name}/{metric}": v for metric, v in scores.items()})
         return values
 
     @override
     def changes(self, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-        return changes_since(values, baseline, "general/", "general_change/")
+        return changes_since(values, baseline, GENERAL, GENERAL_CHANGE)
 
     def by_task(self, values: dict[str, float] | None) -> dict[str, dict[str, float]]:
         """``{"general/<task>/<metric>": value}`` as ``{task: {metric: value}}`` (every task,
         empty where ``values`` has none of its metrics)."""
         nested: dict[str, dict[str, float]] = {name: {} for name in self.tasks}
         for tag, value in (values or {}).items():
-            name, metric = tag.removeprefix("general/").split("/", 1)
+            name, metric = tag.removeprefix(GENERAL).split("/", 1)
             nested.setdefault(name, {})[metric] = value
         return nested
 
@@ -197,7 +198,7 @@ class GeneralAbilityCallback(EditObserver):
             values = state.get(key)
             if values and all(isinstance(v, dict) for v in values.values()):
                 state[key] = {
-                    f"general/{name}/{metric}": value
+                    f"{GENERAL}{name}/{metric}": value
                     for name, metrics in values.items()
                     for metric, value in metrics.items()
                 }

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import final, override
 
+from sphere_lightning.tags import TIME
 from sphere_lightning.timing import add_seconds
 
 
@@ -178,7 +179,7 @@ class EditObserver(Callback, ABC):
             metrics.update(self.changes(values, self.baseline))
         for phase, elapsed in seconds.items():
             add_seconds(pl_module, phase, elapsed)
-            metrics[f"time/{phase}"] = elapsed
+            metrics[f"{TIME}{phase}"] = elapsed
         self.latest, self.latest_step = values, step
         pl_module.log_now(metrics)
         return values

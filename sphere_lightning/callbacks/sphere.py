@@ -12,6 +12,7 @@ from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.projection import project_delta
 from sphere_lightning.models.architectures import stores_transposed
+from sphere_lightning.tags import SPHERE
 
 #: Which weight the principal directions come from: the current (edited) one or the original.
 ReferenceWeight = Literal["current", "original"]
@@ -130,8 +131,8 @@ class SphereProjectionCallback(DeltaTransform):
             projected = projected.mT.contiguous()
         layer = short_name(name)
         return projected, {
-            f"sphere/rank/{layer}": float(rank),
-            f"sphere/kept_norm_ratio/{layer}": float(
+            f"{SPHERE}rank/{layer}": float(rank),
+            f"{SPHERE}kept_norm_ratio/{layer}": float(
                 projected.norm() / delta.norm().clamp_min(1e-12)
             ),
         }

@@ -23,6 +23,7 @@ from sphere_lightning.experiments.results import (
     summary_values,
 )
 from sphere_lightning.horizon import DRIFT_KL_THRESHOLD, EFFICACY_THRESHOLD
+from sphere_lightning.tags import DRIFT_KL, EFFICACY, GENERALIZATION, SPECIFICITY
 
 MISSING = "—"
 
@@ -377,10 +378,10 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
 
 #: The metrics the suite's ``table.md`` lists at every evaluation: (key, title, format).
 EVALUATION_TABLES = (
-    ("edit/efficacy", "Efficacy", ".3f"),
-    ("edit/generalization", "Generalization", ".3f"),
-    ("edit/specificity", "Specificity", ".3f"),
-    ("drift/kl", "Drift KL", ".3f"),
+    (EFFICACY, "Efficacy", ".3f"),
+    (GENERALIZATION, "Generalization", ".3f"),
+    (SPECIFICITY, "Specificity", ".3f"),
+    (DRIFT_KL, "Drift KL", ".3f"),
 )
 
 

@@ -20,6 +20,18 @@ from sphere_lightning.horizon import (
     edits_after,
     usable_horizon,
 )
+from sphere_lightning.tags import (
+    DIAG,
+    DRIFT_KL,
+    EFFICACY,
+    ENERGY_CHANGE,
+    ENERGY_CHANGE_MEAN,
+    FLUENCY,
+    GENERAL_CHANGE,
+    GENERALIZATION,
+    NUM_EDITED,
+    SPECIFICITY,
+)
 
 
 @dataclass(frozen=True)
@@ -33,22 +45,19 @@ class Metric:
 
 #: Metrics read as logged, under their TensorBoard tags.
 LOGGED_METRICS = (
-    Metric("edit/efficacy", "efficacy", ".3f"),
-    Metric("edit/generalization", "generalization", ".3f"),
-    Metric("edit/specificity", "specificity", ".3f"),
-    Metric("edit/fluency", "fluency", ".1f"),  # ×100 n-gram entropy, as in the papers
-    Metric("general_change/sst2/accuracy", "SST-2 accuracy change", "+.3f"),
-    Metric("general_change/nli/accuracy", "NLI accuracy change", "+.3f"),
-    Metric("drift/kl", "drift KL", ".4f"),
+    Metric(EFFICACY, "efficacy", ".3f"),
+    Metric(GENERALIZATION, "generalization", ".3f"),
+    Metric(SPECIFICITY, "specificity", ".3f"),
+    Metric(FLUENCY, "fluency", ".1f"),  # ×100 n-gram entropy, as in the papers
+    Metric(f"{GENERAL_CHANGE}sst2/accuracy", "SST-2 accuracy change", "+.3f"),
+    Metric(f"{GENERAL_CHANGE}nli/accuracy", "NLI accuracy change", "+.3f"),
+    Metric(DRIFT_KL, "drift KL", ".4f"),
 )
 #: Mean of ``energy_change/<layer>`` over the edited layers.
-HE_CHANGE = Metric("energy_change/mean", "HE change", ".4g")
+HE_CHANGE = Metric(ENERGY_CHANGE_MEAN, "HE change", ".4g")
 #: Seconds from the run's first event to its last event at the step.
 WALL_TIME = Metric("wall_seconds", "wall time [s]", ".0f")
 METRICS = (*LOGGED_METRICS, HE_CHANGE, WALL_TIME)
-
-_ENERGY_CHANGE = "energy_change/"
-_DIAGNOSTICS = "diag/"
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -111,9 +120,9 @@ class RunLog:
     def energy_change(self, step: int) -> dict[str, float]:
         """``{layer: HE − HE before editing}`` at ``step``."""
         return {
-            tag.removeprefix(_ENERGY_CHANGE): values[step]
+            tag.removeprefix(ENERGY_CHANGE): values[step]
             for tag, values in sorted(self.scalars.items())
-            if tag.startswith(_ENERGY_CHANGE) and step in values
+            if tag.startswith(ENERGY_CHANGE) and step in values
         }
 
     def he_change(self, step: int) -> float | None:
@@ -132,7 +141,7 @@ class RunLog:
         config's ``edits_per_step`` (and ``num_edits``)."""
         if step == 0:
             return 0
-        logged = self.value("edit/num_edited", step)
+        logged = self.value(NUM_EDITED, step)
         if logged is not None:
             return int(logged)
         data = (self.config or {}).get("data") or {}
@@ -152,7 +161,7 @@ class RunLog:
         return {
             step
             for tag, values in self.scalars.items()
-            if tag.startswith(_ENERGY_CHANGE)
+            if tag.startswith(ENERGY_CHANGE)
             for step in values
         }
 
@@ -164,8 +173,8 @@ class RunLog:
         """The usable horizon (:func:`~sphere_lightning.horizon.usable_horizon`) over every
         logged ``edit/efficacy`` and ``drift/kl``; N of "beyond N" is ``summary.json``'s
         ``num_edited``, else the edits at the last step logged."""
-        efficacy = self.scalars.get("edit/efficacy", {})
-        drift = self.scalars.get("drift/kl", {})
+        efficacy = self.scalars.get(EFFICACY, {})
+        drift = self.scalars.get(DRIFT_KL, {})
         evaluations = [
             Evaluation(edits, efficacy.get(step), drift.get(step))
             for step in sorted(set(efficacy) | set(drift))
@@ -179,7 +188,7 @@ class RunLog:
 
     def layer_values(self, quantity: str, step: int) -> dict[str, float]:
         """``{layer: diag/<quantity>/<layer> at step}`` over the layers that logged it."""
-        prefix = f"{_DIAGNOSTICS}{quantity}/"
+        prefix = f"{DIAG}{quantity}/"
         return {
             tag.removeprefix(prefix): values[step]
             for tag, values in sorted(self.scalars.items())
@@ -193,7 +202,7 @@ class RunLog:
             {
                 step
                 for tag, values in self.scalars.items()
-                if tag.startswith(f"{_DIAGNOSTICS}delta_ratio/")
+                if tag.startswith(f"{DIAG}delta_ratio/")
                 for step in values
             }
         )
@@ -215,14 +224,14 @@ class RunLog:
             "update_ratio": _mean(u / initial[k] for k, u in updates.items() if initial.get(k)),
             "principal_excess": None if share is None or not random else share / random,
             "key_leak": _mean(leaks.values()),
-            "v_norm": self.value(f"{_DIAGNOSTICS}v_norm_mean", step),
+            "v_norm": self.value(f"{DIAG}v_norm_mean", step),
         }
 
     def row(self, step: int) -> dict[str, Any]:
         """Every metric of the table at ``step`` (``None`` where not logged)."""
         values: dict[str, Any] = {m.key: self.value(m.key, step) for m in LOGGED_METRICS}
         values[HE_CHANGE.key] = self.he_change(step)
-        values["energy_change/per_layer"] = self.energy_change(step)
+        values[f"{ENERGY_CHANGE}per_layer"] = self.energy_change(step)
         values[WALL_TIME.key] = self.wall_seconds(step)
         return values
 
@@ -307,14 +316,14 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
         return [float(v) for v in history.get(tag) or [] if _number(v) is not None]
 
     def per_layer(quantity: str) -> dict[str, list[float]]:
-        prefix = f"{_DIAGNOSTICS}{quantity}/"
+        prefix = f"{DIAG}{quantity}/"
         return {tag.removeprefix(prefix): series(tag) for tag in history if tag.startswith(prefix)}
 
     weights, updates = per_layer("weight_norm"), per_layer("update_norm")
     first = {layer: values[0] for layer, values in weights.items() if values and values[0]}
     shares = [v for values in per_layer("principal_share").values() for v in values]
     randoms = [v for values in per_layer("principal_share_random").values() for v in values]
-    v_norms = series(f"{_DIAGNOSTICS}v_norm_mean")
+    v_norms = series(f"{DIAG}v_norm_mean")
     return {
         "weight_growth": _mean(v[-1] / first[k] for k, v in weights.items() if k in first),
         "update_ratio": _mean(v[-1] / first[k] for k, v in updates.items() if v and k in first),
