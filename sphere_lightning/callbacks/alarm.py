@@ -288,7 +288,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
         return StepDecision("retry", self.increase(1))
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         step, self._step = self._step, None
         if step is None or not step.delta:  # no step reviewed since the last check
             return {}
@@ -386,7 +386,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
     # -- summary and checkpoints -------------------------------------------------------------
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         return {
             "events": [dict(e) for e in self.events],
             "skipped_positions": list(self.skipped_positions),

@@ -12,6 +12,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.drift import DriftCallback
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback, short_name
+from sphere_lightning.context import EditingContext
 from sphere_lightning.editors import MEMIT, AlphaEdit
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional.diagnostics import key_leak, principal_share
@@ -150,7 +151,7 @@ class CollapseDiagnosticsCallback(EditObserver):
         sphere = self.sphere(trainer)
         return sphere.cumulative_ratio if sphere is not None else self.default_cumulative_ratio
 
-    def key_moments(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+    def key_moments(self, pl_module: EditingContext) -> dict[str, torch.Tensor]:
         """``{parameter name: C}``, the editor's preserved-key second moments (empty without
         ``key_leak`` or for editors without them). Read once, after the editor's setup."""
         if self._moments is None:
@@ -205,7 +206,7 @@ class CollapseDiagnosticsCallback(EditObserver):
     # -- measurement ---------------------------------------------------------------------------
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         self.collect_evaluations(trainer, pl_module)
         step = trainer.global_step
         before = self._before[1] if self._before is not None and self._before[0] == step else {}
@@ -271,7 +272,7 @@ class CollapseDiagnosticsCallback(EditObserver):
         )
 
     def collect_evaluations(
-        self, trainer: Trainer, pl_module: LightningModule, validation: bool = False
+        self, trainer: Trainer, pl_module: EditingContext, validation: bool = False
     ) -> None:
         """Record the latest drift KL of every DriftCallback and, after a validation, the
         lifelong efficacy it logged (full or sampled)."""
@@ -296,7 +297,7 @@ class CollapseDiagnosticsCallback(EditObserver):
         if efficacy is not None and step > 0:
             self._record(step, pl_module.num_edited(), efficacy=efficacy)
 
-    def horizon(self, trainer: Trainer, pl_module: LightningModule) -> UsableHorizon:
+    def horizon(self, trainer: Trainer, pl_module: EditingContext) -> UsableHorizon:
         """The usable horizon over the evaluations recorded so far."""
         return usable_horizon(
             self.evaluations.values(),
@@ -308,7 +309,7 @@ class CollapseDiagnosticsCallback(EditObserver):
     # -- summary and state ---------------------------------------------------------------------
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         self.collect_evaluations(trainer, pl_module)
         sphere = self.sphere(trainer)
         tags = list(dict.fromkeys(tag for row in self.history for tag in row))

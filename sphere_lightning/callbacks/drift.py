@@ -10,17 +10,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver
+from sphere_lightning.context import EditingContext
 from sphere_lightning.editors.statistics import generate_corpus
 from sphere_lightning.models.batching import model_device
 from sphere_lightning.tags import DRIFT_KL, DRIFT_PERPLEXITY
 
 
 @contextmanager
-def original_weights_swapped_in(pl_module: LightningModule) -> Iterator[None]:
+def original_weights_swapped_in(pl_module: EditingContext) -> Iterator[None]:
     """Temporarily put ``pl_module.original_weights`` back into the edited layers.
 
     The current weights are cloned first and copied back on exit (also on error), so they are
@@ -152,7 +153,7 @@ class DriftCallback(EditObserver):
         """Perplexity of the current model at the last measurement."""
         return self.latest.get(DRIFT_PERPLEXITY)
 
-    def load_texts(self, pl_module: LightningModule) -> list[str]:
+    def load_texts(self, pl_module: EditingContext) -> list[str]:
         """The held-out texts: the file's paragraphs, or text the original model writes."""
         if self.text is not None:
             texts = read_paragraphs(self.text, self.num_texts)
@@ -173,7 +174,7 @@ class DriftCallback(EditObserver):
             raise ValueError(f"Drift texts from {source} are empty")
         return texts
 
-    def _batches(self, pl_module: LightningModule) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, pl_module: EditingContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The texts tokenised once into right-padded ``(input_ids, attention_mask)`` batches."""
         if self._encoded is None:
             tokenizer = pl_module.tokenizer
@@ -198,7 +199,7 @@ class DriftCallback(EditObserver):
 
     @torch.no_grad()
     def kl_and_perplexity(
-        self, pl_module: LightningModule, with_original: bool = True
+        self, pl_module: EditingContext, with_original: bool = True
     ) -> tuple[float, float]:
         """``(KL(original ‖ current), perplexity)`` of the current model on the texts.
 
@@ -226,7 +227,7 @@ class DriftCallback(EditObserver):
         return float(kl_sum / count), float(torch.exp(nll_sum / count))
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         if not self.texts:
             self.texts = self.load_texts(pl_module)  # not part of the timed measurement
         with self.timed("drift"):
@@ -235,7 +236,7 @@ class DriftCallback(EditObserver):
         return {DRIFT_KL: kl, DRIFT_PERPLEXITY: perplexity}
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         return {"kl": self.kl, "perplexity": self.perplexity}
 
     @override

@@ -6,11 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.callbacks.sphere import short_name
+from sphere_lightning.context import EditingContext
 from sphere_lightning.functional.energy import hyperspherical_energy
 from sphere_lightning.tags import ENERGY, ENERGY_CHANGE
 
@@ -50,7 +51,7 @@ class HyperSphericalEnergyCallback(EditObserver):
         }
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         names = pl_module.edited_parameter_names
         return self.energies({name: pl_module.edited_weight(name) for name in names})
 
@@ -60,12 +61,12 @@ class HyperSphericalEnergyCallback(EditObserver):
 
     @override
     def baseline_after_resume(
-        self, trainer: Trainer, pl_module: LightningModule
+        self, trainer: Trainer, pl_module: EditingContext
     ) -> dict[str, float] | None:
         return self.energies(pl_module.original_weights)
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         baseline = self.baseline or {}
         return {
             tag.removeprefix(ENERGY): {"baseline": baseline.get(tag), "final": value}

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
+from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.errors import ConfigError, check_writable_folder
 from sphere_lightning.export_writer import SPHERE_SETTINGS, EditedRun, check_out_dir, write_export
@@ -29,7 +30,7 @@ def sphere_settings(callbacks: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def export_module(
-    pl_module: LightningModule,
+    pl_module: EditingContext,
     datamodule: LightningDataModule,
     out_dir: str | Path,
     *,

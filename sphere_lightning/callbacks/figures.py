@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
+from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import run_log_dir
 from sphere_lightning.horizon import edits_after
 from sphere_lightning.tags import EDIT, ENERGY, NUM_EDITED, NUM_EVALUATED
@@ -174,7 +175,7 @@ class CosineHeatmapCallback(EditObserver):
         self.latest_similarity: torch.Tensor | None = None
         self.latest_figure: str | None = None
 
-    def parameter_name(self, pl_module: LightningModule) -> str:
+    def parameter_name(self, pl_module: EditingContext) -> str:
         """The edited parameter drawn."""
         names = list(pl_module.edited_parameter_names)
         if self.layer is None:
@@ -198,13 +199,13 @@ class CosineHeatmapCallback(EditObserver):
                 self.indices = chosen.sort().values
         return self.indices
 
-    def similarity(self, pl_module: LightningModule) -> torch.Tensor:
+    def similarity(self, pl_module: EditingContext) -> torch.Tensor:
         """Cosine similarity matrix of the chosen neurons of the current weight, on CPU."""
         weight = pl_module.edited_weight(self.parameter_name(pl_module))
         rows = weight.detach()[self.neuron_indices(weight.shape[0]).to(weight.device)]
         return cosine_similarity_matrix(rows).cpu()
 
-    def draw(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+    def draw(self, trainer: Trainer, pl_module: EditingContext) -> Path:
         """Compute the matrix at the current step, write its PNG and TensorBoard image."""
         step = trainer.global_step
         layer = short_name(self.parameter_name(pl_module))
@@ -225,7 +226,7 @@ class CosineHeatmapCallback(EditObserver):
         return path
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """Draw the heatmap (rank zero only); no scalars, only its time
         ``time/figures/cosine/<layer>``."""
         if trainer.is_global_zero:
@@ -234,7 +235,7 @@ class CosineHeatmapCallback(EditObserver):
         return {}
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         layer = short_name(self.parameter_name(pl_module))
         return {layer: {"final_step": self.latest_step, "figure": self.latest_figure}}
 
@@ -429,7 +430,7 @@ class MetricTrendsCallback(EditObserver):
         return False
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """Compute the correlations and draw the figure from the recorded history."""
         self._reported = (trainer.global_step, self._records)
         if not self.history:
@@ -450,7 +451,7 @@ class MetricTrendsCallback(EditObserver):
             self.observe(trainer, pl_module)
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         return dict(self.correlations)
 
     @override

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
+from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import Collective
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
@@ -143,7 +144,7 @@ class GeneralAbilityCallback(EditObserver):
     # ---------------------------------------------------------------------------- evaluation
 
     @override
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """Score every task on the module's model: ``{"general/<task>/<metric>": value}``,
         each task timed as phase ``general/<task>``."""
         examples = self.load_examples()
@@ -176,7 +177,7 @@ class GeneralAbilityCallback(EditObserver):
         return nested
 
     @override
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, Any]:
         baseline, latest = self.by_task(self.baseline), self.by_task(self.latest)
         step = self.latest_step
         return {

@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import final, override
 
+from sphere_lightning.context import EditingContext
 from sphere_lightning.tags import TIME
 from sphere_lightning.timing import add_seconds
 
@@ -31,7 +32,8 @@ def changes_since(
 class EditObserver(Callback, ABC):
     """Base class of callbacks that measure the model after edit steps.
 
-    A subclass writes :meth:`measure` (the current values, ``{tag: value}``); the base does the
+    A subclass writes :meth:`measure` (the current values, ``{tag: value}``), reading the module
+    through :class:`~sphere_lightning.context.EditingContext` (``pl_module``); the base does the
     plumbing once, the same way for every observer:
 
     - **When.** A baseline before the first edit: in ``on_train_start`` at ``global_step`` 0,
@@ -104,7 +106,7 @@ class EditObserver(Callback, ABC):
     # -- what a subclass writes ---------------------------------------------------------------
 
     @abstractmethod
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def measure(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """The current values, ``{tag: value}``; the tags are logged as they are."""
 
     def changes(self, values: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -116,7 +118,7 @@ class EditObserver(Callback, ABC):
         return step % self.every_n_steps == 0
 
     def baseline_after_resume(
-        self, trainer: Trainer, pl_module: LightningModule
+        self, trainer: Trainer, pl_module: EditingContext
     ) -> dict[str, float] | None:
         """The baseline of a run that starts past step 0 holding none (its checkpoint has no
         state for this observer). Default ``None``: the unedited model is gone, so changes
@@ -124,7 +126,7 @@ class EditObserver(Callback, ABC):
         ``pl_module.original_weights``)."""
         return None
 
-    def summary(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+    def summary(self, trainer: Trainer, pl_module: EditingContext) -> Any:
         """The entry of ``summary.json`` (default: baseline, final values and final step)."""
         return {"baseline": self.baseline, "final": self.latest, "final_step": self.latest_step}
 
@@ -151,14 +153,14 @@ class EditObserver(Callback, ABC):
                 seconds = time.perf_counter() - start
                 self._part_seconds[phase] = self._part_seconds.get(phase, 0.0) + seconds
 
-    def _weights_for_measurement(self, pl_module: LightningModule) -> AbstractContextManager:
+    def _weights_for_measurement(self, pl_module: EditingContext) -> AbstractContextManager:
         """``pl_module.evaluated_weights()`` where the module offers it and
         :attr:`evaluates_model`, else nothing."""
         evaluated = getattr(pl_module, "evaluated_weights", None)
         return evaluated() if self.evaluates_model and evaluated is not None else nullcontext()
 
     @final
-    def observe(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+    def observe(self, trainer: Trainer, pl_module: EditingContext) -> dict[str, float]:
         """Measure now, log at ``global_step`` and keep the values as :attr:`latest` (and as
         :attr:`baseline` at step 0 when none is held); returns the values."""
         step = trainer.global_step
