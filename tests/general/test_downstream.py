@@ -36,6 +36,7 @@ from sphere_lightning.general.downstream import (
     normalize_answer,
     soft_exact_match,
 )
+from tests.helpers import ContextStub
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "general"
 DOWNSTREAM = ("boolq", "nq_open", "gsm8k")
@@ -470,14 +471,7 @@ def test_evaluate_averages_the_per_example_scores(tmp_path, tiny_llama, tokenize
 @pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} is not there")
 @pytest.mark.parametrize("tiny_model", ["gpt2", "llama"], indirect=True)
 def test_each_task_runs_on_the_shared_files_with_limit_3(tiny_model, tokenizer):
-    class Module:  # what the callback uses of the LightningModule
-        def __init__(self) -> None:
-            self.model, self.tokenizer, self.logged = tiny_model, tokenizer, {}
-
-        def log_now(self, metrics: dict[str, float]) -> None:
-            self.logged.update(metrics)
-
-    module, trainer = Module(), types.SimpleNamespace(global_step=0)
+    module, trainer = ContextStub(tiny_model, tokenizer), types.SimpleNamespace(global_step=0)
     tasks = {"boolq": {}, "nq_open": {"batch_size": 3}, "gsm8k": {}}
     callback = GeneralAbilityCallback(
         tasks, data_dir=str(SHARED), limit=3, batch_size=2, progress=False
@@ -492,7 +486,7 @@ def test_each_task_runs_on_the_shared_files_with_limit_3(tiny_model, tokenizer):
         assert set(expected) == set(task.metrics) | ({"f1_weighted"} if name == "boolq" else set())
         assert all(0.0 <= value <= 1.0 for value in expected.values()), (name, expected)
         for metric, value in expected.items():
-            assert module.logged[f"general/{name}/{metric}"] == pytest.approx(value)
+            assert module.last_logged[f"general/{name}/{metric}"] == pytest.approx(value)
         assert callback.summary(trainer, module)[name]["baseline"] == pytest.approx(expected)
 
 
