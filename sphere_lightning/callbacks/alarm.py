@@ -73,8 +73,8 @@ class HEAlarmCallback(EditObserver, StepPolicy):
 
       - ``retry``: the batch is edited again with the α (``suppression``) of every live
         :class:`SphereProjectionCallback` raised by ``alpha_step`` per retry (capped at 1), for
-        the retry only; up to ``max_retries`` times. If every
-        retry is out of band too, ``on_exhausted`` keeps the last attempt (``keep``) or rolls it
+        the retry only; up to ``max_retries`` times. If every retry is out of band too,
+        ``on_exhausted`` keeps the last attempt (``keep``) or rolls it
         back and leaves the batch out (``skip``). Needs a SPHERE callback in the trainer; to
         edit without SPHERE until an alarm, list one with ``suppression: 0.0`` (α = 0 applies
         ΔW unchanged).
@@ -95,8 +95,8 @@ class HEAlarmCallback(EditObserver, StepPolicy):
     of the kept attempt; 0 for a skipped batch), ``alarm/band_{low,high}/<layer>`` (finite limits
     only) and ``time/alarm`` (HE after each attempt; HE before the step is the previous step's
     after). Every attempt logs the module's own scalars (``edit_batch/*``, ``editor/*``,
-    ``sphere/*``, ``time/*``, ``edit/num_edited``) are written again at the same step: the last
-    value at a step belongs to the attempt that was kept (after a skip, the first attempt's
+    ``sphere/*``, ``time/*``, ``edit/num_edited``) at the same step: the last value at a step
+    belongs to the attempt that was kept (after a skip, the first attempt's
     scalars stay; ``alarm/skipped`` marks them). ``edit/num_edited`` counts the batch's facts
     whether or not they were skipped; once any batch has been skipped, this callback writes it
     again after the module, minus the facts skipped so far. (The lifelong ``edit/*`` metrics
@@ -134,7 +134,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
     summary_key = "alarm"
     phase = "alarm"
     measures_baseline = False
-    # A policy on the live model: it rolls back and re-edits the weights editing goes on from.
+    # It judges the live model: the weights the module rolls back and editing goes on from.
     evaluates_model = False
 
     def __init__(
