@@ -7,12 +7,16 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch import Callback
 
 import sphere_lightning.callbacks
-from sphere_lightning.context import EditingContext, StepDecision
+from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
+from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.module import EditingModule
-from tests.helpers import ContextStub
+from tests.helpers import ContextStub, quiet_trainer
 
 CALLBACKS = Path(sphere_lightning.callbacks.__file__).parent
 
@@ -83,3 +87,56 @@ def test_a_step_decision_names_its_action():
     assert StepDecision("retry", 0.2).suppression_increase == 0.2
     with pytest.raises(ValueError, match="`accept`, `retry` or `skip`, got 'rewind'"):
         StepDecision("rewind")
+
+
+class _SkipEverything(Callback, StepPolicy):
+    """A step policy that leaves every batch out (or claims to, without ``undoes_steps``)."""
+
+    def __init__(self, undoes: bool = True) -> None:
+        self.undoes = undoes
+        self.reviewed: list[tuple[int, int]] = []
+
+    @property
+    def undoes_steps(self) -> bool:
+        return self.undoes
+
+    def review_step(self, context, attempt):
+        self.reviewed.append((context.global_step, attempt))
+        return StepDecision("skip")
+
+
+def _fit(callbacks, tiny_model_dir, requests, write_rome_json, tmp_path) -> EditingModule:
+    data_path = write_rome_json(requests[:4], tmp_path / "facts.json")
+    data = EditDataModule(dataset=str(data_path), num_edits=4, edits_per_step=2)
+    editor = AlphaEdit(layers=[1, 2], v_num_steps=2, num_context_templates=1, stats_num_samples=8)
+    module = EditingModule(editor=editor, model=tiny_model_dir, fluency_prompts=0)
+    quiet_trainer(callbacks, default_root_dir=tmp_path).fit(module, datamodule=data)
+    return module
+
+
+def test_the_module_undoes_what_a_step_policy_skips(
+    tiny_model_dir, requests, write_rome_json, tmp_path
+):
+    policy = _SkipEverything()
+    module = _fit([policy], tiny_model_dir, requests, write_rome_json, tmp_path)
+    assert policy.reviewed == [(1, 0), (2, 0)]  # once per step, after it was counted
+    for name, original in module.original_weights.items():
+        assert torch.equal(module.edited_weight(name), original)
+
+
+def test_a_policy_that_does_not_undo_cannot_skip(
+    tiny_model_dir, requests, write_rome_json, tmp_path
+):
+    with pytest.raises(RuntimeError, match="_SkipEverything decided `skip`.*undoes_steps"):
+        _fit([_SkipEverything(undoes=False)], tiny_model_dir, requests, write_rome_json, tmp_path)
+
+
+def test_one_step_policy_per_run(tiny_model_dir, requests, write_rome_json, tmp_path):
+    with pytest.raises(ConfigError, match="more than one step policy"):
+        _fit(
+            [_SkipEverything(), _SkipEverything()],
+            tiny_model_dir,
+            requests,
+            write_rome_json,
+            tmp_path,
+        )
