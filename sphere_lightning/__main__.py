@@ -86,7 +86,9 @@ def main(args: Sequence[str] | None = None) -> int:
     from sphere_lightning.deltas import NonFiniteDeltaError
 
     with exit_on_user_error(NonFiniteDeltaError):
-        cli.cli_main(argv)  # fit, validate, test, or LightningCLI's own options (--print_config)
+        # fit, validate, test, or LightningCLI's own options (--print_config). From the command
+        # line (`args` None) LightningCLI reads sys.argv itself: given both, it warns.
+        cli.cli_main(None if args is None else argv, prog=prog)
     return 0
 
 

@@ -207,8 +207,9 @@ def write_summary(
     return path
 
 
-def cli_main(args: list[str] | None = None) -> EditingCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests call this in-process)."""
+def cli_main(args: list[str] | None = None, prog: str | None = None) -> EditingCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests call this in-process), ``prog``
+    is how usage names the command (default: the script's file name)."""
     # The edited LM is kept in eval mode on purpose (no dropout while editing).
     warnings.filterwarnings(
         "ignore", message=r".*module\(s\) in eval mode at the start of training"
@@ -222,5 +223,6 @@ def cli_main(args: list[str] | None = None) -> EditingCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={} if prog is None else {"prog": prog},
         args=args,
     )

@@ -313,7 +313,7 @@ def test_unwritable_folder_names_the_folder_and_the_flag(tmp_path, monkeypatch):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    def bug(args=None):
+    def bug(args=None, prog=None):
         raise KeyError("a real bug")
 
     monkeypatch.setattr("sphere_lightning.cli.cli_main", bug)

@@ -54,6 +54,15 @@ def test_the_console_script_routes_every_subcommand(script, subcommand):
     assert "--out" in result.stdout
 
 
+def test_the_console_script_routes_fit_to_lightning_cli(script):
+    result = _run([script, "fit", "--help"])
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: sphere-lightning [options] fit ")
+    assert "--model.editor" in result.stdout
+    assert "args parameter" not in result.stderr  # LightningCLI reads the command line itself
+
+
 @pytest.mark.parametrize(
     ("module", "usage"),
     [
