@@ -23,8 +23,6 @@ SUBCOMMANDS = {
     "export": "write the edited model of a checkpoint as a plain Hugging Face folder",
     "experiments": "run configs with and without SPHERE side by side and compare them",
 }
-#: The subcommands of :class:`~sphere_lightning.cli.EditingCLI`.
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def program_name(argv0: str | None = None) -> str:
