@@ -48,6 +48,18 @@ def tiny_alphaedit_flags(v_num_steps: int = 6) -> list[str]:
     ]
 
 
+#: AlphaEdit's arguments for the tiny Llama's layers 1 and 2 (``AlphaEdit(**TINY_ALPHAEDIT)``).
+TINY_ALPHAEDIT = {
+    "layers": [1, 2],
+    "v_num_steps": 5,
+    "num_context_templates": 1,
+    "context_template_length": 4,
+    "stats_num_samples": 8,
+    "stats_max_length": 12,
+    "nullspace_threshold": 1e9,  # every direction is "null": the tiny model edits freely
+}
+
+
 def run_cli(args: list[str], pythonpath: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``python -m sphere_lightning *args`` in a subprocess from the repository root, with one
     thread, ``pythonpath`` (test helper modules) first on the path and ``env`` on top of ours."""

@@ -22,8 +22,7 @@ from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.interrupts import sigint_deferred
 from sphere_lightning.module import EditingModule
-from tests.callbacks.test_transforms import EDITOR
-from tests.helpers import quiet_trainer
+from tests.helpers import TINY_ALPHAEDIT, quiet_trainer
 
 STEP = 1  # the step that is interrupted (of 0, 1, 2)
 
@@ -94,7 +93,7 @@ def fit(tiny_model_dir, requests, write_rome_json, tmp_path):
         root = tmp_path / folder
         root.mkdir()
         data_path = write_rome_json(requests[:3], root / "facts.json")
-        editor = editor_class(**EDITOR)
+        editor = editor_class(**TINY_ALPHAEDIT)
         editor.key_cache_steps = []
         module = EditingModule(editor=editor, model=tiny_model_dir, fluency_prompts=0)
         trainer = quiet_trainer(callbacks, default_root_dir=root)

@@ -24,8 +24,7 @@ from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.functional import hyperspherical_energy
 from sphere_lightning.module import EditingModule
-from tests.callbacks.test_transforms import EDITOR
-from tests.helpers import quiet_trainer
+from tests.helpers import TINY_ALPHAEDIT, quiet_trainer
 
 LAYERS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 ALWAYS = 1e-12  # a max_abs_delta every real step exceeds: the alarm fires at every attempt
@@ -138,7 +137,9 @@ def fit(tiny_model_dir, requests, write_rome_json, tmp_path):
         root.mkdir()
         data_path = write_rome_json(requests[:num_edits], root / "facts.json")
         data = EditDataModule(dataset=str(data_path), num_edits=num_edits, edits_per_step=2)
-        module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir, fluency_prompts=0)
+        module = EditingModule(
+            editor=AlphaEdit(**TINY_ALPHAEDIT), model=tiny_model_dir, fluency_prompts=0
+        )
         logger = _ListLogger()
         trainer = quiet_trainer(callbacks, logger=logger, default_root_dir=root)
         trainer.fit(module, datamodule=data)

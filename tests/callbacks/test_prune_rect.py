@@ -27,8 +27,7 @@ from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import project_delta
 from sphere_lightning.models.architectures import linear_weight
 from sphere_lightning.module import EditingModule
-from tests.callbacks.test_transforms import EDITOR as TRANSFORM_EDITOR
-from tests.helpers import ContextStub, quiet_trainer
+from tests.helpers import TINY_ALPHAEDIT, ContextStub, quiet_trainer
 
 NAME = "layer.weight"
 
@@ -206,7 +205,7 @@ def test_transforms_reject_an_unknown_stage(cls):
 # -- through a fit: composed with SPHERE, both orders ---------------------------------------------
 
 #: The tiny-model editor settings of the transform tests; MEMIT has no null-space threshold.
-EDITOR = {k: v for k, v in TRANSFORM_EDITOR.items() if k != "nullspace_threshold"}
+TINY_ALPHAEDIT = {k: v for k, v in TINY_ALPHAEDIT.items() if k != "nullspace_threshold"}
 SPHERE = {"cumulative_ratio": 0.5, "suppression": 0.8, "stage": "after_loop"}
 
 
@@ -242,7 +241,7 @@ def gpt2_dir(tmp_path_factory, tokenizer, make_tiny_model) -> str:
 
 
 def _fit(model_dir, requests, write_rome_json, tmp_path, transforms, steps=1) -> EditingModule:
-    module = EditingModule(editor=MEMIT(**EDITOR), model=model_dir, fluency_prompts=0)
+    module = EditingModule(editor=MEMIT(**TINY_ALPHAEDIT), model=model_dir, fluency_prompts=0)
     module.configure_model()
     for name in module.edited_parameter_names:  # the orientation case under test
         stored = module.model.get_submodule(name.removesuffix(".weight")).weight

@@ -14,18 +14,9 @@ from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.functional import project_delta
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
-from tests.helpers import quiet_trainer
+from tests.helpers import TINY_ALPHAEDIT, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-EDITOR = {
-    "layers": [1, 2],
-    "v_num_steps": 5,
-    "num_context_templates": 1,
-    "context_template_length": 4,
-    "stats_num_samples": 8,
-    "stats_max_length": 12,
-    "nullspace_threshold": 1e9,  # every direction is "null": the tiny model edits freely
-}
 LAYER_NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
 
 #: The example transform of DeltaTransform's docstring, and a recorder.
@@ -89,7 +80,7 @@ def test_custom_transforms_composed_in_yaml_run_in_list_order(
             "--config",
             str(overlay),
             f"--model.model={tiny_model_dir}",
-            *[f"--model.editor.init_args.{k}={json.dumps(v)}" for k, v in EDITOR.items()],
+            *[f"--model.editor.init_args.{k}={json.dumps(v)}" for k, v in TINY_ALPHAEDIT.items()],
             f"--data.dataset={data}",
             "--data.num_edits=2",
             "--data.edits_per_step=2",
@@ -140,7 +131,7 @@ class _WrongShape(DeltaTransform):
 def test_transform_returning_nan_changes_no_weight_and_names_itself(
     stage, tmp_path, tiny_model_dir, requests, write_rome_json
 ):
-    module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
+    module = EditingModule(editor=AlphaEdit(**TINY_ALPHAEDIT), model=tiny_model_dir)
     module.configure_model()
     before = {n: t.detach().clone() for n, t in module.model.state_dict().items()}
     bad = _NanAt(LAYER_NAMES[1], stage=stage)  # the upper layer: the lower one was placed already
@@ -154,7 +145,7 @@ def test_transform_returning_nan_changes_no_weight_and_names_itself(
 def test_transform_returning_a_wrong_shape_is_named(
     tmp_path, tiny_model_dir, requests, write_rome_json
 ):
-    module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
+    module = EditingModule(editor=AlphaEdit(**TINY_ALPHAEDIT), model=tiny_model_dir)
     module.configure_model()
     before = {n: t.detach().clone() for n, t in module.model.state_dict().items()}
     with pytest.raises(ValueError, match=r"_WrongShape.*shape"):
@@ -178,7 +169,7 @@ def test_after_loop_projects_the_deltas_the_editor_computes_without_transforms(
     tmp_path, tiny_model_dir, requests, write_rome_json
 ):
     """``after_loop`` is the projection of the plain editor's ΔW against the applied weight."""
-    probe = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir)
+    probe = EditingModule(editor=AlphaEdit(**TINY_ALPHAEDIT), model=tiny_model_dir)
     probe.configure_model()
     probe.editor.progress = False
     probe.editor.setup(probe.model, probe.tokenizer)
@@ -187,7 +178,9 @@ def test_after_loop_projects_the_deltas_the_editor_computes_without_transforms(
     batch_requests = data.requests
     raw = probe.editor.compute_deltas(probe.model, probe.tokenizer, batch_requests)
 
-    module = EditingModule(editor=AlphaEdit(**EDITOR), model=tiny_model_dir, fluency_prompts=0)
+    module = EditingModule(
+        editor=AlphaEdit(**TINY_ALPHAEDIT), model=tiny_model_dir, fluency_prompts=0
+    )
     module.configure_model()
     _fit_module(module, data, [SphereProjectionCallback(stage="after_loop")])
     for name in LAYER_NAMES:
