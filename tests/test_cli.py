@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class WeightNorm(EditObserver):
-    """The README's custom observer: the norm of every edited weight."""
+    """The documented custom observer (docs/callbacks.md): the norm of every edited weight."""
 
     summary_key = "weight_norm"
 

@@ -1,4 +1,4 @@
-"""The TensorBoard tag names are a contract with saved runs, the runner and the README."""
+"""The TensorBoard tag names are a contract with saved runs, the runner and the docs."""
 
 from __future__ import annotations
 
