@@ -362,17 +362,17 @@ class EditingModule(LightningModule):
     @override
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        if self.device_map is not None and self.trainer.world_size > 1:
+            raise ConfigError(
+                "`model.device_map` places one model across devices and `trainer.devices` "
+                f"asks for {self.trainer.world_size} processes: use one or the other"
+            )
         self.delta_pipeline = DeltaPipeline.of(self.trainer.callbacks)
         policies = [c for c in self.trainer.callbacks if isinstance(c, StepPolicy)]
         if len(policies) > 1:
             names = ", ".join(type(p).__name__ for p in policies)
             raise ConfigError(f"`trainer.callbacks` holds more than one step policy ({names})")
         self.step_policy = policies[0] if policies else None
-        if self.device_map is not None and self.trainer.world_size > 1:
-            raise ConfigError(
-                "`model.device_map` places one model across devices and `trainer.devices` "
-                f"asks for {self.trainer.world_size} processes: use one or the other"
-            )
 
     @override
     def on_fit_start(self) -> None:
@@ -425,6 +425,9 @@ class EditingModule(LightningModule):
 
     @override
     def training_step(self, batch: EditBatch, batch_idx: int) -> None:
+        """Edit one batch; with a step policy, ask it after each attempt whether the step stands
+        and undo it, then edit the batch again or leave it out, as it decides (the policy bounds
+        its retries)."""
         expected = self.global_step * self.trainer.datamodule.edits_per_step
         if batch.positions[0] != expected:
             raise RuntimeError(

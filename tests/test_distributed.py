@@ -68,7 +68,7 @@ def test_a_device_map_with_several_processes_is_refused():
     module._trainer = SimpleNamespace(strategy=EditDDPStrategy(), world_size=2)
     with pytest.raises(ConfigError, match="model.device_map"):
         module.setup("fit")
-    module._trainer = SimpleNamespace(strategy=EditDDPStrategy(), world_size=1)
+    module._trainer = SimpleNamespace(strategy=EditDDPStrategy(), world_size=1, callbacks=[])
     module.setup("fit")  # one process: accepted
 
 
