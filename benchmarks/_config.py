@@ -7,6 +7,16 @@ from typing import Any
 
 import yaml
 
+from sphere_lightning.editors import NASOptions, StatisticsOptions, TargetOptions, TemplateOptions
+
+#: The editor's option groups and their dataclasses, as a config nests them.
+OPTION_GROUPS = {
+    "target": TargetOptions,
+    "templates": TemplateOptions,
+    "statistics": StatisticsOptions,
+    "nas": NASOptions,
+}
+
 
 def editor_and_sphere(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], float, float]:
     """The config at ``path``, its editor's ``init_args`` and its SPHERE callback's β and α."""
@@ -18,3 +28,15 @@ def editor_and_sphere(path: str | Path) -> tuple[dict[str, Any], dict[str, Any],
         if c["class_path"].endswith("SphereProjectionCallback")
     )
     return config, settings, sphere["cumulative_ratio"], sphere["suppression"]
+
+
+def editor_arguments(settings: dict[str, Any], **groups: dict[str, Any]) -> dict[str, Any]:
+    """Editor keyword arguments from a config's editor ``init_args``: each option group's
+    fields, with those given in ``groups`` replaced, as its dataclass."""
+    merged = dict(settings)
+    for name, fields in groups.items():
+        merged[name] = {**merged.get(name, {}), **fields}
+    return {
+        key: OPTION_GROUPS[key](**value) if key in OPTION_GROUPS else value
+        for key, value in merged.items()
+    }

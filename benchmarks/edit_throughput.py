@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _config import editor_and_sphere
+from _config import editor_and_sphere, editor_arguments
 
 from sphere_lightning.data import load_requests
 from sphere_lightning.editors import AlphaEdit
@@ -86,7 +86,7 @@ def main() -> None:
     model, tokenizer = load_model(config["model"]["model"], config["model"]["dtype"])
     requests = load_requests(args.data)[: args.num_requests]
 
-    ours = AlphaEdit(**settings)
+    ours = AlphaEdit(**editor_arguments(settings))
     start = time.perf_counter()
     ours.setup(model, tokenizer)
     setup_s = time.perf_counter() - start
@@ -96,7 +96,7 @@ def main() -> None:
     pre = counterfact_scores(model, tokenizer, requests)["efficacy"].mean().item()
 
     def measure(label: str, subset: list, overrides: dict) -> None:
-        editor = AlphaEdit(**{**settings, **overrides})
+        editor = AlphaEdit(**editor_arguments(settings, target=overrides))
         editor.load_state_dict(copy.deepcopy(state))
         editor.setup(model, tokenizer)  # projectors from the cached statistics
         rows[label] = run_batch(model, tokenizer, editor, subset, beta, alpha)
@@ -109,7 +109,7 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     efficacy: dict[str, float] = {}
     reference = dict(
-        v_batch_size=1, skip_lower_layers=False, reuse_prefix=False, group_by_suffix=False
+        batch_size=1, skip_lower_layers=False, reuse_prefix=False, group_by_suffix=False
     )
     measure(f"ours, {len(requests)} req", requests, {})
     scale = 1.0

@@ -38,6 +38,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from sphere_lightning.callbacks import HyperSphericalEnergyCallback, SphereProje
 from sphere_lightning.data import write_counterfact_rome
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors import AlphaEdit
+from sphere_lightning.editors import AlphaEdit, StatisticsOptions, TargetOptions, TemplateOptions
 from sphere_lightning.editors.statistics import collect_second_moments
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of
@@ -95,17 +96,19 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 
-#: configs/paper/llama3-8b_alphaedit.yaml's AlphaEdit settings (statistics aside).
+#: configs/paper/llama3-8b_alphaedit.yaml's AlphaEdit settings (statistics and v* steps aside).
 PAPER_EDITOR = {
-    "v_lr": 0.1,
-    "v_loss_threshold": 0.05,
-    "clamp_norm_factor": 0.75,
-    "kl_factor": 0.0625,
-    "v_weight_decay": 0.5,
     "nullspace_threshold": 0.02,
     "l2": 10.0,
-    "num_context_templates": 5,
-    "context_template_length": 10,
+    "templates": TemplateOptions(count=5, length=10),
+}
+#: Its v* options (the steps are a flag here).
+PAPER_TARGET = {
+    "lr": 0.1,
+    "loss_threshold": 0.05,
+    "clamp_norm_factor": 0.75,
+    "kl_factor": 0.0625,
+    "weight_decay": 0.5,
 }
 
 PAD, EOS, UNK, BOS = "<pad>", "<eos>", "<unk>", "<bos>"
@@ -413,12 +416,14 @@ def edit(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str
     editor = AlphaEdit(
         layers=shape["layers"],
         target_layer=shape["target_layer"],
-        v_num_steps=args.v_num_steps,
-        stats_corpus=str(work / "corpus.txt"),
-        stats_num_samples=args.stats_samples,
-        stats_max_length=64,
-        stats_batch_size=16,
-        cache_dir=str(work / "stats"),
+        target=TargetOptions(num_steps=args.v_num_steps, **PAPER_TARGET),
+        statistics=StatisticsOptions(
+            corpus=str(work / "corpus.txt"),
+            num_samples=args.stats_samples,
+            max_length=64,
+            batch_size=16,
+            cache_dir=str(work / "stats"),
+        ),
         **PAPER_EDITOR,
     )
     editor.progress = False
@@ -433,7 +438,7 @@ def edit(args: argparse.Namespace, device: torch.device, work: Path) -> dict[str
     start = time.perf_counter()
     spec = architecture_of(model)
     record = collect_second_moments(
-        model, tokenizer, spec, editor.layers, **editor.stats_options
+        model, tokenizer, spec, editor.layers, **asdict(editor.statistics), seed=editor.seed
     ).record
     stats_seconds = time.perf_counter() - start
 

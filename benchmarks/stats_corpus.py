@@ -33,6 +33,7 @@ from statistics import mean
 
 import torch
 import yaml
+from _config import editor_arguments
 from edit_throughput import run_batch
 
 from sphere_lightning.data import load_requests
@@ -143,7 +144,7 @@ def main() -> None:
             corpus=setting.corpus,
             num_samples=setting.num_samples,
             max_length=setting.max_length,
-            batch_size=editor_args.get("stats_batch_size", 16),
+            batch_size=editor_args.get("statistics", {}).get("batch_size", 16),
             seed=editor_args.get("seed", 0),
             cache_dir=args.cache_dir,
         )
@@ -156,15 +157,13 @@ def main() -> None:
         }
         dims = {t: [int((eigenvalues[layer] < t).sum()) for layer in layers] for t in thresholds}
 
-        editor = AlphaEdit(
-            **{
-                **editor_args,
-                "stats_corpus": setting.corpus,
-                "stats_num_samples": setting.num_samples,
-                "stats_max_length": setting.max_length,
-                "cache_dir": args.cache_dir,
-            }
-        )
+        statistics = {
+            "corpus": setting.corpus,
+            "num_samples": setting.num_samples,
+            "max_length": setting.max_length,
+            "cache_dir": args.cache_dir,
+        }
+        editor = AlphaEdit(**editor_arguments(editor_args, statistics=statistics))
         editor.progress = False
         editor.setup(model, tokenizer)  # reads the statistics just collected from the cache
         # The editor's own count at its threshold (the others are counted here the same way).

@@ -5,7 +5,7 @@ autocast, each alone and together, with the edit metrics after applying each pat
 Every path runs AlphaEdit + SPHERE as configured in ``configs/edit.yaml`` (the editor settings
 and SPHERE's β/α read from that file, SPHERE applied inside the layer loop as in a training step)
 on one batch of ``--num-requests`` requests, in this one process. The paths differ only in
-``v_early_stop`` and ``v_precision`` (and the ``old`` path in running every prefix whole):
+``target.early_stop`` and ``target.precision`` (and the ``old`` path in running every prefix whole):
 
 - ``old``: ``loss`` + ``float32``, ``share_template_prefix`` off (the code before these options
   existed);
@@ -36,7 +36,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _config import editor_and_sphere
+from _config import editor_and_sphere, editor_arguments
 
 from sphere_lightning.data import load_requests
 from sphere_lightning.editors import AlphaEdit
@@ -112,7 +112,7 @@ class ProfiledAlphaEdit(AlphaEdit):
             requests,
             self.target_layer,
             self.context_templates,
-            self.target_options,
+            self.target,
         )
         clock = LayerClock(architecture_of(model).blocks(model), self.target_layer + 1)
         optimise = run.optimise
@@ -159,21 +159,21 @@ def main() -> None:
 
     config, settings, beta, alpha = editor_and_sphere(args.config)
     new = {
-        "v_early_stop": args.new_early_stop or settings.get("v_early_stop", "loss"),
-        "v_precision": args.new_precision or settings.get("v_precision", "float32"),
+        "early_stop": args.new_early_stop or settings.get("target", {}).get("early_stop", "loss"),
+        "precision": args.new_precision or settings.get("target", {}).get("precision", "float32"),
     }
     all_paths = {
-        "old": {"v_early_stop": "loss", "v_precision": "float32", "share_template_prefix": False},
-        "most-probable": {"v_early_stop": "most_probable", "v_precision": "float32"},
-        "bf16": {"v_early_stop": "loss", "v_precision": "bf16"},
-        "both": {"v_early_stop": "most_probable", "v_precision": "bf16"},
+        "old": {"early_stop": "loss", "precision": "float32", "share_template_prefix": False},
+        "most-probable": {"early_stop": "most_probable", "precision": "float32"},
+        "bf16": {"early_stop": "loss", "precision": "bf16"},
+        "both": {"early_stop": "most_probable", "precision": "bf16"},
         "new": new,
     }
     paths = {name: all_paths[name] for name in args.paths.split(",")}
 
     model, tokenizer = load_model(config["model"]["model"], config["model"]["dtype"])
     requests = load_requests(args.data)[: args.num_requests]
-    base = AlphaEdit(**settings)
+    base = AlphaEdit(**editor_arguments(settings))
     base.progress = False
     base.setup(model, tokenizer)
     state = copy.deepcopy(base.state_dict())
@@ -190,7 +190,7 @@ def main() -> None:
     pre = metrics()
     results = {}
     for label, overrides in paths.items():
-        editor = ProfiledAlphaEdit(**{**settings, **overrides})
+        editor = ProfiledAlphaEdit(**editor_arguments(settings, target=overrides))
         editor.progress = False
         editor.load_state_dict(copy.deepcopy(state))
         editor.setup(model, tokenizer)  # projectors from the cached statistics
@@ -202,8 +202,8 @@ def main() -> None:
         results[label] = {
             **editor.profile,
             "settings": {
-                "v_early_stop": editor.target_options.early_stop,
-                "v_precision": editor.target_options.precision,
+                "early_stop": editor.target.early_stop,
+                "precision": editor.target.precision,
             },
             "steps": editor.last_metrics["v_steps"],
             "loss": editor.last_metrics["v_loss"],
@@ -214,7 +214,7 @@ def main() -> None:
                 p.copy_(original[n])
         print(f"{label}: {results[label]['cpu']:.1f} CPU-s", flush=True)
 
-    opts = base.target_options
+    opts = base.target
     print(
         f"\nAlphaEdit + SPHERE (β={beta}, α={alpha}) v* on {config['model']['model']}: "
         f"{len(requests)} CounterFact requests in one batch, v* at layer {base.target_layer}, "
@@ -232,11 +232,11 @@ def main() -> None:
     print(head)
     print(
         f"{'early stop':<46}"
-        + "".join(f"{results[k]['settings']['v_early_stop']:>{width}}" for k in labels)
+        + "".join(f"{results[k]['settings']['early_stop']:>{width}}" for k in labels)
     )
     print(
         f"{'precision':<46}"
-        + "".join(f"{results[k]['settings']['v_precision']:>{width}}" for k in labels)
+        + "".join(f"{results[k]['settings']['precision']:>{width}}" for k in labels)
     )
     first = labels[0]
     row("v* CPU-seconds", [results[k]["cpu"] for k in labels], ".1f")

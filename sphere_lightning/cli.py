@@ -58,10 +58,10 @@ def output_folders(trainer: Any, module: Any) -> list[tuple[str, Path]]:
         if getattr(callback, "dirpath", None) is not None:
             flag = f"{type(callback).__name__}.init_args.dirpath"
             folders.append((flag, Path(callback.dirpath)))
-    stats = getattr(getattr(module, "editor", None), "stats_options", None)
+    stats = getattr(getattr(module, "editor", None), "statistics", None)
     if stats is not None:
-        cache_dir = stats.get("cache_dir")
-        flag = "model.editor.init_args.cache_dir" if cache_dir else f"${CACHE_ENV}"
+        cache_dir = stats.cache_dir
+        flag = "model.editor.init_args.statistics.cache_dir" if cache_dir else f"${CACHE_ENV}"
         folders.append((flag, stats_cache_dir(cache_dir)))
     if needs_conversion(getattr(module, "model_name", "")):
         folders.append((f"${CACHE_ENV}", models_cache_dir()))

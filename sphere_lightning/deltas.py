@@ -17,6 +17,7 @@ from lightning.pytorch import Callback
 from typing_extensions import final
 
 from sphere_lightning.context import EditingContext
+from sphere_lightning.errors import editor_flag
 
 #: When a delta transform runs: per layer inside the editor's loop, on the whole batch after it,
 #: or only on the total update W − W₀ in the weights an evaluation sees.
@@ -48,8 +49,8 @@ def check_delta(delta: Any, name: str, shape: torch.Size, source: str) -> None:
     if bad:
         raise NonFiniteDeltaError(
             f"{source} returned ΔW for {name} with {bad} non-finite value(s) (NaN/inf); no weight "
-            "was changed. If this is the editor, lower `editor.init_args.v_lr` or raise its "
-            "regularisation (e.g. `l2`, `mom2_update_weight`)."
+            f"was changed. If this is the editor, lower {editor_flag('target.lr')} or raise its "
+            f"regularisation (e.g. {editor_flag('l2')}, {editor_flag('mom2_update_weight')})."
         )
 
 

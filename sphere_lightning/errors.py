@@ -21,6 +21,35 @@ USER_ERROR_EXIT_CODE = 2
 RUN_ERROR_EXIT_CODE = 1
 
 
+#: Where the editor's options sit in a config: ``model.editor.init_args``.
+EDITOR_ARGS = "model.editor.init_args"
+
+
+def flag(*path: str) -> str:
+    """A setting as every message names it: its dotted config path in backticks.
+
+    The path is the YAML key path and, with ``--`` in front, the command-line flag
+    (`` `model.editor.init_args.statistics.corpus` ``). A callback in ``trainer.callbacks`` is
+    addressed by its class name, as an experiment suite's ``set`` keys address it
+    (`` `trainer.callbacks.HEAlarmCallback.init_args.band.k` ``).
+
+    Args:
+        path: The parts of the path, joined with dots (a part may itself be dotted).
+    """
+    return "`" + ".".join(path) + "`"
+
+
+def editor_flag(*name: str) -> str:
+    """:func:`flag` of an editor option: `` `model.editor.init_args.<name>` ``."""
+    return flag(EDITOR_ARGS, *name)
+
+
+def callback_flag(callback: str, *name: str) -> str:
+    """:func:`flag` of a callback's option:
+    `` `trainer.callbacks.<callback>.init_args.<name>` ``."""
+    return flag("trainer.callbacks", callback, "init_args", *name)
+
+
 class UserInputError(ValueError):
     """A mistake in what the user gave; the message says what is wrong and where."""
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 
+from sphere_lightning.editors import StatisticsOptions, TargetOptions, TemplateOptions
 from sphere_lightning.experiments import WITH_SPHERE, WITHOUT_SPHERE
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 
@@ -35,27 +36,25 @@ def quiet_trainer(callbacks: list | None = None, **overrides: Any) -> Trainer:
     return Trainer(**{**options, **overrides})
 
 
-def tiny_alphaedit_flags(v_num_steps: int = 6) -> list[str]:
+def tiny_alphaedit_flags(num_steps: int = 6) -> list[str]:
     """Flags that shrink ``configs/edit.yaml``'s AlphaEdit to the tiny Llama: layers 1 and 2,
     one generated context template of 4 tokens, statistics from 8 texts of 12 tokens."""
     return [
         "--model.editor.init_args.layers=[1, 2]",
-        f"--model.editor.init_args.v_num_steps={v_num_steps}",
-        "--model.editor.init_args.num_context_templates=1",
-        "--model.editor.init_args.context_template_length=4",
-        "--model.editor.init_args.stats_num_samples=8",
-        "--model.editor.init_args.stats_max_length=12",
+        f"--model.editor.init_args.target.num_steps={num_steps}",
+        "--model.editor.init_args.templates.count=1",
+        "--model.editor.init_args.templates.length=4",
+        "--model.editor.init_args.statistics.num_samples=8",
+        "--model.editor.init_args.statistics.max_length=12",
     ]
 
 
 #: AlphaEdit's arguments for the tiny Llama's layers 1 and 2 (``AlphaEdit(**TINY_ALPHAEDIT)``).
 TINY_ALPHAEDIT = {
     "layers": [1, 2],
-    "v_num_steps": 5,
-    "num_context_templates": 1,
-    "context_template_length": 4,
-    "stats_num_samples": 8,
-    "stats_max_length": 12,
+    "target": TargetOptions(num_steps=5),
+    "templates": TemplateOptions(count=1, length=4),
+    "statistics": StatisticsOptions(num_samples=8, max_length=12),
     "nullspace_threshold": 1e9,  # every direction is "null": the tiny model edits freely
 }
 

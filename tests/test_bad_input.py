@@ -155,7 +155,7 @@ def fit_args(tmp_path: Path, model_dir: str, data: Path, *extra: str) -> list[st
     ``tmp_path`` and two one-fact steps (later flags override earlier ones)."""
     return [
         *_fit_args(tmp_path, model_dir, data),
-        f"--model.editor.init_args.cache_dir={tmp_path / 'stats'}",
+        f"--model.editor.init_args.statistics.cache_dir={tmp_path / 'stats'}",
         "--data.num_edits=2",
         "--data.edits_per_step=1",
         *extra,
@@ -271,7 +271,7 @@ def test_unknown_architecture(tmp_path, tiny_model_dir, run_main, monkeypatch):
     ("flag", "where"),
     [
         ("trainer.logger.init_args.save_dir", "logs"),
-        ("model.editor.init_args.cache_dir", "cache"),
+        ("model.editor.init_args.statistics.cache_dir", "cache"),
     ],
 )
 def test_unwritable_folder_fails_before_the_model_loads(
@@ -407,7 +407,7 @@ def test_nan_from_a_transform_names_step_layer_and_class(tiny_model_dir):
 def test_layer_out_of_range_leaves_weights_untouched(tiny_llama, tokenizer):
     before = weights(tiny_llama)
     editor = AlphaEdit(layers=[1, 4])
-    with pytest.raises(ConfigError, match=r"`editor\.init_args\.layers` = \[1, 4\]"):
+    with pytest.raises(ConfigError, match=r"`model\.editor\.init_args\.layers` = \[1, 4\]"):
         editor.setup(tiny_llama, tokenizer)
     assert_same_weights(tiny_llama, before)
 

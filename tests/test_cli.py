@@ -46,7 +46,7 @@ def _fit_args(tmp_path: Path, model_dir: str, data: Path) -> list[str]:
         "--config",
         str(ROOT / "configs" / "edit.yaml"),
         f"--model.model={model_dir}",
-        *tiny_alphaedit_flags(v_num_steps=10),
+        *tiny_alphaedit_flags(num_steps=10),
         "--model.editor.init_args.nullspace_threshold=1e9",
         f"--data.dataset={data}",
         "--data.num_edits=4",

@@ -284,14 +284,19 @@ def test_paper_preset_matches_reference(model_name, editor_name, dataset_name):
     args = model["editor"]["init_args"]
     assert args["layers"] == ref["layers"]
     assert args["target_layer"] == ref["layers"][-1]  # the reference's z_layer
-    for knob in ("v_num_steps", "v_lr", "clamp_norm_factor", "v_weight_decay"):
-        assert args[knob] == pytest.approx(ref[knob]), knob
-    assert args["kl_factor"] == pytest.approx(0.0625)
-    assert args["v_loss_threshold"] == pytest.approx(5e-2)
-    assert args["num_context_templates"] == 5
-    assert args["context_template_length"] == 10
-    assert args["stats_num_samples"] == 100000
-    assert "wikitext-103" in args["stats_corpus"]
+    target = args["target"]
+    for knob, field in [
+        ("v_num_steps", "num_steps"),
+        ("v_lr", "lr"),
+        ("clamp_norm_factor", "clamp_norm_factor"),
+        ("v_weight_decay", "weight_decay"),
+    ]:
+        assert target[field] == pytest.approx(ref[knob]), knob
+    assert target["kl_factor"] == pytest.approx(0.0625)
+    assert target["loss_threshold"] == pytest.approx(5e-2)
+    assert args["templates"] == {"count": 5, "length": 10}
+    assert args["statistics"]["num_samples"] == 100000
+    assert "wikitext-103" in args["statistics"]["corpus"]
     if editor["class"] == "AlphaEdit":
         assert args["l2"] == pytest.approx(10)
         assert args["nullspace_threshold"] == pytest.approx(2e-2)
@@ -349,16 +354,17 @@ def test_paper_rome_ft_preset_matches_reference(model_name, editor_name, dataset
         ref = ROME_REFERENCE[model_name]
         assert args["layers"] == ref["layers"]
         assert args.get("target_layer") is None  # ROME optimises v* at the edited layer
-        assert args["v_num_steps"] == ref["v_num_steps"]
-        assert args["v_lr"] == pytest.approx(0.5)
-        assert args["clamp_norm_factor"] == pytest.approx(4)
-        assert args["kl_factor"] == pytest.approx(0.0625)
-        assert args["v_weight_decay"] == pytest.approx(ref["v_weight_decay"])
-        assert args["v_loss_threshold"] == pytest.approx(5e-2)  # hard-coded in compute_v
+        target = args["target"]
+        assert target["num_steps"] == ref["v_num_steps"]
+        assert target["lr"] == pytest.approx(0.5)
+        assert target["clamp_norm_factor"] == pytest.approx(4)
+        assert target["kl_factor"] == pytest.approx(0.0625)
+        assert target["weight_decay"] == pytest.approx(ref["v_weight_decay"])
+        assert target["loss_threshold"] == pytest.approx(5e-2)  # hard-coded in compute_v
         assert args["mom2_adjustment"] is ref["mom2"]
-        assert args["num_context_templates"] == 20
-        assert args["stats_num_samples"] == 100000
-        assert "wikitext-103" in args["stats_corpus"]
+        assert args["templates"]["count"] == 20
+        assert args["statistics"]["num_samples"] == 100000
+        assert "wikitext-103" in args["statistics"]["corpus"]
     else:
         assert args["layers"] == FT_REFERENCE[model_name]
         assert args["num_steps"] == 25

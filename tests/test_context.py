@@ -13,7 +13,7 @@ from lightning.pytorch import Callback
 import sphere_lightning.callbacks
 from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
 from sphere_lightning.data.datamodule import EditDataModule
-from sphere_lightning.editors import AlphaEdit
+from sphere_lightning.editors import AlphaEdit, StatisticsOptions, TargetOptions, TemplateOptions
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.module import EditingModule
 from tests.helpers import ContextStub, quiet_trainer
@@ -108,7 +108,12 @@ class _SkipEverything(Callback, StepPolicy):
 def _fit(callbacks, tiny_model_dir, requests, write_rome_json, tmp_path) -> EditingModule:
     data_path = write_rome_json(requests[:4], tmp_path / "facts.json")
     data = EditDataModule(dataset=str(data_path), num_edits=4, edits_per_step=2)
-    editor = AlphaEdit(layers=[1, 2], v_num_steps=2, num_context_templates=1, stats_num_samples=8)
+    editor = AlphaEdit(
+        layers=[1, 2],
+        target=TargetOptions(num_steps=2),
+        templates=TemplateOptions(count=1),
+        statistics=StatisticsOptions(num_samples=8),
+    )
     module = EditingModule(editor=editor, model=tiny_model_dir, fluency_prompts=0)
     quiet_trainer(callbacks, default_root_dir=tmp_path).fit(module, datamodule=data)
     return module

@@ -68,7 +68,7 @@ def test_documented_transform_and_observer_run_from_yaml(
         EXTENSIONS_YAML.format(data=data, logs=tmp_path / "logs", root=tmp_path, max_norm=MAX_NORM)
     )
     configs = ["--config", str(ROOT / "configs" / "edit.yaml"), "--config", str(overlay)]
-    flags = [f"--model.model={tiny_model_dir}", *tiny_alphaedit_flags(v_num_steps=2)]
+    flags = [f"--model.model={tiny_model_dir}", *tiny_alphaedit_flags(num_steps=2)]
     cli = cli_main(["fit", *configs, *flags])
     scalars = tensorboard_scalars(tmp_path / "logs")
     module = cli.model

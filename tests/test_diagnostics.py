@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,9 +19,10 @@ from sphere_lightning.callbacks import (
     SphereProjectionCallback,
 )
 from sphere_lightning.cli import cli_main
-from sphere_lightning.editors import MEMIT, ROME, LocateThenEditEditor
+from sphere_lightning.editors import MEMIT, ROME, LocateThenEditEditor, TemplateOptions
 from sphere_lightning.editors import rome as rome_module
 from sphere_lightning.editors.base import value_norm_metrics
+from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
 from sphere_lightning.horizon import Evaluation, usable_horizon
@@ -146,9 +148,8 @@ def test_rome_reports_the_norms_of_every_v_star(make_tiny_model, tokenizer, requ
     editor = ROME(
         layers=[1, 2],
         mom2_adjustment=False,
-        v_num_steps=2,
-        num_context_templates=1,
-        context_template_length=4,
+        target=dataclasses.replace(ROME_TARGET, num_steps=2),
+        templates=TemplateOptions(count=1, length=4),
     )
     editor.progress = False
     editor.setup(model, tokenizer)
@@ -433,7 +434,7 @@ def test_cli_run_logs_the_diagnostics_and_the_horizon(
             "--config",
             str(ROOT / "configs" / "edit.yaml"),
             f"--model.model={tiny_model_dir}",
-            *tiny_alphaedit_flags(v_num_steps=2),
+            *tiny_alphaedit_flags(num_steps=2),
             "--model.batch_metrics=false",
             "--model.fluency_prompts=0",
             f"--data.dataset={data}",

@@ -219,8 +219,8 @@ def nine_facts(tmp_path_factory, requests, write_rome_json) -> Path:
 #: rounding depends on which rows share a matrix product, which the split changes.
 EDITORS = {
     "alphaedit": [
-        *tiny_alphaedit_flags(v_num_steps=6),
-        "--model.editor.init_args.v_precision=float32",
+        *tiny_alphaedit_flags(num_steps=6),
+        "--model.editor.init_args.target.precision=float32",
     ],
     "ft": [
         "--config",

@@ -112,7 +112,7 @@ def test_cli_samples_intermediate_evaluations_and_scores_every_fact_at_the_end(
             "--config",
             str(ROOT / "configs" / "edit.yaml"),
             f"--model.model={tiny_model_dir}",
-            *tiny_alphaedit_flags(v_num_steps=3),
+            *tiny_alphaedit_flags(num_steps=3),
             "--model.editor.init_args.nullspace_threshold=1e9",
             "--model.eval_sample_size=2",
             "--model.eval_sample_seed=5",

@@ -62,7 +62,7 @@ def _fit_args(model_dir: str, data: Path, logs: Path, positions: Path) -> list[s
         "--config",
         str(ROOT / "configs" / "edit.yaml"),
         f"--model.model={model_dir}",
-        *tiny_alphaedit_flags(v_num_steps=6),
+        *tiny_alphaedit_flags(num_steps=6),
         "--model.editor.init_args.nullspace_threshold=1e9",
         "--model.fluency_prompts=2",
         "--model.fluency_max_new_tokens=4",

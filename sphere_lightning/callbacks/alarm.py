@@ -24,6 +24,7 @@ from sphere_lightning.callbacks.energy import HyperSphericalEnergyCallback
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.context import EditingContext, StepDecision, StepPolicy
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.functional.band import DeltaBand, excess, outside
 from sphere_lightning.tags import ENERGY, NUM_EDITED
 from sphere_lightning.timing import add_seconds
@@ -31,6 +32,11 @@ from sphere_lightning.timing import add_seconds
 AlarmAction = Literal["warn", "stop", "rollback"]
 RetryPolicy = Literal["retry", "skip"]
 ExhaustedPolicy = Literal["keep", "skip"]
+
+
+def _flag(*name: str) -> str:
+    """An option of this callback as messages name it (:func:`~sphere_lightning.errors.flag`)."""
+    return callback_flag("HEAlarmCallback", *name)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -119,12 +125,13 @@ class HEAlarmCallback(EditObserver, StepPolicy):
         action: ``warn``, ``stop`` or ``rollback``.
         on_retry: After a rollback: ``retry`` (with a stronger SPHERE α) or ``skip``.
         on_exhausted: When every retry is out of band: ``keep`` the last attempt or ``skip``.
-        k: Band half-width in robust standard deviations (1.4826 · MAD) around the median.
-        warmup_steps: Kept steps per layer before the relative band applies.
-        max_abs_delta: Absolute limit on |ΔHE| of any layer (``None``: none); applies from the
-            first step.
-        min_scale: Floor of the band's scale (the robust standard deviation).
-        window: The band learns from the last this-many kept steps (``None``: all of them).
+        band: The band of ordinary ΔHE (:class:`~sphere_lightning.functional.band.DeltaBand`):
+            ``k``, its half-width in robust standard deviations (1.4826 · MAD) around the
+            median; ``warmup_steps``, kept steps per layer before the relative band applies;
+            ``max_abs_delta``, an absolute limit on |ΔHE| of any layer (``None``: none) that
+            applies from the first step; ``min_scale``, the floor of the band's scale (the
+            robust standard deviation); ``window``, the band learns from the last this-many
+            kept steps (``None``: all of them).
         max_retries: Retries of an out-of-band batch (``on_retry: retry``).
         alpha_step: Increase of SPHERE's α per retry (capped at 1).
         s: Exponent of the energy, as in :class:`HyperSphericalEnergyCallback`.
@@ -142,11 +149,7 @@ class HEAlarmCallback(EditObserver, StepPolicy):
         action: AlarmAction = "warn",
         on_retry: RetryPolicy = "retry",
         on_exhausted: ExhaustedPolicy = "keep",
-        k: float = 6.0,
-        warmup_steps: int = 3,
-        max_abs_delta: float | None = None,
-        min_scale: float = 0.0,
-        window: int | None = None,
+        band: DeltaBand = DeltaBand(),
         max_retries: int = 2,
         alpha_step: float = 0.1,
         s: float = 1.0,
@@ -160,12 +163,12 @@ class HEAlarmCallback(EditObserver, StepPolicy):
         ]:
             if value not in get_args(allowed):
                 names = ", ".join(f"`{a}`" for a in get_args(allowed))
-                raise ValueError(f"`{flag}` should be one of {names}, got {value!r}")
+                raise ConfigError(f"{_flag(flag)} should be one of {names}, got {value!r}")
         if max_retries < 1:
-            raise ValueError(f"`max_retries` should be ≥ 1, got {max_retries}")
+            raise ConfigError(f"{_flag('max_retries')} should be ≥ 1, got {max_retries}")
         if not 0.0 < alpha_step <= 1.0:
-            raise ValueError(f"`alpha_step` should be in (0, 1], got {alpha_step}")
-        self.band = DeltaBand(k, warmup_steps, max_abs_delta, min_scale, window)
+            raise ConfigError(f"{_flag('alpha_step')} should be in (0, 1], got {alpha_step}")
+        self.band = band
         self.action = action
         self.on_retry = on_retry
         self.on_exhausted = on_exhausted
@@ -206,10 +209,11 @@ class HEAlarmCallback(EditObserver, StepPolicy):
             if isinstance(c, SphereProjectionCallback) and c.stage != "evaluation"
         ]
         if self.action == "rollback" and self.on_retry == "retry" and not self._spheres:
-            raise ValueError(
-                "HEAlarmCallback with `action: rollback` and `on_retry: retry` raises SPHERE's α "
-                "on a retry, but trainer.callbacks holds no SphereProjectionCallback: add one "
-                "(`suppression: 0.0` edits without SPHERE until an alarm) or set `on_retry: skip`"
+            raise ConfigError(
+                f"HEAlarmCallback with {_flag('action')} `rollback` and {_flag('on_retry')} "
+                "`retry` raises SPHERE's α on a retry, but `trainer.callbacks` holds no "
+                "SphereProjectionCallback: add one (`suppression: 0.0` edits without SPHERE until "
+                f"an alarm) or set {_flag('on_retry')} to `skip`"
             )
 
     @override

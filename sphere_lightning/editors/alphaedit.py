@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import LocateThenEditEditor
 from sphere_lightning.editors.memit import check_update_norm_lambda
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, editor_flag
 
 
 def null_space_projector(covariance: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -52,9 +52,9 @@ class AlphaEdit(LocateThenEditEditor):
     ) -> None:
         super().__init__(**kwargs)
         if nullspace_threshold <= 0:
-            raise ConfigError("`editor.init_args.nullspace_threshold` must be > 0")
+            raise ConfigError(f"{editor_flag('nullspace_threshold')} must be > 0")
         if l2 < 0:
-            raise ConfigError("`editor.init_args.l2` must be ≥ 0")
+            raise ConfigError(f"{editor_flag('l2')} must be ≥ 0")
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.update_norm_lambda = check_update_norm_lambda(update_norm_lambda)

@@ -1,4 +1,5 @@
-"""The editor interface, and the locate-then-edit machinery MEMIT and AlphaEdit share."""
+"""The editor interface; the key/v* machinery ROME, MEMIT and AlphaEdit share; the MEMIT-style
+layer loop MEMIT and AlphaEdit share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -27,16 +29,10 @@ from sphere_lightning.editors.nas import (
     mlp_outputs,
     upper_trimmed_mean,
 )
-from sphere_lightning.editors.statistics import GENERATED, second_moments
-from sphere_lightning.editors.targets import (
-    EARLY_STOPS,
-    PRECISIONS,
-    TargetOptions,
-    TargetResult,
-    compute_target_values,
-)
-from sphere_lightning.editors.templates import generate_context_templates
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.editors.statistics import StatisticsOptions, second_moments
+from sphere_lightning.editors.targets import TargetOptions, TargetResult, compute_target_values
+from sphere_lightning.editors.templates import TemplateOptions, generate_context_templates
+from sphere_lightning.errors import EDITOR_ARGS, ConfigError, editor_flag
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 
 log = logging.getLogger(__name__)
@@ -80,7 +76,7 @@ class Editor(ABC):
 
     def __init__(self, layers: Sequence[int]) -> None:
         if not layers:
-            raise ConfigError("`layers` must name at least one layer")
+            raise ConfigError(f"{editor_flag('layers')} must name at least one layer")
         self.layers = sorted(int(i) for i in layers)
         self.last_metrics: dict[str, float] = {}
         #: Seconds spent per phase in the last ``compute_deltas`` call.
@@ -93,7 +89,7 @@ class Editor(ABC):
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check the layers against the model and prepare anything the editor needs."""
-        architecture_of(model).check_layers(model, self.layers, flag="editor.init_args.layers")
+        architecture_of(model).check_layers(model, self.layers, flag=f"{EDITOR_ARGS}.layers")
 
     def synchronise(self, collective: Collective) -> None:
         """Once every process has run :meth:`setup`: make what each derived on its own equal to
@@ -140,167 +136,50 @@ class Editor(ABC):
         return None
 
 
-class LocateThenEditEditor(Editor):
-    """Shared machinery of MEMIT-style editors: keys k, target values v*, and the layer loop.
+class KeyValueEditor(Editor):
+    """Shared machinery of the locate-then-edit editors: keys k and target values v*.
 
-    For each layer ℓ (bottom to top), with the updates of the lower layers in place, the residual
-    ``(v* − h) / (#layers left)`` at the target layer is written into layer ℓ's out-projection by
-    the subclass's :meth:`solve`.
+    Owns what ROME, MEMIT and AlphaEdit all read: the context templates every prompt is also
+    read through, the keys (the input of an edited out-projection at the subject's last token,
+    averaged over the templates), the key second moments E[k kᵀ] and the options of the v*
+    optimisation. How keys and v* become ΔW is the subclass's: ROME's loop over requests, or the
+    MEMIT-style layer loop of :class:`LocateThenEditEditor`.
 
     Args:
         layers: Blocks whose MLP out-projection is edited.
-        target_layer: Block after which v* is optimised; default the last of ``layers``.
-        v_num_steps: Optimisation steps of v* per request.
-        v_lr: Adam learning rate of v*.
-        v_loss_threshold: A request's v* optimisation stops once its loss is below this.
-        clamp_norm_factor: ‖v* − h‖ is clamped to this times ‖h‖.
-        kl_factor: Weight of the KL term that keeps "{subject} is a" unchanged.
-        v_weight_decay: Weight of ‖v* − h‖ / ‖h‖² (ROME/MEMIT's formula).
-        v_batch_size: Requests per forward pass in the v* optimisation (memory only).
-        skip_lower_layers: Replay the blocks below the target layer from a cache during the v*
-            optimisation instead of recomputing them (same result, less work).
-        reuse_prefix: Compute the key/value cache of the prompt tokens before the subject's last
-            token once per batch; by causality they do not depend on v* (same result, less work).
-        share_template_prefix: With ``reuse_prefix``, run the tokens a context template puts
-            before every prompt once per batch, not once per request (same result, less work).
-        group_by_suffix: In the v* optimisation, run together the prompts (of any requests) that
-            have the same number of tokens from the subject's last one on, so no step computes
-            padding (same result, less work). Off: whole requests per forward pass, as in ROME.
-        v_early_stop: When a request's v* optimisation stops before ``v_num_steps``: ``loss``
-            once its loss is below ``v_loss_threshold`` (ROME/MEMIT); ``most_probable`` also as
-            soon as ``target_new`` is the most probable continuation at every target token of
-            every prompt (teacher-forced), ENCORE's most-probable early stopping.
-        v_precision: ``float32``, or ``bf16``: the v* forward/backward passes through the
-            blocks above the edit point run under bfloat16 autocast on the model's device
-            type; δ, the lm head, log-softmax, KL, the loss and Adam stay float32.
-        num_context_templates: Generated prefixes the prompts are wrapped in (plus the bare one).
-        context_template_length: Length in tokens of each generated prefix.
-        stats_corpus: Text for the key second moments: ``generated`` (the model's own samples,
-            works offline), a ``.txt`` file, or a hub dataset ``<id>[:<config>][@<split>]``
-            whose ``text`` column is streamed (e.g. ``wikitext:wikitext-103-raw-v1``).
-        stats_num_samples: Number of texts for the second moments. 128 generated texts of 64
-            tokens edit SmolLM2 as well as 512 of 128 (and as WikiText) at a fifth of the cost;
-            more generated text barely brings the moments closer to real text's
-            (``benchmarks/stats_corpus.py``).
-        stats_max_length: Tokens per text.
-        stats_batch_size: Texts per forward pass when collecting statistics.
-        seed: Seed for generated templates and generated text.
-        cache_dir: Where statistics are cached; default ``$SPHERE_LIGHTNING_CACHE/stats``.
+        target: How v* is optimised (:class:`~sphere_lightning.editors.targets.TargetOptions`).
+        templates: The context templates
+            (:class:`~sphere_lightning.editors.templates.TemplateOptions`).
+        statistics: Where the key second moments come from
+            (:class:`~sphere_lightning.editors.statistics.StatisticsOptions`).
+        seed: Seed of the generated templates and of generated statistics text.
         key_batch_size: Prompts per forward pass when reading keys.
-        nas: Norm-Anchor Scaling (arXiv 2602.02543; :mod:`~sphere_lightning.editors.nas`): the
-            MLP value m + δ of every v* is rescaled to ν, its mean norm on the unedited model,
-            before the solve (δ dropped above ``nas_skip_factor`` · ν).
-        nas_requests: Edit requests ν is measured on (anything ``--data.dataset`` accepts).
-        nas_num_requests: How many of them (sampled with ``seed``) [the reference's
-            ``nas_restart``].
-        nas_skip_factor: A request whose ‖m + δ‖ exceeds this times ν keeps m.
-        nas_upper_quantile: Norms above this quantile are dropped before ν is averaged.
     """
 
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 5, 6, 7),
-        target_layer: int | None = None,
-        v_num_steps: int = 25,
-        v_lr: float = 0.5,
-        v_loss_threshold: float = 5e-2,
-        clamp_norm_factor: float = 0.75,
-        kl_factor: float = 0.0625,
-        v_weight_decay: float = 0.5,
-        v_batch_size: int = 25,
-        skip_lower_layers: bool = True,
-        reuse_prefix: bool = True,
-        share_template_prefix: bool = True,
-        group_by_suffix: bool = True,
-        v_early_stop: str = "loss",
-        v_precision: str = "float32",
-        num_context_templates: int = 5,
-        context_template_length: int = 10,
-        stats_corpus: str = GENERATED,
-        stats_num_samples: int = 128,
-        stats_max_length: int = 64,
-        stats_batch_size: int = 16,
+        target: TargetOptions = TargetOptions(),
+        templates: TemplateOptions = TemplateOptions(),
+        statistics: StatisticsOptions = StatisticsOptions(),
         seed: int = 0,
-        cache_dir: str | None = None,
         key_batch_size: int = 64,
-        nas: bool = False,
-        nas_requests: str = "builtin",
-        nas_num_requests: int = 1000,
-        nas_skip_factor: float = 2.0,
-        nas_upper_quantile: float = 0.95,
     ) -> None:
         super().__init__(layers)
-        for name, value in [
-            ("v_num_steps", v_num_steps),
-            ("v_batch_size", v_batch_size),
-            ("stats_num_samples", stats_num_samples),
-            ("stats_max_length", stats_max_length),
-            ("stats_batch_size", stats_batch_size),
-            ("key_batch_size", key_batch_size),
-            ("context_template_length", context_template_length),
-        ]:
-            if value < 1:
-                raise ConfigError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
-        if v_early_stop not in EARLY_STOPS:
-            raise ConfigError(
-                f"`editor.init_args.v_early_stop` should be one of {', '.join(EARLY_STOPS)}, "
-                f"got {v_early_stop!r}"
-            )
-        if v_precision not in PRECISIONS:
-            raise ConfigError(
-                f"`editor.init_args.v_precision` should be one of {', '.join(PRECISIONS)}, "
-                f"got {v_precision!r}"
-            )
-        if num_context_templates < 0:
-            raise ConfigError("`editor.init_args.num_context_templates` must be ≥ 0")
-        self.target_layer = self.layers[-1] if target_layer is None else int(target_layer)
-        if self.target_layer < self.layers[-1]:
-            raise ConfigError(
-                f"`editor.init_args.target_layer` ({self.target_layer}) must not be below the "
-                f"last edited layer ({self.layers[-1]})"
-            )
-        self.target_options = TargetOptions(
-            num_steps=v_num_steps,
-            lr=v_lr,
-            loss_threshold=v_loss_threshold,
-            clamp_norm_factor=clamp_norm_factor,
-            kl_factor=kl_factor,
-            weight_decay=v_weight_decay,
-            batch_size=v_batch_size,
-            skip_lower_layers=skip_lower_layers,
-            reuse_prefix=reuse_prefix,
-            share_template_prefix=share_template_prefix,
-            group_by_suffix=group_by_suffix,
-            early_stop=v_early_stop,
-            precision=v_precision,
-        )
-        self.num_context_templates = num_context_templates
-        self.context_template_length = context_template_length
-        self.stats_options = {
-            "corpus": stats_corpus,
-            "num_samples": stats_num_samples,
-            "max_length": stats_max_length,
-            "batch_size": stats_batch_size,
-            "seed": seed,
-            "cache_dir": cache_dir,
-        }
+        if key_batch_size < 1:
+            raise ConfigError(f"{editor_flag('key_batch_size')} must be ≥ 1, got {key_batch_size}")
+        self.target = target
+        self.templates = templates
+        self.statistics = statistics
         self.seed = seed
         self.key_batch_size = key_batch_size
         self.context_templates: list[str] | None = None
-        self.nas = nas
-        self.nas_options = NASOptions(
-            nas_requests, nas_num_requests, nas_skip_factor, nas_upper_quantile
-        )
-        #: ν, NAS's anchor: measured on the model before the first edit, then sequential state.
-        self.nas_anchor: float | None = None
 
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Check layers; generate context templates once."""
-        spec = architecture_of(model)
-        spec.check_layers(model, self.layers, flag="editor.init_args.layers")
-        spec.check_layers(model, [self.target_layer], flag="editor.init_args.target_layer")
+        super().setup(model, tokenizer)
         if self.context_templates is None:
             self.context_templates = self._generate_templates(model, tokenizer)
 
@@ -314,7 +193,7 @@ class LocateThenEditEditor(Editor):
         """``"{}"`` plus generated prefixes, sampled as MEMIT's ``generate_fast`` does (top-k 5,
         fixed length, seeded); see :mod:`~sphere_lightning.editors.templates`."""
         return generate_context_templates(
-            model, tokenizer, self.num_context_templates, self.context_template_length, self.seed
+            model, tokenizer, self.templates.count, self.templates.length, self.seed
         )
 
     def second_moments(
@@ -322,13 +201,15 @@ class LocateThenEditEditor(Editor):
     ) -> dict[int, torch.Tensor]:
         """``E[k kᵀ]`` per edited layer (cached on disk), float32 on that layer's device."""
         spec = architecture_of(model)
-        moments = second_moments(model, tokenizer, spec, self.layers, **self.stats_options)
+        moments = second_moments(
+            model, tokenizer, spec, self.layers, **asdict(self.statistics), seed=self.seed
+        )
         return {
             layer: moment.to(linear_weight(model.get_submodule(spec.mlp_out_name(layer))).device)
             for layer, moment in moments.items()
         }
 
-    # -- the layer loop ----------------------------------------------------------------------
+    # -- keys --------------------------------------------------------------------------------
 
     def _context_prompts(
         self, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
@@ -348,7 +229,7 @@ class LocateThenEditEditor(Editor):
     ) -> dict[int, torch.Tensor]:
         """Key of each request at each layer, ``(n, d_in)``: the input of the layer's
         out-projection at the subject's last token, averaged over context templates as the
-        reference does (:func:`average_over_templates`). Each process reads its share of the
+        reference does (:meth:`average_templates`). Each process reads its share of the
         requests; every process returns all keys."""
         spec = architecture_of(model)
         names = [spec.mlp_out_name(layer) for layer in layers]
@@ -377,6 +258,68 @@ class LocateThenEditEditor(Editor):
 
     transform_in_loop = True
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"context_templates": self.context_templates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.context_templates = state.get("context_templates")
+
+
+class LocateThenEditEditor(KeyValueEditor):
+    """The MEMIT-style layer loop on top of the shared k/v* machinery.
+
+    v* is optimised once per batch at :attr:`target_layer`; then for each layer ℓ (bottom to
+    top), with the updates of the lower layers in place, the residual
+    ``(v* − h) / (#layers left)`` at the target layer is written into layer ℓ's out-projection by
+    the subclass's :meth:`solve`.
+
+    Args:
+        layers: Blocks whose MLP out-projection is edited.
+        target_layer: Block after which v* is optimised; default the last of ``layers``.
+        target: How v* is optimised (:class:`~sphere_lightning.editors.targets.TargetOptions`).
+        templates: The context templates
+            (:class:`~sphere_lightning.editors.templates.TemplateOptions`).
+        statistics: Where the key second moments come from
+            (:class:`~sphere_lightning.editors.statistics.StatisticsOptions`).
+        seed: Seed of the generated templates, generated statistics text and NAS's sample.
+        key_batch_size: Prompts per forward pass when reading keys.
+        nas: Norm-Anchor Scaling (arXiv 2602.02543; :mod:`~sphere_lightning.editors.nas`,
+            :class:`~sphere_lightning.editors.nas.NASOptions`): with ``nas.enabled`` the MLP value
+            m + δ of every v* is rescaled to ν, its mean norm on the unedited model, before the
+            solve (δ dropped above ``nas.skip_factor`` · ν).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 5, 6, 7),
+        target_layer: int | None = None,
+        target: TargetOptions = TargetOptions(),
+        templates: TemplateOptions = TemplateOptions(),
+        statistics: StatisticsOptions = StatisticsOptions(),
+        seed: int = 0,
+        key_batch_size: int = 64,
+        nas: NASOptions = NASOptions(),
+    ) -> None:
+        super().__init__(layers, target, templates, statistics, seed, key_batch_size)
+        self.target_layer = self.layers[-1] if target_layer is None else int(target_layer)
+        if self.target_layer < self.layers[-1]:
+            raise ConfigError(
+                f"{editor_flag('target_layer')} ({self.target_layer}) must not be below the "
+                f"last edited layer ({self.layers[-1]})"
+            )
+        self.nas = nas
+        #: ν, NAS's anchor: measured on the model before the first edit, then sequential state.
+        self.nas_anchor: float | None = None
+
+    def setup(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Check layers and the target layer; generate context templates once."""
+        spec = architecture_of(model)
+        spec.check_layers(model, self.layers, flag=f"{EDITOR_ARGS}.layers")
+        spec.check_layers(model, [self.target_layer], flag=f"{EDITOR_ARGS}.target_layer")
+        super().setup(model, tokenizer)
+
+    # -- the layer loop ----------------------------------------------------------------------
+
     def compute_deltas(
         self,
         model: PreTrainedModel,
@@ -402,7 +345,7 @@ class LocateThenEditEditor(Editor):
             "v_loss": float(torch.tensor(target.losses).mean()),
             "v_steps": float(torch.tensor(target.steps, dtype=torch.float).mean()),
         }
-        if self.nas:
+        if self.nas.enabled:
             start = time.perf_counter()
             target = self.anchor_value_norms(model, tokenizer, requests, target)
             timings["nas"] = time.perf_counter() - start
@@ -460,7 +403,7 @@ class LocateThenEditEditor(Editor):
                 share,
                 self.target_layer,
                 self.context_templates,
-                self.target_options,
+                self.target,
                 progress=self.progress,
             )
             return {
@@ -481,10 +424,10 @@ class LocateThenEditEditor(Editor):
     def measure_nas_anchor(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     ) -> float:
-        """ν: the upper-trimmed mean of ‖m + δ‖ over the ``nas_requests`` sample, with δ
+        """ν: the upper-trimmed mean of ‖m + δ‖ over the ``nas.requests`` sample, with δ
         optimised by this editor's v* options on the bare prompt only (the reference's
         ``get_or_compute_mean_vstar_norm``). Each process optimises its share."""
-        requests = anchor_requests(self.nas_options, self.seed)
+        requests = anchor_requests(self.nas, self.seed)
 
         def norms(share: Sequence[EditRequest]) -> torch.Tensor:
             target = compute_target_values(
@@ -494,15 +437,13 @@ class LocateThenEditEditor(Editor):
                 share,
                 self.target_layer,
                 ["{}"],
-                self.target_options,
+                self.target,
                 progress=self.progress,
             )
             m = mlp_outputs(model, tokenizer, share, self.target_layer, self.key_batch_size)
             return (target.values - target.initial + m.to(target.values)).norm(dim=-1)
 
-        anchor = upper_trimmed_mean(
-            self.collective.map(norms, requests), self.nas_options.upper_quantile
-        )
+        anchor = upper_trimmed_mean(self.collective.map(norms, requests), self.nas.upper_quantile)
         log.info("NAS: anchor ν = %.6g from %d requests", anchor, len(requests))
         return anchor
 
@@ -524,7 +465,7 @@ class LocateThenEditEditor(Editor):
             requests,
         )
         anchored = anchor_values(
-            target.values, target.initial, m, self.nas_anchor, self.nas_options.skip_factor
+            target.values, target.initial, m, self.nas_anchor, self.nas.skip_factor
         )
         self.last_metrics.update(
             {
@@ -544,15 +485,15 @@ class LocateThenEditEditor(Editor):
         """
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"context_templates": self.context_templates}
+        state = super().state_dict()
         if self.nas_anchor is not None:
             state["nas_anchor"] = self.nas_anchor
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.context_templates = state.get("context_templates")
+        super().load_state_dict(state)
         self.nas_anchor = state.get("nas_anchor")
-        if self.nas and self.nas_anchor is None:
+        if self.nas.enabled and self.nas_anchor is None:
             log.warning(
                 "NAS: the restored editor state holds no anchor ν; it is measured at the next "
                 "batch, on the model as it then is (edited), not on the unedited model"

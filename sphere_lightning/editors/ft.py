@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import DeltaFn, Editor
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, editor_flag
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.batching import encode_target, model_device, pad_batch
 
@@ -68,14 +68,14 @@ class FT(Editor):
         super().__init__(layers)
         for name, value in [("num_steps", num_steps), ("batch_size", batch_size)]:
             if value < 1:
-                raise ConfigError(f"`editor.init_args.{name}` must be ≥ 1, got {value}")
+                raise ConfigError(f"{editor_flag(name)} must be ≥ 1, got {value}")
         if lr <= 0:
-            raise ConfigError(f"`editor.init_args.lr` must be > 0, got {lr}")
+            raise ConfigError(f"{editor_flag('lr')} must be > 0, got {lr}")
         if weight_decay < 0:
-            raise ConfigError(f"`editor.init_args.weight_decay` must be ≥ 0, got {weight_decay}")
+            raise ConfigError(f"{editor_flag('weight_decay')} must be ≥ 0, got {weight_decay}")
         if norm_constraint is not None and norm_constraint <= 0:
             raise ConfigError(
-                f"`editor.init_args.norm_constraint` must be > 0 or null, got {norm_constraint}"
+                f"{editor_flag('norm_constraint')} must be > 0 or null, got {norm_constraint}"
             )
         self.num_steps = num_steps
         self.lr = lr

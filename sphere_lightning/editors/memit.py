@@ -8,13 +8,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.editors.base import LocateThenEditEditor
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, editor_flag
 
 
 def check_update_norm_lambda(value: float) -> float:
-    """ENCORE's norm-constraint weight λ_n, checked (``editor.init_args.update_norm_lambda``)."""
+    """ENCORE's norm-constraint weight λ_n, checked
+    (``model.editor.init_args.update_norm_lambda``)."""
     if value < 0:
-        raise ConfigError(f"`editor.init_args.update_norm_lambda` must be ≥ 0, got {value}")
+        raise ConfigError(f"{editor_flag('update_norm_lambda')} must be ≥ 0, got {value}")
     return float(value)
 
 
@@ -41,7 +42,7 @@ class MEMIT(LocateThenEditEditor):
     ) -> None:
         super().__init__(**kwargs)
         if mom2_update_weight < 0:
-            raise ConfigError("`editor.init_args.mom2_update_weight` must be ≥ 0")
+            raise ConfigError(f"{editor_flag('mom2_update_weight')} must be ≥ 0")
         self.mom2_update_weight = mom2_update_weight
         self.update_norm_lambda = check_update_norm_lambda(update_norm_lambda)
         self.covariances: dict[int, torch.Tensor] | None = None

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from sphere_lightning.data.readers import load_requests
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.hooks import encode_with_subject, gather_at_subject
-from sphere_lightning.errors import ConfigError, UserInputError
+from sphere_lightning.errors import ConfigError, UserInputError, editor_flag
 from sphere_lightning.models.architectures import architecture_of
 
 #: The reference's ``scale_vector_to_norm`` epsilon: v · ν / (‖v‖ + eps).
@@ -37,9 +37,11 @@ EPS = 1e-10
 
 @dataclass(frozen=True)
 class NASOptions:
-    """Where ν comes from and how v* is anchored to it (the reference's names in brackets).
+    """Whether v* is anchored, where ν comes from and how (the reference's names in brackets):
+    the editor's ``nas`` options. In a config: ``model.editor.init_args.nas.<field>``.
 
     Attributes:
+        enabled: Anchor the MLP value m + δ of every v* to ν before the solve (MEMIT, AlphaEdit).
         requests: Edit requests ν is measured on: anything ``--data.dataset`` accepts
             (``builtin``, a JSON/JSONL file, a hub id); the reference samples CounterFact.
         num_requests: How many of them are sampled (seeded); all when there are fewer
@@ -50,6 +52,7 @@ class NASOptions:
             reference: the largest 5 % are dropped).
     """
 
+    enabled: bool = False
     requests: str = "builtin"
     num_requests: int = 1000
     skip_factor: float = 2.0
@@ -58,21 +61,20 @@ class NASOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.requests, str) or not self.requests.strip():
             raise ConfigError(
-                "`editor.init_args.nas_requests` must be 'builtin', a file path or a hub "
+                f"{editor_flag('nas.requests')} must be 'builtin', a file path or a hub "
                 f"dataset id, got {self.requests!r}"
             )
         if self.num_requests < 1:
             raise ConfigError(
-                f"`editor.init_args.nas_num_requests` must be ≥ 1, got {self.num_requests}"
+                f"{editor_flag('nas.num_requests')} must be ≥ 1, got {self.num_requests}"
             )
         if not self.skip_factor > 0:
             raise ConfigError(
-                f"`editor.init_args.nas_skip_factor` must be > 0, got {self.skip_factor}"
+                f"{editor_flag('nas.skip_factor')} must be > 0, got {self.skip_factor}"
             )
         if not 0 < self.upper_quantile <= 1:
             raise ConfigError(
-                "`editor.init_args.nas_upper_quantile` must be in (0, 1], got "
-                f"{self.upper_quantile}"
+                f"{editor_flag('nas.upper_quantile')} must be in (0, 1], got {self.upper_quantile}"
             )
 
 
@@ -134,7 +136,9 @@ def upper_trimmed_mean(norms: torch.Tensor, upper_quantile: float) -> float:
     drop = int(math.floor((1.0 - float(upper_quantile)) * values.numel()))
     kept = values[: values.numel() - drop] if drop > 0 else values
     if kept.numel() == 0:
-        raise ValueError("NAS: every v* norm was trimmed; raise `nas_upper_quantile`")
+        raise ConfigError(
+            f"NAS: every v* norm was trimmed; raise {editor_flag('nas.upper_quantile')}"
+        )
     return float(kept.mean())
 
 
@@ -152,7 +156,7 @@ def anchor_requests(options: NASOptions, seed: int) -> list[EditRequest]:
         pool = load_requests(options.requests)
     except UserInputError as error:
         raise ConfigError(
-            f"`editor.init_args.nas_requests` ({options.requests!r}): {error}"
+            f"{editor_flag('nas.requests')} ({options.requests!r}): {error}"
         ) from error
     return sample_requests(pool, options.num_requests, seed)
 

@@ -12,10 +12,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors.base import DeltaFn, LocateThenEditEditor, value_norm_metrics
+from sphere_lightning.editors.base import DeltaFn, KeyValueEditor, value_norm_metrics
 from sphere_lightning.editors.hooks import WeightSnapshot, encode_with_subject, gather_at_subject
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
-from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.architectures import architecture_of
 
 
@@ -41,7 +40,11 @@ def rank_one_update(
     return torch.outer(v, u)
 
 
-class ROME(LocateThenEditEditor):
+#: ROME's v* options: ‖v* − m‖ clamped at 4 ‖m‖ (``compute_v``), weight decay 0.5 (GPT-2 XL).
+ROME_TARGET = TargetOptions(clamp_norm_factor=4.0, weight_decay=0.5)
+
+
+class ROME(KeyValueEditor):
     """ROME: a rank-one update of each edited layer per request, requests one after another.
 
     For each request (in batch order) and each layer in ``layers`` (bottom to top, as
@@ -52,7 +55,8 @@ class ROME(LocateThenEditEditor):
     layer is the sum over the batch's requests; the model is restored before returning.
 
     As in ROME's ``compute_v``, v*'s norms are relative to the MLP output m at the subject's last
-    token: ‖δ‖ ≤ ``clamp_norm_factor`` ‖m‖ and the weight decay is ``v_weight_decay`` ‖δ‖ / ‖m‖².
+    token: ‖δ‖ ≤ ``target.clamp_norm_factor`` ‖m‖ and the weight decay is ``target.weight_decay``
+    ‖δ‖ / ‖m‖².
     Keys are a flat mean over the context templates (ROME's ``compute_u``, not MEMIT's two-level
     mean).
 
@@ -61,47 +65,24 @@ class ROME(LocateThenEditEditor):
             Llama-3-8B 5).
         mom2_adjustment: u = C⁻¹k with C = E[k kᵀ] (ROME's ``mom2_adjustment``; its GPT-2 and
             GPT-J presets turn it on, its Llama-3 and Qwen presets off); off: u = k.
-        clamp_norm_factor: ‖v* − m‖ is clamped to this times ‖m‖ (ROME: 4).
-        v_weight_decay: Weight of ‖v* − m‖ / ‖m‖² (ROME: 0.5 on GPT-2 XL, 1e-3 on Llama-3-8B).
-        **kwargs: Shared locate-then-edit options (v* optimisation, templates, statistics); see
-            :class:`~sphere_lightning.editors.base.LocateThenEditEditor`. ``target_layer`` does
-            not apply: ROME optimises v* at each edited layer itself.
+        target: How v* is optimised (:class:`~sphere_lightning.editors.targets.TargetOptions`),
+            by default :data:`ROME_TARGET`: ``clamp_norm_factor`` 4 (‖v* − m‖ is clamped to this
+            times ‖m‖) and ``weight_decay`` 0.5, the weight of ‖v* − m‖ / ‖m‖² (ROME: 0.5 on
+            GPT-2 XL, 1e-3 on Llama-3-8B). In a config, the fields given replace those of
+            ROME's default; in Python, start from ``dataclasses.replace(ROME_TARGET, ...)``.
+        **kwargs: The other shared key/v* options (templates, statistics, seed); see
+            :class:`~sphere_lightning.editors.base.KeyValueEditor`. ROME has no
+            ``target_layer`` and no ``nas``: it optimises v* at each edited layer itself.
     """
 
     def __init__(
         self,
         layers: Sequence[int] = (5,),
         mom2_adjustment: bool = True,
-        clamp_norm_factor: float = 4.0,
-        v_weight_decay: float = 0.5,
+        target: TargetOptions = ROME_TARGET,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("target_layer") is not None:
-            raise ConfigError(
-                "ROME optimises v* at each edited layer; `editor.init_args.target_layer` does "
-                f"not apply (got {kwargs['target_layer']})"
-            )
-        kwargs.pop("target_layer", None)
-        if kwargs.get("nas"):
-            raise ConfigError(
-                "`editor.init_args.nas` (Norm-Anchor Scaling) applies to MEMIT and AlphaEdit, "
-                "whose v* is optimised once per batch at one target layer; ROME does not "
-                "support it"
-            )
-        if clamp_norm_factor <= 0:
-            raise ConfigError(
-                f"`editor.init_args.clamp_norm_factor` must be > 0, got {clamp_norm_factor}"
-            )
-        if v_weight_decay < 0:
-            raise ConfigError(
-                f"`editor.init_args.v_weight_decay` must be ≥ 0, got {v_weight_decay}"
-            )
-        super().__init__(
-            layers=layers,
-            clamp_norm_factor=clamp_norm_factor,
-            v_weight_decay=v_weight_decay,
-            **kwargs,
-        )
+        super().__init__(layers=layers, target=target, **kwargs)
         self.mom2_adjustment = mom2_adjustment
         self.covariances: dict[int, torch.Tensor] | None = None
 
@@ -119,7 +100,7 @@ class ROME(LocateThenEditEditor):
         """The v* options with ROME's MLP-output-relative norms expressed against the block
         output h, which :func:`compute_target_values` measures them by: a clamp at c‖m‖ is one at
         (c‖m‖/‖h‖)‖h‖, and λ‖δ‖/‖m‖² is (λ‖h‖²/‖m‖²)‖δ‖/‖h‖²."""
-        opts = self.target_options
+        opts = self.target
         ratio = mlp_norm / block_norm
         return dataclasses.replace(
             opts,
@@ -201,12 +182,6 @@ class ROME(LocateThenEditEditor):
         }
         self.last_timings = timings
         return deltas
-
-    def solve(
-        self, index: int, layer: int, keys: torch.Tensor, residual: torch.Tensor
-    ) -> torch.Tensor:
-        """Not used: ROME has its own loop over requests (see :meth:`compute_deltas`)."""
-        raise NotImplementedError("ROME computes its updates in compute_deltas")
 
     # ROME's only sequential state is the templates (the base class's state_dict); C is rebuilt
     # from the (cached) statistics by setup.

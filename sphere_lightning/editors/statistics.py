@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.cache import atomic_write, stats_cache_dir
 from sphere_lightning.editors.hooks import capture
-from sphere_lightning.errors import DataError, MissingFileError
+from sphere_lightning.errors import ConfigError, DataError, MissingFileError, editor_flag
 from sphere_lightning.models.architectures import ArchitectureSpec, linear_weight
 from sphere_lightning.models.batching import model_device
 from sphere_lightning.paths import looks_like_path
@@ -38,8 +38,40 @@ from sphere_lightning.paths import looks_like_path
 log = logging.getLogger(__name__)
 
 GENERATED = "generated"
-_CORPUS_FLAG = "model.editor.init_args.stats_corpus"
+_CORPUS_FLAG = editor_flag("statistics.corpus")
 _SEED_WORDS = ["The", "In", "A", "It", "He", "She", "This", "When", "After", "Many", "I", "We"]
+
+
+@dataclass(frozen=True)
+class StatisticsOptions:
+    """Where the key second moments E[k kᵀ] come from: the editor's ``statistics`` options.
+
+    In a config: ``model.editor.init_args.statistics.<field>``.
+
+    Attributes:
+        corpus: Text for the key second moments: ``generated`` (the model's own samples, works
+            offline), a ``.txt`` file, or a hub dataset ``<id>[:<config>][@<split>]`` whose
+            ``text`` column is streamed (e.g. ``wikitext:wikitext-103-raw-v1``).
+        num_samples: Number of texts. 128 generated texts of 64 tokens edit SmolLM2 as well as
+            512 of 128 (and as WikiText) at a fifth of the cost; more generated text barely
+            brings the moments closer to real text's (``benchmarks/stats_corpus.py``).
+        max_length: Tokens per text (truncated).
+        batch_size: Texts per forward pass when collecting statistics.
+        cache_dir: Where statistics are cached; default ``$SPHERE_LIGHTNING_CACHE/stats``.
+    """
+
+    corpus: str = GENERATED
+    num_samples: int = 128
+    max_length: int = 64
+    batch_size: int = 16
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{editor_flag('statistics', name)} must be ≥ 1, got {getattr(self, name)}"
+                )
 
 
 def generate_corpus(
@@ -115,7 +147,7 @@ def _read_hub_corpus(source: str, num_samples: int) -> list[str]:
         for row in rows:
             if "text" not in row:
                 raise DataError(
-                    f"`{_CORPUS_FLAG}`: corpus {source!r} has no `text` column (columns: "
+                    f"{_CORPUS_FLAG}: corpus {source!r} has no `text` column (columns: "
                     f"{sorted(row)})"
                 )
             yield row["text"] or ""
@@ -124,7 +156,7 @@ def _read_hub_corpus(source: str, num_samples: int) -> list[str]:
         return _first_usable(texts(), num_samples)
     except OSError as error:  # streamed rows are fetched lazily: no network, no such dataset
         raise DataError(
-            f"`{_CORPUS_FLAG}` is {source!r}, which is no local file, and it could not be read "
+            f"{_CORPUS_FLAG} is {source!r}, which is no local file, and it could not be read "
             f"as a Hugging Face hub dataset ({str(error).strip() or type(error).__name__})"
         ) from error
 
@@ -143,13 +175,13 @@ def read_corpus(source: str, num_samples: int) -> list[str]:
         if len(texts) < num_samples:
             texts = _first_usable(raw.splitlines(), num_samples)
     elif looks_like_path(source):
-        raise MissingFileError(f"Statistics corpus file not found: {source} (`{_CORPUS_FLAG}`)")
+        raise MissingFileError(f"Statistics corpus file not found: {source} ({_CORPUS_FLAG})")
     else:
         texts = _read_hub_corpus(source, num_samples)
     if not texts:
         raise DataError(
             f"Statistics corpus {source!r} holds no usable text (paragraphs over 20 characters "
-            f"that are not headings; `{_CORPUS_FLAG}`)"
+            f"that are not headings; {_CORPUS_FLAG})"
         )
     return texts
 

@@ -38,6 +38,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.hooks import encode_with_subject
+from sphere_lightning.errors import ConfigError, editor_flag
 from sphere_lightning.models.architectures import ArchitectureSpec
 from sphere_lightning.models.batching import encode_target, model_device
 
@@ -49,12 +50,14 @@ EARLY_STOPS = ("loss", "most_probable")
 PRECISIONS = ("float32", "bf16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TargetOptions:
-    """Hyper-parameters of the v* optimisation (ROME/MEMIT names in brackets).
+    """How v* is optimised: the editor's ``target`` options (ROME/MEMIT names in brackets).
+
+    In a config: ``model.editor.init_args.target.<field>``.
 
     Attributes:
-        num_steps: Optimisation steps per request [v_num_grad_steps].
+        num_steps: Adam steps per request [v_num_grad_steps].
         lr: Adam learning rate [v_lr].
         loss_threshold: A request stops once its loss falls below this.
         clamp_norm_factor: ‖δ‖ is clamped to this times ‖h‖ [clamp_norm_factor].
@@ -62,7 +65,7 @@ class TargetOptions:
         weight_decay: Weight of ‖δ‖ / ‖h‖², as in ROME/MEMIT's code [v_weight_decay].
         batch_size: Requests per forward pass; bounds memory, not the result.
         skip_lower_layers: Run the blocks up to ``layer`` once and replay their output, instead of
-            recomputing them on every step (they do not depend on δ).
+            recomputing them on every step (they do not depend on δ; same result, less work).
         reuse_prefix: Compute the key/value cache of the tokens before the subject's last token
             once; by causality they do not depend on δ, so each step runs only the suffix.
         share_template_prefix: With ``reuse_prefix``, run the tokens a context template puts in
@@ -71,10 +74,10 @@ class TargetOptions:
         group_by_suffix: Put sequences of the same suffix length (from the subject's last token
             on) in one forward pass, whichever request they belong to, so no step computes
             padding. Off: each forward pass holds ``batch_size`` whole requests (ROME's layout).
-        early_stop: When a request stops before ``num_steps``: ``"loss"`` once its loss is below
-            ``loss_threshold`` (ROME); ``"most_probable"`` also as soon as ``target_new`` is the
+        early_stop: When a request stops before ``num_steps``: ``loss`` once its loss is below
+            ``loss_threshold`` (ROME); ``most_probable`` also as soon as ``target_new`` is the
             argmax at every target token of every prompt, teacher-forced (ENCORE).
-        precision: ``"float32"``, or ``"bf16"``: the blocks above the edit point under bfloat16
+        precision: ``float32``, or ``bf16``: the blocks above the edit point under bfloat16
             autocast (on the model's device type), in the pass without δ and in the forward and
             backward passes of the Adam steps, and the lm head's matmul in bf16 on the positions
             the loss reads; h (block ``layer``'s output, v*'s origin) and every block up to
@@ -96,10 +99,30 @@ class TargetOptions:
     precision: str = "float32"
 
     def __post_init__(self) -> None:
+        for name in ("num_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{editor_flag('target', name)} must be ≥ 1, got {getattr(self, name)}"
+                )
+        if not self.clamp_norm_factor > 0:
+            raise ConfigError(
+                f"{editor_flag('target.clamp_norm_factor')} must be > 0, "
+                f"got {self.clamp_norm_factor}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(
+                f"{editor_flag('target.weight_decay')} must be ≥ 0, got {self.weight_decay}"
+            )
         if self.early_stop not in EARLY_STOPS:
-            raise ValueError(f"early_stop must be one of {EARLY_STOPS}, got {self.early_stop!r}")
+            raise ConfigError(
+                f"{editor_flag('target.early_stop')} should be one of {', '.join(EARLY_STOPS)}, "
+                f"got {self.early_stop!r}"
+            )
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(
+                f"{editor_flag('target.precision')} should be one of {', '.join(PRECISIONS)}, "
+                f"got {self.precision!r}"
+            )
 
 
 @dataclass

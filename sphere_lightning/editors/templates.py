@@ -10,8 +10,11 @@ seeded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.errors import ConfigError, editor_flag
 from sphere_lightning.fluency import top_k_generations
 
 #: The words MEMIT's ``get_context_templates`` starts its samples from.
@@ -19,6 +22,26 @@ TEMPLATE_SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 #: ``generate_fast``'s ``top_k``, as MEMIT calls it for the templates.
 TEMPLATE_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """The context templates every prompt is also read through: the editor's ``templates``
+    options. In a config: ``model.editor.init_args.templates.<field>``.
+
+    Attributes:
+        count: Generated prefixes the prompts are wrapped in (plus the bare prompt ``"{}"``).
+        length: Length in tokens of each generated prefix.
+    """
+
+    count: int = 5
+    length: int = 10
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ConfigError(f"{editor_flag('templates.count')} must be ≥ 0, got {self.count}")
+        if self.length < 1:
+            raise ConfigError(f"{editor_flag('templates.length')} must be ≥ 1, got {self.length}")
 
 
 def template_seed_prompts(count: int) -> list[str]:

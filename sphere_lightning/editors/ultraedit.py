@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.editors.base import DeltaFn, Editor
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, editor_flag
 from sphere_lightning.models.architectures import architecture_of, linear_weight
 from sphere_lightning.models.batching import encode_target, model_device, pad_batch
 
@@ -139,15 +139,15 @@ class UltraEdit(Editor):
     ) -> None:
         super().__init__(layers)
         if not lr > 0:
-            raise ConfigError(f"`editor.init_args.lr` must be > 0, got {lr}")
+            raise ConfigError(f"{editor_flag('lr')} must be > 0, got {lr}")
         if not l2 > 0:
             raise ConfigError(
-                f"`editor.init_args.l2` must be > 0 (Kᵀ K alone is singular for fewer target "
+                f"{editor_flag('l2')} must be > 0 (Kᵀ K alone is singular for fewer target "
                 f"tokens than key dimensions), got {l2}"
             )
         if forward_batch_size < 1:
             raise ConfigError(
-                f"`editor.init_args.forward_batch_size` must be ≥ 1, got {forward_batch_size}"
+                f"{editor_flag('forward_batch_size')} must be ≥ 1, got {forward_batch_size}"
             )
         self.lr = lr
         self.l2 = l2

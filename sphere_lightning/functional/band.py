@@ -11,6 +11,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from sphere_lightning.errors import ConfigError, callback_flag
+
 #: Scale of the median absolute deviation that makes it estimate σ for normal data.
 MAD_TO_SIGMA = 1.4826
 
@@ -40,6 +42,10 @@ class DeltaBand:
 
     The bounds are strict: a value exactly on a limit is in band.
 
+    It is the HE alarm's ``band`` option group: in a config,
+    ``trainer.callbacks.HEAlarmCallback.init_args.band.<field>``, and a bad field raises a
+    :class:`~sphere_lightning.errors.ConfigError` naming that path.
+
     Args:
         k: Width of the band in robust standard deviations.
         warmup_steps: Steps in the history before the relative test starts.
@@ -56,18 +62,23 @@ class DeltaBand:
     window: int | None = None
 
     def __post_init__(self) -> None:
+        def flag(name: str) -> str:
+            return callback_flag("HEAlarmCallback", "band", name)
+
         if not self.k > 0:
-            raise ValueError(f"`k` should be > 0, got {self.k}")
+            raise ConfigError(f"{flag('k')} should be > 0, got {self.k}")
         if self.warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` should be ≥ 1, got {self.warmup_steps}")
+            raise ConfigError(f"{flag('warmup_steps')} should be ≥ 1, got {self.warmup_steps}")
         if self.max_abs_delta is not None and not self.max_abs_delta > 0:
-            raise ValueError(f"`max_abs_delta` should be > 0 or None, got {self.max_abs_delta}")
+            raise ConfigError(
+                f"{flag('max_abs_delta')} should be > 0 or None, got {self.max_abs_delta}"
+            )
         if not self.min_scale >= 0:
-            raise ValueError(f"`min_scale` should be ≥ 0, got {self.min_scale}")
+            raise ConfigError(f"{flag('min_scale')} should be ≥ 0, got {self.min_scale}")
         if self.window is not None and self.window < self.warmup_steps:
-            raise ValueError(
-                f"`window` should be None or ≥ `warmup_steps` ({self.warmup_steps}), "
-                f"got {self.window}"
+            raise ConfigError(
+                f"{flag('window')} should be None or ≥ {flag('warmup_steps')} "
+                f"({self.warmup_steps}), got {self.window}"
             )
 
     def limits(self, history: Sequence[float]) -> tuple[float, float]:

@@ -22,33 +22,52 @@ from sphere_lightning.callbacks import (
 from sphere_lightning.cli import summarise
 from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import hyperspherical_energy
+from sphere_lightning.functional.band import DeltaBand
 from sphere_lightning.module import EditingModule
 from tests.helpers import TINY_ALPHAEDIT, quiet_trainer
 
 LAYERS = ["model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
 ALWAYS = 1e-12  # a max_abs_delta every real step exceeds: the alarm fires at every attempt
+#: A band every real step is outside of.
+FIRES = DeltaBand(max_abs_delta=ALWAYS)
+
+
+#: How messages name an option of the alarm (escaped for ``match``).
+FLAG = r"`trainer\.callbacks\.HEAlarmCallback\.init_args\."
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"k": 0.0}, "`k` should be > 0, got 0.0"),
-        ({"warmup_steps": 0}, "`warmup_steps` should be ≥ 1, got 0"),
-        ({"max_abs_delta": -1.0}, "`max_abs_delta` should be > 0 or None, got -1.0"),
-        ({"min_scale": -0.1}, "`min_scale` should be ≥ 0"),
-        ({"window": 2}, r"`window` should be None or ≥ `warmup_steps` \(3\), got 2"),
-        ({"action": "panic"}, "`action` should be one of `warn`, `stop`, `rollback`, got 'panic'"),
-        ({"on_retry": "again"}, "`on_retry` should be one of `retry`, `skip`"),
-        ({"on_exhausted": "drop"}, "`on_exhausted` should be one of `keep`, `skip`"),
-        ({"max_retries": 0}, "`max_retries` should be ≥ 1, got 0"),
-        ({"alpha_step": 0.0}, r"`alpha_step` should be in \(0, 1\], got 0.0"),
-        ({"s": -1.0}, "`s` should be ≥ 0"),
+        ({"action": "panic"}, "action` should be one of `warn`, `stop`, `rollback`, got 'panic'"),
+        ({"on_retry": "again"}, "on_retry` should be one of `retry`, `skip`"),
+        ({"on_exhausted": "drop"}, "on_exhausted` should be one of `keep`, `skip`"),
+        ({"max_retries": 0}, "max_retries` should be ≥ 1, got 0"),
+        ({"alpha_step": 0.0}, r"alpha_step` should be in \(0, 1\], got 0.0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=FLAG + match):
         HEAlarmCallback(**kwargs)
+    with pytest.raises(ValueError, match="`s` should be ≥ 0"):
+        HEAlarmCallback(s=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"k": 0.0}, "band.k` should be > 0, got 0.0"),
+        ({"warmup_steps": 0}, "band.warmup_steps` should be ≥ 1, got 0"),
+        ({"max_abs_delta": -1.0}, "band.max_abs_delta` should be > 0 or None, got -1.0"),
+        ({"min_scale": -0.1}, "band.min_scale` should be ≥ 0"),
+        ({"window": 2}, r"band.window` should be None or ≥ `.*band.warmup_steps` \(3\), got 2"),
+    ],
+)
+def test_bad_band_fields_are_named(fields, match):
+    with pytest.raises(ConfigError, match=FLAG + match):
+        DeltaBand(**fields)
 
 
 # -- on a tiny editing run ------------------------------------------------------------------------
@@ -149,7 +168,7 @@ def fit(tiny_model_dir, requests, write_rome_json, tmp_path):
 
 
 def test_warn_logs_the_step_he_change_and_leaves_the_edit_in(fit):
-    alarm = HEAlarmCallback(action="warn", max_abs_delta=ALWAYS)
+    alarm = HEAlarmCallback(action="warn", band=FIRES)
     snaps = _Snapshots()
     with pytest.warns(UserWarning, match=r"HE alarm at step 1 .*ΔHE of model\.layers\..*warn"):
         _, trainer, logger = fit([alarm, snaps])
@@ -169,7 +188,7 @@ def test_warn_logs_the_step_he_change_and_leaves_the_edit_in(fit):
 
 
 def test_rollback_skip_restores_weights_and_editor_state_bit_for_bit(fit):
-    alarm = HEAlarmCallback(action="rollback", on_retry="skip", max_abs_delta=ALWAYS)
+    alarm = HEAlarmCallback(action="rollback", on_retry="skip", band=FIRES)
     snaps = _Snapshots()  # after the alarm: sees each step as the alarm left it
     with pytest.warns(UserWarning, match="action: skip"):
         module, trainer, logger = fit([SphereProjectionCallback(), alarm, snaps])
@@ -198,7 +217,7 @@ def test_rollback_retry_raises_alpha_for_the_retry_only(fit):
         on_exhausted="keep",
         max_retries=2,
         alpha_step=0.1,
-        max_abs_delta=ALWAYS,
+        band=FIRES,
     )
     with pytest.warns(UserWarning, match="action: keep"):
         module, trainer, logger = fit([sphere, seen, alarm])
@@ -232,7 +251,7 @@ def test_rollback_retry_then_skip_when_retries_run_out(fit):
     sphere = SphereProjectionCallback(suppression=0.95)
     seen = _AlphaSeen(sphere)
     alarm = HEAlarmCallback(
-        action="rollback", on_exhausted="skip", max_retries=2, alpha_step=0.1, max_abs_delta=ALWAYS
+        action="rollback", on_exhausted="skip", max_retries=2, alpha_step=0.1, band=FIRES
     )
     snaps = _Snapshots()
     with pytest.warns(UserWarning, match="action: skip"):
@@ -247,7 +266,7 @@ def test_rollback_retry_then_skip_when_retries_run_out(fit):
 
 
 def test_events_reach_the_summary_and_survive_a_checkpoint(fit):
-    alarm = HEAlarmCallback(action="stop", max_abs_delta=ALWAYS)
+    alarm = HEAlarmCallback(action="stop", band=FIRES)
     with pytest.warns(UserWarning, match="action: stop"):
         module, trainer, _ = fit([alarm])
     assert trainer.global_step == 1  # two batches, stopped after the first
@@ -263,7 +282,7 @@ def test_events_reach_the_summary_and_survive_a_checkpoint(fit):
     buffer = io.BytesIO()
     torch.save(alarm.state_dict(), buffer)
     buffer.seek(0)
-    restored = HEAlarmCallback(action="stop", max_abs_delta=ALWAYS)
+    restored = HEAlarmCallback(action="stop", band=FIRES)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.state_dict() == alarm.state_dict()
     assert restored.history == alarm.history and len(restored.history[LAYERS[0]]) == 1
@@ -271,12 +290,12 @@ def test_events_reach_the_summary_and_survive_a_checkpoint(fit):
 
 
 def test_retry_needs_a_sphere_callback_and_observers_anywhere_see_the_kept_attempt(fit):
-    with pytest.raises(ValueError, match="no SphereProjectionCallback.*suppression: 0.0"):
+    with pytest.raises(ConfigError, match="no SphereProjectionCallback.*suppression: 0.0"):
         fit([HEAlarmCallback(action="rollback")], num_edits=2)
     # The module undoes the step inside it: an observer listed before the alarm already sees
     # the weights the alarm's decision left.
     snaps = _Snapshots()
-    alarm = HEAlarmCallback(action="rollback", on_retry="skip", max_abs_delta=ALWAYS)
+    alarm = HEAlarmCallback(action="rollback", on_retry="skip", band=FIRES)
     with pytest.warns(UserWarning, match="action: skip"):
         fit([snaps, SphereProjectionCallback(), alarm], num_edits=2, folder="early")
     (w0, e0), (w1, e1) = snaps.start[0], snaps.end[0]

@@ -14,7 +14,7 @@ from sphere_lightning.data.datamodule import EditDataModule
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.functional import project_delta
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
-from tests.helpers import TINY_ALPHAEDIT, quiet_trainer
+from tests.helpers import TINY_ALPHAEDIT, quiet_trainer, tiny_alphaedit_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER_NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
@@ -80,7 +80,8 @@ def test_custom_transforms_composed_in_yaml_run_in_list_order(
             "--config",
             str(overlay),
             f"--model.model={tiny_model_dir}",
-            *[f"--model.editor.init_args.{k}={json.dumps(v)}" for k, v in TINY_ALPHAEDIT.items()],
+            *tiny_alphaedit_flags(num_steps=TINY_ALPHAEDIT["target"].num_steps),
+            f"--model.editor.init_args.nullspace_threshold={TINY_ALPHAEDIT['nullspace_threshold']}",
             f"--data.dataset={data}",
             "--data.num_edits=2",
             "--data.edits_per_step=2",

@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 import torch
 
-from sphere_lightning.editors import MEMIT
+from sphere_lightning.editors import MEMIT, TemplateOptions
 from sphere_lightning.editors.templates import (
     TEMPLATE_SEED_WORDS,
     generate_context_templates,
@@ -95,7 +95,7 @@ def test_templates_are_seeded(make_tiny_model, tokenizer):
 
 def test_editor_uses_the_sampler_with_its_knobs(make_tiny_model, tokenizer):
     model = make_tiny_model("gpt2")
-    editor = MEMIT(layers=[1], num_context_templates=5, context_template_length=6, seed=4)
+    editor = MEMIT(layers=[1], templates=TemplateOptions(count=5, length=6), seed=4)
     assert (
         editor._generate_templates(model, tokenizer)
         == generate_fast_templates(model, tokenizer, count=5, length=6, seed=4)[0]

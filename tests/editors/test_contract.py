@@ -4,6 +4,7 @@ tiny GPT-2 and Llama), and the ROME- and FT-specific mathematics against plain r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +13,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sphere_lightning.editors import FT, MEMIT, ROME, AlphaEdit, UltraEdit, rome
+from sphere_lightning.editors import (
+    FT,
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    NASOptions,
+    TargetOptions,
+    TemplateOptions,
+    UltraEdit,
+    rome,
+)
 from sphere_lightning.editors.hooks import encode_with_subject
+from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
@@ -29,7 +41,7 @@ from tests.editors.test_editors import (
 FAMILIES = ["gpt2", "llama"]
 EDITORS = ["rome", "ft", "memit", "alphaedit", "alphaedit_nas", "ultraedit"]
 # seed 1: the template seed of test_editors.COMMON (see there).
-LOCATE = {"v_lr": 0.5, "num_context_templates": 1, "context_template_length": 4, "seed": 1, **STATS}
+LOCATE = {"templates": TemplateOptions(count=1, length=4), "seed": 1}
 
 
 def nas_request_file(directory: str | Path) -> str:
@@ -39,15 +51,24 @@ def nas_request_file(directory: str | Path) -> str:
     return str(_write_rome_json(REQUESTS, Path(directory) / "nas_requests.json"))
 
 
-def make_editor(kind, model, tokenizer, cache_dir, v_num_steps=20, **overrides):
-    """An editor of ``kind`` with options small enough for the tiny models."""
+def make_editor(kind, model, tokenizer, cache_dir, num_steps=20, target=None, **overrides):
+    """An editor of ``kind`` with options small enough for the tiny models; for ROME, MEMIT and
+    AlphaEdit ``num_steps`` v* steps at lr 0.5 from the editor's default v* options, with the
+    fields in ``target`` replaced."""
     if kind == "ft":
         editor = FT(**{"layers": [1, 2], "num_steps": 10, "lr": 1e-2, **overrides})
     elif kind == "ultraedit":
         editor = UltraEdit(**{"layers": [1, 2], "lr": 1e-2, **overrides})
         editor.progress = False
     else:
-        options = {"layers": [1, 2], "v_num_steps": v_num_steps, "cache_dir": cache_dir}
+        default = ROME_TARGET if kind == "rome" else TargetOptions()
+        options = {
+            "layers": [1, 2],
+            "target": dataclasses.replace(
+                default, **{"num_steps": num_steps, "lr": 0.5, **(target or {})}
+            ),
+            "statistics": dataclasses.replace(STATS, cache_dir=cache_dir),
+        }
         options.update(LOCATE, **overrides)
         if kind == "rome":
             editor = ROME(**{**options, "layers": [1]})
@@ -55,7 +76,7 @@ def make_editor(kind, model, tokenizer, cache_dir, v_num_steps=20, **overrides):
             editor = MEMIT(mom2_update_weight=10.0, **options)
         else:
             if kind == "alphaedit_nas":  # ν measured on the five requests of the tiny vocabulary
-                options.update(nas=True, nas_requests=nas_request_file(cache_dir))
+                options.update(nas=NASOptions(enabled=True, requests=nas_request_file(cache_dir)))
             threshold = nullspace_threshold(model, tokenizer, cache_dir)
             editor = AlphaEdit(nullspace_threshold=threshold, l2=1e-2, **options)
         editor.progress = False
@@ -153,7 +174,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_deltas(
     kind, family, make_tiny_model, tokenizer, requests, stats_dir
 ):
     model = make_tiny_model(family)
-    editor = make_editor(kind, model, tokenizer, stats_dir, v_num_steps=5)
+    editor = make_editor(kind, model, tokenizer, stats_dir, num_steps=5)
     editor.setup(model, tokenizer)
     unedited = copy.deepcopy(model)
     first, second = requests[:2], requests[2:4]
@@ -161,7 +182,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_deltas(
     editor.after_apply(model, tokenizer, first)
 
     state = roundtrip(editor.state_dict())
-    fresh = make_editor(kind, unedited, tokenizer, stats_dir, v_num_steps=5)
+    fresh = make_editor(kind, unedited, tokenizer, stats_dir, num_steps=5)
     fresh.load_state_dict(state)
     fresh.setup(unedited, tokenizer)  # a resumed run sets up before its edited weights load
     assert roundtrip(fresh.state_dict()).keys() == state.keys()
@@ -169,7 +190,7 @@ def test_state_dict_round_trip_gives_identical_subsequent_deltas(
     assert_same_deltas(fresh.compute_deltas(model, tokenizer, second), expected)
     # The state makes them equal: without it they differ.
     if kind in ("alphaedit", "alphaedit_nas", "ultraedit"):
-        stateless = make_editor(kind, unedited, tokenizer, stats_dir, v_num_steps=5)
+        stateless = make_editor(kind, unedited, tokenizer, stats_dir, num_steps=5)
         stateless.setup(unedited, tokenizer)
         without = stateless.compute_deltas(model, tokenizer, second)
         assert not all(torch.equal(without[n], expected[n]) for n in expected)
@@ -248,7 +269,9 @@ def test_rome_delta_matches_a_plain_reimplementation(
     model's block output at the subject is v*."""
     model = make_tiny_model(family)
     spec = architecture_of(model)
-    editor = make_editor("rome", model, tokenizer, str(tmp_path), num_context_templates=2)
+    editor = make_editor(
+        "rome", model, tokenizer, str(tmp_path), templates=TemplateOptions(count=2, length=4)
+    )
     editor.setup(model, tokenizer)
     request, layer = requests[1], 1
     delta = editor.compute_deltas(model, tokenizer, [request])[spec.weight_name(layer)]
@@ -277,7 +300,7 @@ def test_rome_edits_requests_one_after_another(
 ):
     """A batch's ΔW is the first request's plus the second's computed with the first in place."""
     model = make_tiny_model(family)
-    editor = make_editor("rome", model, tokenizer, stats_dir, v_num_steps=5)
+    editor = make_editor("rome", model, tokenizer, stats_dir, num_steps=5)
     editor.setup(model, tokenizer)
     together = editor.compute_deltas(model, tokenizer, requests[:2])
     first = editor.compute_deltas(model, tokenizer, requests[:1])
@@ -295,13 +318,18 @@ def test_rome_edits_requests_one_after_another(
 def test_rome_bounds_v_star_by_the_mlp_output(
     family, make_tiny_model, tokenizer, requests, stats_dir, rome_targets
 ):
-    """ROME clamps ‖v* − m‖ at ``clamp_norm_factor`` ‖m‖ with m the MLP output (not the block
+    """ROME clamps ‖v* − m‖ at ``target.clamp_norm_factor`` ‖m‖ with m the MLP output (not the block
     output, as MEMIT)."""
     model = make_tiny_model(family)
     spec = architecture_of(model)
     factor = 0.05
     editor = make_editor(
-        "rome", model, tokenizer, stats_dir, v_num_steps=10, v_lr=2.0, clamp_norm_factor=factor
+        "rome",
+        model,
+        tokenizer,
+        stats_dir,
+        num_steps=10,
+        target={"lr": 2.0, "clamp_norm_factor": factor},
     )
     editor.setup(model, tokenizer)
     request = requests[0]
@@ -314,11 +342,13 @@ def test_rome_bounds_v_star_by_the_mlp_output(
     assert step == pytest.approx(factor * m.norm().item(), rel=1e-3)
 
 
-def test_rome_rejects_a_target_layer():
-    with pytest.raises(ConfigError, match="target_layer"):
+def test_rome_has_no_target_layer_and_checks_its_clamp():
+    with pytest.raises(TypeError, match="target_layer"):
         ROME(layers=[1], target_layer=3)
-    with pytest.raises(ConfigError, match="clamp_norm_factor.*-1"):
-        ROME(layers=[1], clamp_norm_factor=-1)
+    with pytest.raises(
+        ConfigError, match=r"`model\.editor\.init_args\.target\.clamp_norm_factor`.*-1"
+    ):
+        ROME(layers=[1], target=dataclasses.replace(ROME_TARGET, clamp_norm_factor=-1))
 
 
 # -- FT -------------------------------------------------------------------------------------

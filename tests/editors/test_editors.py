@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from types import SimpleNamespace
 
@@ -13,24 +14,23 @@ from transformers.pytorch_utils import Conv1D
 
 from sphere_lightning.cache import stats_cache_dir
 from sphere_lightning.editors import MEMIT, AlphaEdit, base, statistics
+from sphere_lightning.editors.statistics import StatisticsOptions
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
+from sphere_lightning.editors.templates import TemplateOptions
 from sphere_lightning.models import architecture_of, linear_weight
 
 FAMILIES = ["gpt2", "llama"]
 KINDS = ["memit", "alphaedit"]
 LAYERS = [1, 2]
-STATS = {"stats_corpus": "generated", "stats_num_samples": 16, "stats_max_length": 16}
+STATS = StatisticsOptions(corpus="generated", num_samples=16, max_length=16)
 COMMON = {
     "layers": LAYERS,
-    "v_num_steps": 30,
-    "v_lr": 0.5,
-    "num_context_templates": 1,
-    "context_template_length": 4,
+    "target": TargetOptions(num_steps=30, lr=0.5),
+    "templates": TemplateOptions(count=1, length=4),
     # The one sampled template (MEMIT's top-5 sampling) decides part of what a 32-wide random
     # model learns: with seed 0 tiny Llama's ("The Therefore Louvre small.") leaves AlphaEdit a
     # mean log-prob gain of only 0.03; seed 1's gives margins like the other seeds' (0.3-0.8).
     "seed": 1,
-    **STATS,
 }
 #: Fixed context templates for the direct v* tests (the first must be the bare prompt).
 TEMPLATES = ["{}", "Because the sun was warm . {}"]
@@ -47,16 +47,20 @@ def nullspace_threshold(model, tokenizer, cache_dir=None) -> float:
         tokenizer,
         architecture_of(model),
         LAYERS,
-        corpus=STATS["stats_corpus"],
-        num_samples=STATS["stats_num_samples"],
-        max_length=STATS["stats_max_length"],
+        corpus=STATS.corpus,
+        num_samples=STATS.num_samples,
+        max_length=STATS.max_length,
         cache_dir=cache_dir,
     )
     return max(torch.linalg.eigvalsh(c.double()).median().item() for c in covs.values())
 
 
-def make_editor(kind, model, tokenizer, cache_dir=None, **overrides):
-    options = {**COMMON, "cache_dir": cache_dir, **overrides}
+def make_editor(kind, model, tokenizer, cache_dir=None, num_steps=None, **overrides):
+    """MEMIT or AlphaEdit on :data:`COMMON`, statistics cached in ``cache_dir``; ``num_steps``
+    replaces the v* steps, ``overrides`` any other argument."""
+    target = COMMON["target"] if num_steps is None else TargetOptions(num_steps=num_steps, lr=0.5)
+    statistics = dataclasses.replace(STATS, cache_dir=cache_dir)
+    options = {**COMMON, "target": target, "statistics": statistics, **overrides}
     if kind == "memit":
         editor = MEMIT(mom2_update_weight=10.0, **options)
     else:
@@ -236,7 +240,7 @@ def test_alphaedit_after_apply_accumulates_the_keys(
     family, make_tiny_model, tokenizer, requests, stats_dir
 ):
     model = make_tiny_model(family)
-    editor = make_editor("alphaedit", model, tokenizer, str(stats_dir), v_num_steps=5)
+    editor = make_editor("alphaedit", model, tokenizer, str(stats_dir), num_steps=5)
     editor.setup(model, tokenizer)
     assert all(dim > 0 for dim in editor.nullspace_dims.values()), editor.nullspace_dims
     assert all(editor.key_cache[layer].trace() == 0 for layer in LAYERS)
@@ -259,7 +263,7 @@ def test_alphaedit_after_apply_accumulates_the_keys(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_round_trip(kind, family, make_tiny_model, tokenizer, requests, stats_dir):
     model = make_tiny_model(family)
-    editor = make_editor(kind, model, tokenizer, str(stats_dir), v_num_steps=5)
+    editor = make_editor(kind, model, tokenizer, str(stats_dir), num_steps=5)
     editor.setup(model, tokenizer)
     base = copy.deepcopy(model)
     first, second = requests[:1], requests[1:3]
@@ -271,7 +275,7 @@ def test_state_dict_round_trip(kind, family, make_tiny_model, tokenizer, request
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
 
-    fresh = make_editor(kind, base, tokenizer, str(stats_dir), v_num_steps=5)
+    fresh = make_editor(kind, base, tokenizer, str(stats_dir), num_steps=5)
     fresh.load_state_dict(state)
     # Only sequential state travels: the statistics-derived parts are rebuilt by setup on the
     # base model (as a resumed run does before its edited weights load), bit for bit.
@@ -328,7 +332,11 @@ def test_second_moments_are_cached_on_disk(tiny_llama, tokenizer, monkeypatch):
         assert torch.equal(first[layer], second[layer])
 
     # An editor with the same statistics options uses the same cache.
-    editor = MEMIT(layers=[1, 2], stats_num_samples=8, stats_max_length=8, num_context_templates=0)
+    editor = MEMIT(
+        layers=[1, 2],
+        statistics=StatisticsOptions(num_samples=8, max_length=8),
+        templates=TemplateOptions(count=0),
+    )
     editor.setup(tiny_llama, tokenizer)
     assert len(calls) == 1
     assert torch.equal(editor.covariances[1], first[1])
@@ -614,7 +622,7 @@ def plain_project_and_apply_loop(editor, model, tokenizer, requests, transform, 
         requests,
         editor.target_layer,
         editor.context_templates,
-        editor.target_options,
+        editor.target,
         progress=False,
     )
     expected = {}

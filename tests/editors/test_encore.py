@@ -159,9 +159,7 @@ def test_tiny_model_norm_constrained_loop_with_sphere_matches_a_plain_loop(
     the explicit norm-constrained ΔW, projected, really applied for the layers above."""
     model = make_tiny_model("llama")
     sphere = _project_against_live_weight(model)
-    editor = make_editor(
-        kind, model, tokenizer, str(tmp_path), v_num_steps=8, update_norm_lambda=5.0
-    )
+    editor = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=8, update_norm_lambda=5.0)
     editor.setup(model, tokenizer)
 
     ours = editor.compute_deltas(model, tokenizer, requests, transform=sphere)
@@ -177,8 +175,8 @@ def test_tiny_model_norm_constrained_loop_with_sphere_matches_a_plain_loop(
         torch.testing.assert_close(ours[name], delta, rtol=1e-4, atol=1e-5)
 
     # Off is today's editor, bit for bit; on changes every layer's update.
-    plain = make_editor(kind, model, tokenizer, str(tmp_path), v_num_steps=8)
-    zero = make_editor(kind, model, tokenizer, str(tmp_path), v_num_steps=8, update_norm_lambda=0.0)
+    plain = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=8)
+    zero = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=8, update_norm_lambda=0.0)
     plain_deltas = plain.compute_deltas(model, tokenizer, requests, transform=sphere)
     zero_deltas = zero.compute_deltas(model, tokenizer, requests, transform=sphere)
     for name, delta in plain_deltas.items():

@@ -139,21 +139,21 @@ def test_sample_is_the_references_draw():
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("nas_num_requests", 0, "nas_num_requests"),
-        ("nas_skip_factor", 0.0, "nas_skip_factor"),
-        ("nas_upper_quantile", 0.0, "nas_upper_quantile"),
-        ("nas_upper_quantile", 1.5, "nas_upper_quantile"),
-        ("nas_requests", " ", "nas_requests"),
+        ("num_requests", 0, r"`model\.editor\.init_args\.nas\.num_requests` must be ≥ 1, got 0"),
+        ("skip_factor", 0.0, r"`model\.editor\.init_args\.nas\.skip_factor` must be > 0"),
+        ("upper_quantile", 0.0, r"`model\.editor\.init_args\.nas\.upper_quantile` must be in"),
+        ("upper_quantile", 1.5, r"`model\.editor\.init_args\.nas\.upper_quantile` must be in"),
+        ("requests", " ", r"`model\.editor\.init_args\.nas\.requests` must be 'builtin'"),
     ],
 )
 def test_bad_options_name_the_flag(flag, value, message):
     with pytest.raises(ConfigError, match=message):
-        MEMIT(layers=[1], nas=True, **{flag: value})
+        MEMIT(layers=[1], nas=nas.NASOptions(enabled=True, **{flag: value}))
 
 
-def test_rome_refuses_nas():
-    with pytest.raises(ConfigError, match="nas"):
-        ROME(nas=True)
+def test_rome_has_no_nas():
+    with pytest.raises(TypeError, match="nas"):
+        ROME(nas=nas.NASOptions(enabled=True))
 
 
 # -- on a tiny model --------------------------------------------------------------------------
@@ -167,14 +167,10 @@ def test_nas_targets_and_anchor_match_the_reference(
     """ν is the trimmed mean of ‖m + δ‖ over the seeded sample, optimised on the bare prompt;
     every request's target is the reference's; and the solve receives exactly those targets."""
     model = make_tiny_model(family)
-    options = {
-        "v_num_steps": 8,
-        "nas_requests": nas_request_file(tmp_path),
-        "nas_num_requests": 4,
-        "nas_upper_quantile": 0.75,
-        "seed": 1,
-    }
-    editor = make_editor(kind, model, tokenizer, str(tmp_path), nas=True, **options)
+    options = nas.NASOptions(
+        enabled=True, requests=nas_request_file(tmp_path), num_requests=4, upper_quantile=0.75
+    )
+    editor = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=8, seed=1, nas=options)
     editor.setup(model, tokenizer)
     seen: dict[str, TargetResult] = {}
     target_values, anchor_value_norms = editor.target_values, editor.anchor_value_norms
@@ -196,7 +192,7 @@ def test_nas_targets_and_anchor_match_the_reference(
     # ν: the reference's draw (random.Random(seed).sample), bare prompt only, m read plainly.
     sample = random.Random(1).sample(REQUESTS, 4)
     bare = compute_target_values(
-        model, tokenizer, architecture_of(model), sample, layer, ["{}"], editor.target_options
+        model, tokenizer, architecture_of(model), sample, layer, ["{}"], editor.target
     )
     norms = [
         (bare.values[j] - bare.initial[j] + plain_mlp_output(model, tokenizer, r, layer)).norm()
@@ -214,7 +210,7 @@ def test_nas_targets_and_anchor_match_the_reference(
     assert "nas_value_norm" in editor.last_metrics and "nas_skipped" in editor.last_metrics
 
     # The layer loop solves for the anchored targets: NAS off, fed them, gives the same ΔW.
-    off = make_editor(kind, model, tokenizer, str(tmp_path), **options)
+    off = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=8, seed=1)
     off.setup(model, tokenizer)
     monkeypatch.setattr(off, "target_values", lambda *args: seen["anchored"])
     assert_same_deltas(off.compute_deltas(model, tokenizer, batch), deltas)
@@ -227,7 +223,7 @@ def test_nas_off_runs_no_nas_code(
     """Off (the default), whatever the other NAS knobs say: no NAS code runs, no state is
     added, and the deltas are bit for bit those of an editor built without any NAS knob."""
     model = make_tiny_model("llama")
-    default = make_editor(kind, model, tokenizer, str(tmp_path), v_num_steps=5)
+    default = make_editor(kind, model, tokenizer, str(tmp_path), num_steps=5)
     default.setup(model, tokenizer)
     expected = default.compute_deltas(model, tokenizer, requests[:2])
 
@@ -241,11 +237,13 @@ def test_nas_off_runs_no_nas_code(
         model,
         tokenizer,
         str(tmp_path),
-        v_num_steps=5,
-        nas=False,
-        nas_requests=str(tmp_path / "missing.json"),
-        nas_num_requests=2,
-        nas_skip_factor=0.1,
+        num_steps=5,
+        nas=nas.NASOptions(
+            enabled=False,
+            requests=str(tmp_path / "missing.json"),
+            num_requests=2,
+            skip_factor=0.1,
+        ),
     )
     editor.setup(model, tokenizer)
     assert_same_deltas(editor.compute_deltas(model, tokenizer, requests[:2]), expected)
@@ -261,7 +259,10 @@ def test_the_anchor_is_state_and_is_not_measured_again(
     edited model does not measure again and gives the same deltas; one without it measures the
     edited model, and gets another ν."""
     model = make_tiny_model("llama")
-    options = {"v_num_steps": 5, "nas": True, "nas_requests": nas_request_file(tmp_path)}
+    options = {
+        "num_steps": 5,
+        "nas": nas.NASOptions(enabled=True, requests=nas_request_file(tmp_path)),
+    }
     editor = make_editor("memit", model, tokenizer, str(tmp_path), **options)
     editor.setup(model, tokenizer)
     unedited = copy.deepcopy(model)
@@ -299,12 +300,11 @@ def test_missing_anchor_requests_name_the_flag(make_tiny_model, tokenizer, reque
         model,
         tokenizer,
         str(tmp_path),
-        v_num_steps=2,
-        nas=True,
-        nas_requests=str(tmp_path / "missing.json"),
+        num_steps=2,
+        nas=nas.NASOptions(enabled=True, requests=str(tmp_path / "missing.json")),
     )
     editor.setup(model, tokenizer)
-    with pytest.raises(ConfigError, match="nas_requests"):
+    with pytest.raises(ConfigError, match=r"`model\.editor\.init_args\.nas\.requests`"):
         editor.compute_deltas(model, tokenizer, requests[:1])
 
 
@@ -318,11 +318,11 @@ def test_nas_with_sphere_through_the_cli(tmp_path, tiny_model_dir, requests):
             "--config",
             str(ROOT / "configs" / "edit.yaml"),
             f"--model.model={tiny_model_dir}",
-            *tiny_alphaedit_flags(v_num_steps=4),
+            *tiny_alphaedit_flags(num_steps=4),
             "--model.editor.init_args.nullspace_threshold=1e9",
-            "--model.editor.init_args.nas=true",
-            f"--model.editor.init_args.nas_requests={data}",
-            "--model.editor.init_args.nas_num_requests=3",
+            "--model.editor.init_args.nas.enabled=true",
+            f"--model.editor.init_args.nas.requests={data}",
+            "--model.editor.init_args.nas.num_requests=3",
             f"--data.dataset={data}",
             "--data.num_edits=4",
             "--data.edits_per_step=2",

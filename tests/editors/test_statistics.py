@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sphere_lightning.cache import stats_cache_dir
-from sphere_lightning.editors import AlphaEdit, statistics
+from sphere_lightning.editors import AlphaEdit, StatisticsOptions, TemplateOptions, statistics
 from sphere_lightning.models import architecture_of
 
 #: Rows of the stand-in hub dataset, WikiText-style: headings, blank lines, one paragraph a row.
@@ -86,13 +86,13 @@ def test_hub_dataset_without_text_column(monkeypatch):
 
 
 def test_editor_flag_reads_the_hub_corpus(stub_hub, tiny_llama, tokenizer, tmp_path):
-    """`--model.editor.init_args.stats_corpus wikitext:wikitext-103-raw-v1` is all it takes."""
+    """`--model.editor.init_args.statistics.corpus wikitext:wikitext-103-raw-v1` is all it takes."""
     editor = AlphaEdit(
         layers=[1, 2],
-        stats_corpus="wikitext:wikitext-103-raw-v1",
-        stats_num_samples=3,
-        stats_max_length=12,
-        num_context_templates=0,
+        statistics=StatisticsOptions(
+            corpus="wikitext:wikitext-103-raw-v1", num_samples=3, max_length=12
+        ),
+        templates=TemplateOptions(count=0),
     )
     editor.setup(tiny_llama, tokenizer)
     assert stub_hub.calls[0]["name"] == "wikitext-103-raw-v1"

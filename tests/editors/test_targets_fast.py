@@ -207,15 +207,17 @@ def test_options_off_are_the_float32_loss_stop_path(family, make_tiny_model, tok
 
 
 def test_the_options_are_checked():
-    with pytest.raises(ConfigError, match="v_early_stop.*most_probable.*'argmax'"):
-        AlphaEdit(v_early_stop="argmax")
-    with pytest.raises(ConfigError, match="v_precision.*bf16.*'fp16'"):
-        AlphaEdit(v_precision="fp16")
-    with pytest.raises(ValueError, match="precision"):
-        TargetOptions(precision="half")
-    editor = AlphaEdit(v_early_stop="most_probable", v_precision="bf16")
-    assert dataclasses.asdict(editor.target_options)["early_stop"] == "most_probable"
-    assert editor.target_options.precision == "bf16"
+    flag = r"`model\.editor\.init_args\.target\."
+    with pytest.raises(ConfigError, match=flag + "early_stop`.*most_probable.*'argmax'"):
+        TargetOptions(early_stop="argmax")
+    with pytest.raises(ConfigError, match=flag + "precision`.*bf16.*'fp16'"):
+        TargetOptions(precision="fp16")
+    for field in ("num_steps", "batch_size"):
+        with pytest.raises(ConfigError, match=flag + field + "` must be ≥ 1, got 0"):
+            TargetOptions(**{field: 0})
+    editor = AlphaEdit(target=TargetOptions(early_stop="most_probable", precision="bf16"))
+    assert dataclasses.asdict(editor.target)["early_stop"] == "most_probable"
+    assert editor.target.precision == "bf16"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -252,9 +254,9 @@ def test_bf16_keeps_h_exact_and_its_kl_starts_at_zero(family, make_tiny_model, t
                 mp.setattr(torch.nn.functional, "linear", spy)
                 for chunk in probe.chunks:
                     rows = torch.arange(len(chunk.ids))
-                    probe.opts.kl_factor = 1.0
+                    probe.opts = dataclasses.replace(probe.opts, kl_factor=1.0)
                     with_kl, _ = probe.chunk_loss(chunk, rows)
-                    probe.opts.kl_factor = 0.0
+                    probe.opts = dataclasses.replace(probe.opts, kl_factor=0.0)
                     without, _ = probe.chunk_loss(chunk, rows)
                     torch.testing.assert_close(with_kl, without, rtol=0, atol=1e-6)
         finally:

@@ -185,9 +185,9 @@ def test_a_suite_entry_sets_values_and_chooses_its_runs(tmp_path, capsys):
 
 #: Editor settings that scale each experiment config down to the tiny model.
 TINY_EDITORS = {
-    "alphaedit": dict(layers=[1, 2], v_num_steps=4, num_context_templates=1,
-                      context_template_length=4, stats_num_samples=8, stats_max_length=12,
-                      nullspace_threshold=1e9),
+    "alphaedit": dict(layers=[1, 2], target={"num_steps": 4},
+                      templates={"count": 1, "length": 4},
+                      statistics={"num_samples": 8, "max_length": 12}, nullspace_threshold=1e9),
     "ft": dict(layers=[1], num_steps=3, batch_size=4),
 }  # fmt: skip
 
@@ -237,7 +237,9 @@ def _tiny_experiment(
         elif callback["class_path"].endswith("ModelCheckpoint"):  # keep every step's checkpoint
             args.update(every_n_train_steps=1, save_top_k=-1)
     config["model"].update(model=model_dir, fluency_prompts=1, fluency_max_new_tokens=3)
-    config["model"]["editor"]["init_args"].update(TINY_EDITORS[name])
+    init_args = config["model"]["editor"]["init_args"]
+    for key, value in TINY_EDITORS[name].items():  # an option group's other fields stay
+        init_args[key] = {**init_args.get(key, {}), **value} if isinstance(value, dict) else value
     config["data"]["edits_per_step"] = 2
     path = tmp_path / ("tiny.yaml" if name == "alphaedit" else f"{name}.yaml")
     path.write_text(yaml.safe_dump(config, sort_keys=False))

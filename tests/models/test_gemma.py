@@ -13,7 +13,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from sphere_lightning import cache
-from sphere_lightning.editors import MEMIT
+from sphere_lightning.editors import MEMIT, StatisticsOptions, TemplateOptions
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.errors import MissingFileError, MissingPackageError
 from sphere_lightning.models import architecture_of, linear_weight, load_model, loading, prepare
@@ -95,14 +95,11 @@ def test_one_memit_step_edits_a_tiny_gemma3(tiny_gemma3, tokenizer, requests, tm
     editor = MEMIT(
         layers=LAYERS,
         mom2_update_weight=10.0,
-        v_num_steps=30,
-        v_lr=0.5,
-        num_context_templates=1,
-        context_template_length=4,
-        stats_corpus="generated",
-        stats_num_samples=16,
-        stats_max_length=16,
-        cache_dir=str(tmp_path),
+        target=TargetOptions(num_steps=30, lr=0.5),
+        templates=TemplateOptions(count=1, length=4),
+        statistics=StatisticsOptions(
+            corpus="generated", num_samples=16, max_length=16, cache_dir=str(tmp_path)
+        ),
     )
     editor.progress = False
     editor.setup(model, tokenizer)
