@@ -9,8 +9,10 @@ of each of these: a link to a missing page or anchor, a page of ``docs/`` left o
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,25 +37,53 @@ def _nav_pages(nav: list) -> list[str]:
 
 
 def _mkdocs_config() -> dict:
-    # mkdocs.yml may hold Python tags (none today); the nav is plain YAML either way.
-    return yaml.load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+    """``mkdocs.yml`` as plain data (it uses no YAML tags)."""
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
 
 
-def test_docs_build_strictly(tmp_path):
+def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
+    """``mkdocs build --strict`` of ``config`` into ``site`` (skips without mkdocs)."""
     pytest.importorskip("mkdocs", reason="mkdocs is not installed: pip install -e '.[dev]'")
     pytest.importorskip(
         "mkdocstrings_handlers.python",
         reason="mkdocstrings' python handler is not installed: pip install -e '.[dev]'",
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config)]
+    return subprocess.run(
+        [*command, "--site-dir", str(site)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_docs_build_strictly(tmp_path):
+    result = _mkdocs_build(ROOT / "mkdocs.yml", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert (tmp_path / "index.html").is_file()
+
+
+def test_docs_build_fails_on_a_broken_link_or_reference(tmp_path):
+    """The strict build is a check: a copy of the docs with a missing page, a missing anchor and
+    an API cross-reference to nothing fails, naming each."""
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    page = docs / "run.md"
+    broken = "[a](missing.md) [b](tensorboard.md#no-such-anchor) [c][sphere_lightning.no_such_name]"
+    page.write_text(page.read_text(encoding="utf-8") + "\n" + broken + "\n", encoding="utf-8")
+    config = _mkdocs_config()
+    config["docs_dir"] = str(docs)
+    for plugin in config["plugins"]:
+        if isinstance(plugin, dict) and "mkdocstrings" in plugin:
+            plugin["mkdocstrings"]["handlers"]["python"]["paths"] = [str(ROOT)]
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    result = _mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    for name in ("missing.md", "no-such-anchor", "sphere_lightning.no_such_name"):
+        assert name in output, output[-3000:]
 
 
 def test_every_docs_page_is_in_the_nav():
