@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from sphere_lightning.cache import CACHE_ENV, models_cache_dir, stats_cache_dir
 from sphere_lightning.callbacks import EditObserver
@@ -56,7 +58,7 @@ def output_folders(trainer: Any, module: Any) -> list[tuple[str, Path]]:
         folders.append(("trainer.default_root_dir", Path(trainer.default_root_dir)))
     for callback in getattr(trainer, "checkpoint_callbacks", []):
         if getattr(callback, "dirpath", None) is not None:
-            flag = f"{type(callback).__name__}.init_args.dirpath"
+            flag = f"trainer.callbacks.{type(callback).__name__}.init_args.dirpath"
             folders.append((flag, Path(callback.dirpath)))
     stats = getattr(getattr(module, "editor", None), "statistics", None)
     if stats is not None:
@@ -77,7 +79,9 @@ def check_output_folders(trainer: Any, module: Any) -> None:
 
 class EditingCLI(LightningCLI):
     """LightningCLI that resumes a run in its own log folder, evaluates once more after the last
-    edit (if it was not already) and writes ``summary.json`` into the run's log folder.
+    edit (if it was not already) and writes ``summary.json`` into the run's log folder: after
+    every evaluation with ``finished: false`` (:class:`RunSummary`), and at the end of the run
+    with ``finished: true``.
 
     ``fit --ckpt_path last`` takes the newest ``last.ckpt`` under the logger's
     ``save_dir/name`` (Lightning's own ``last`` looks only in the new run's folder), and a
@@ -115,9 +119,12 @@ class EditingCLI(LightningCLI):
             rank_zero_info(f"Resuming run {run_dir} from {path}")
 
     def before_fit(self) -> None:
-        """Start the run's wall clock; on resume, drop events logged after the checkpoint."""
+        """Start the run's wall clock and its :class:`RunSummary`; on resume, drop events logged
+        after the checkpoint (TensorBoard's and ``summary.json``'s)."""
         check_output_folders(self.trainer, self.model)  # fail before the model loads
         self._fit_started = time.perf_counter()
+        self._summary = RunSummary(self._resolved_config(), self._fit_started)
+        self.trainer.callbacks.append(self._summary)
         ckpt_path = self.config["fit"].get("ckpt_path")
         logger = self.trainer.logger
         if ckpt_path and Path(ckpt_path).is_file():
@@ -128,6 +135,7 @@ class EditingCLI(LightningCLI):
             self.model.check_checkpoint(checkpoint)
             if hasattr(logger, "_kwargs"):
                 logger._kwargs.setdefault("purge_step", int(checkpoint["global_step"]) + 1)
+            self._summary.keep_earlier(self.trainer, int(checkpoint["global_step"]))
 
     def after_fit(self) -> None:
         """Log final edit metrics at the last step if validation did not run there; summarise."""
@@ -135,12 +143,7 @@ class EditingCLI(LightningCLI):
             return
         if not self.model.evaluated_at_current_step:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        path = write_summary(
-            self.trainer,
-            self.model,
-            config=self._resolved_config(),
-            wall_seconds=time.perf_counter() - getattr(self, "_fit_started", time.perf_counter()),
-        )
+        path = self._summary.write(self.trainer, self.model, finished=True)
         if path is not None:
             rank_zero_info(f"Run summary: {path}")
 
@@ -150,10 +153,71 @@ class EditingCLI(LightningCLI):
         return yaml.safe_load(parser.dump(config, skip_none=False, skip_check=True))
 
 
+class RunSummary(Callback):
+    """Writes the run's ``summary.json`` (:func:`write_summary`) after every evaluation, with
+    ``finished: false``; :class:`EditingCLI` writes the last one, ``finished: true``.
+
+    Listed after the run's own callbacks, it writes once their ``on_validation_end`` hooks have
+    logged. A resumed run's ``summary.json`` keeps the scalars of the earlier ``summary.json``
+    up to the checkpoint's step (:meth:`keep_earlier`): the evaluation at that step comes after
+    the checkpoint was saved, so the checkpoint's history lacks it.
+
+    Args:
+        config: The run's resolved config (``summary.json``'s ``config``).
+        started: ``time.perf_counter()`` when the ``fit`` command started (``wall_seconds``).
+    """
+
+    def __init__(self, config: dict[str, Any], started: float) -> None:
+        self.config = config
+        self.started = started
+        self.earlier: dict[str, Any] = {}
+
+    def keep_earlier(self, trainer: Trainer, step: int) -> None:
+        """Keep the scalars and step times up to ``step`` of the ``summary.json`` that the run
+        folder holds (a resumed run's, written by the process that was stopped)."""
+        log_dir = run_log_dir(trainer)
+        path = Path(log_dir) / "summary.json" if log_dir is not None else None
+        if path is None or not path.is_file():
+            return
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        self.earlier = {
+            "scalars": {
+                tag: {int(s): v for s, v in values.items() if int(s) <= step}
+                for tag, values in (summary.get("scalars") or {}).items()
+            },
+            "step_wall_time": {
+                int(s): t
+                for s, t in (summary.get("step_wall_time") or {}).items()
+                if int(s) <= step
+            },
+        }
+
+    def write(self, trainer: Trainer, module: EditingModule, finished: bool) -> Path | None:
+        """Write ``summary.json`` now; returns its path (``None`` off rank zero)."""
+        return write_summary(
+            trainer,
+            module,
+            config=self.config,
+            wall_seconds=time.perf_counter() - self.started,
+            finished=finished,
+            earlier=self.earlier,
+        )
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.write(trainer, pl_module, finished=False)
+
+
 def summarise(trainer, module: EditingModule) -> dict[str, Any]:
     """Final and pre-edit values of everything a run watches, read from the module and from
     every :class:`~sphere_lightning.callbacks.EditObserver` in ``trainer.callbacks`` (the same
-    numbers they last logged), each under its ``summary_key``."""
+    numbers they last logged), each under its ``summary_key``, and every scalar the module
+    logged (``scalars``, ``{tag: {step: value}}``) with the time each step's were logged
+    (``step_wall_time``) and the run's start (``start_wall_time``), as ``time.time()``."""
     summary: dict[str, Any] = {
         "global_step": trainer.global_step,
         "num_edited": module.num_edited(),
@@ -166,6 +230,9 @@ def summarise(trainer, module: EditingModule) -> dict[str, Any]:
             "sampled": module.sampled_edit_metrics,
         },
         "phase_seconds": dict(module.phase_seconds),
+        "scalars": {tag: dict(values) for tag, values in module.scalars.items()},
+        "step_wall_time": dict(module.step_wall_time),
+        "start_wall_time": module.start_wall_time,
     }
     for callback in trainer.callbacks:
         if isinstance(callback, EditObserver) and callback.summary_key is not None:
@@ -192,18 +259,40 @@ def _add_entry(summary: dict[str, Any], observer: EditObserver, entry: Any) -> N
 
 
 def write_summary(
-    trainer, module: EditingModule, config: dict[str, Any], wall_seconds: float
+    trainer,
+    module: EditingModule,
+    config: dict[str, Any],
+    wall_seconds: float,
+    finished: bool = True,
+    earlier: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Write ``summary.json`` into the run's log folder (rank zero only); returns its path."""
+    """Write ``summary.json`` into the run's log folder (rank zero only); returns its path.
+
+    ``finished``: whether the run has ended (``false`` while it goes on); ``earlier``:
+    ``scalars`` and ``step_wall_time`` of an earlier process of the run, under this one's.
+    """
     log_dir = run_log_dir(trainer)
     if not trainer.is_global_zero or log_dir is None:
         return None
     summary = summarise(trainer, module)
+    earlier = earlier or {}
+    held, scalars = earlier.get("scalars") or {}, summary["scalars"]
+    summary["scalars"] = {
+        tag: {**held.get(tag, {}), **scalars.get(tag, {})} for tag in {**held, **scalars}
+    }
+    summary["step_wall_time"] = {
+        **(earlier.get("step_wall_time") or {}),
+        **summary["step_wall_time"],
+    }
+    summary["finished"] = finished
     summary["wall_seconds"] = wall_seconds
     summary["config"] = config
     path = Path(log_dir) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    # Replaced whole: a reader (the experiment runner's report) never sees half a file.
+    written = path.with_name("summary.json.tmp")
+    written.write_text(json.dumps(summary, indent=2, default=str))
+    written.replace(path)
     return path
 
 

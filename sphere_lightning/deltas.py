@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from typing_extensions import final
 
 from sphere_lightning.context import EditingContext
-from sphere_lightning.errors import editor_flag
+from sphere_lightning.errors import ConfigError, callback_flag, editor_flag
 
 #: When a delta transform runs: per layer inside the editor's loop, on the whole batch after it,
 #: or only on the total update W − W₀ in the weights an evaluation sees.
@@ -110,15 +110,19 @@ class DeltaTransform(Callback):
     def __init__(self, stage: TransformStage = "in_loop") -> None:
         if stage not in get_args(TransformStage):
             *first, last = (f"`{name}`" for name in get_args(TransformStage))
-            raise ValueError(f"`stage` should be {', '.join(first)} or {last}, got {stage!r}")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'stage')} should be {', '.join(first)} or "
+                f"{last}, got {stage!r}"
+            )
         whole_batch_only = (
             type(self).transform_deltas is not DeltaTransform.transform_deltas
             and type(self).transform_delta is DeltaTransform.transform_delta
         )
         if whole_batch_only and stage == "in_loop":
-            raise ValueError(
+            stage_flag = callback_flag(type(self).__name__, "stage")
+            raise ConfigError(
                 f"{type(self).__name__} transforms the whole batch (`transform_deltas`), which "
-                "only exists after the layer loop: set `stage: after_loop`"
+                f"only exists after the layer loop: set {stage_flag} to `after_loop`"
             )
         self.stage = stage
 

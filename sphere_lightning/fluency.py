@@ -36,6 +36,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.models.batching import model_device
 
 #: ROME's n-gram orders and their weights (``ns = [2, 3]``, ``ws = [2/3, 4/3]``).
@@ -270,11 +271,12 @@ def top_k_generations(
 
 
 def check_fluency_protocol(protocol: str) -> None:
-    """Raise a ``ValueError`` naming ``model.fluency_protocol`` unless ``protocol`` is one of
+    """Raise a :class:`~sphere_lightning.errors.ConfigError` naming ``model.fluency_protocol``
+    unless ``protocol`` is one of
     :data:`FluencyProtocol` (``auto``, ``rome`` or ``greedy``)."""
     names = get_args(FluencyProtocol)
     if protocol not in names:
-        raise ValueError(
+        raise ConfigError(
             f"`model.fluency_protocol` should be {', '.join(names[:-1])} or {names[-1]}, "
             f"got {protocol!r}"
         )
@@ -285,13 +287,14 @@ def resolve_fluency_protocol(protocol: str, requests: Sequence[EditRequest]) -> 
     ``generation_prompts`` (ROME's CounterFact layout), else ``greedy``.
 
     Raises:
-        ValueError: ``protocol`` is unknown, or ``rome`` for requests without generation prompts.
+        ConfigError: ``protocol`` is unknown, or ``rome`` for requests without generation
+            prompts.
     """
     check_fluency_protocol(protocol)
     sampled = bool(requests) and all(r.generation_prompts for r in requests)
     if protocol == "rome" and not sampled:
         missing = next((r.case_id for r in requests if not r.generation_prompts), None)
-        raise ValueError(
+        raise ConfigError(
             "`model.fluency_protocol` is 'rome' but request "
             f"{missing!r} has no generation_prompts (only ROME's CounterFact layout has them); "
             "use 'auto' or 'greedy'"

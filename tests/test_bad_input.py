@@ -203,29 +203,29 @@ def test_bad_data_file_is_one_paragraph(case, tmp_path, tiny_model_dir, run_main
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--data.num_edits=9"], r"`--data\.num_edits` is 9 but .*facts\.json' has only 3 records"),
+        (["--data.num_edits=9"], r"`data\.num_edits` is 9 but .*facts\.json' has only 3 records"),
         (
             ["--data.edits_per_step=0"],
-            r"`--data\.edits_per_step` must be a positive integer, got 0",
+            r"`data\.edits_per_step` must be a positive integer, got 0",
         ),
         (
             ["--model.editor.init_args.layers=[1, 7]"],
             r"`model\.editor\.init_args\.layers` = \[1, 7\] names layer\(s\) \[7\], but the model "
             r"has 4 layers \(valid: 0\.\.3\)",
         ),
-        (["--model.dtype=float33"], r"`--model\.dtype` should be one of .*got 'float33'"),
+        (["--model.dtype=float33"], r"`model\.dtype` should be one of .*got 'float33'"),
         (
             ["--model.model=sphere-lightning-tests/no-such-model"],
-            r"`--model\.model` is 'sphere-lightning-tests/no-such-model', which is no local "
+            r"`model\.model` is 'sphere-lightning-tests/no-such-model', which is no local "
             r"folder or file, and it could not be loaded as a Hugging Face hub id",
         ),
         (
             ["--model.model=./no/such/model"],
-            r"`--model\.model` is '\./no/such/model', which does not exist",
+            r"`model\.model` is '\./no/such/model', which does not exist",
         ),
         (
             ["--data.dataset=missing/facts.json"],
-            r"edit data file not found: missing/facts\.json \(`--data\.dataset`\)",
+            r"edit data file not found: missing/facts\.json \(`data\.dataset`\)",
         ),
     ],
     ids=["num_edits", "edits_per_step", "layers", "dtype", "hub id", "model path", "data path"],
@@ -240,8 +240,8 @@ def test_bad_flag_is_one_paragraph(extra, expected, tmp_path, tiny_model_dir, ru
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
     [
-        ("cumulative_ratio", 1.5, r"`init_args\.cumulative_ratio` \(β\) should be in \[0, 1\]"),
-        ("suppression", -0.25, r"`init_args\.suppression` \(α\) should be in \[0, 1\]"),
+        ("cumulative_ratio", 1.5, r"cumulative_ratio` \(β\) should be in \[0, 1\]"),
+        ("suppression", -0.25, r"suppression` \(α\) should be in \[0, 1\]"),
     ],
 )
 def test_sphere_strength_out_of_range(flag, value, expected, tmp_path, tiny_model_dir, run_main):
@@ -255,7 +255,8 @@ def test_sphere_strength_out_of_range(flag, value, expected, tmp_path, tiny_mode
         f"      init_args: {{{flag}: {value}}}\n"
     )
     message = run_main(*fit_args(tmp_path, tiny_model_dir, data, "--config", str(config)))
-    assert re.search(f"SphereProjectionCallback: {expected}, got {value}", message), message
+    flag_path = r"`trainer\.callbacks\.SphereProjectionCallback\.init_args\."
+    assert re.search(f"{flag_path}{expected}, got {value}", message), message
 
 
 def test_unknown_architecture(tmp_path, tiny_model_dir, run_main, monkeypatch):
@@ -263,7 +264,7 @@ def test_unknown_architecture(tmp_path, tiny_model_dir, run_main, monkeypatch):
     data = tmp_path / "facts.json"
     data.write_text(records_json(*GOOD), encoding="utf-8")
     message = run_main(*fit_args(tmp_path, tiny_model_dir, data))
-    assert "model_type='llama' (`--model.model`)" in message
+    assert "model_type='llama' (`model.model`)" in message
     assert "ARCHITECTURES['llama'] = ArchitectureSpec(" in message
 
 
@@ -353,8 +354,8 @@ JSONL = "".join(json.dumps(record) + "\n" for record in GOOD)
 @pytest.mark.parametrize(
     ("extra", "text", "expected"),
     [
-        (["--data.edits_per_step=0"], JSONL, "`--data.edits_per_step` must be a positive integer"),
-        (["--model.model=./missing-model"], JSONL, "`--model.model` is './missing-model'"),
+        (["--data.edits_per_step=0"], JSONL, "`data.edits_per_step` must be a positive integer"),
+        (["--model.model=./missing-model"], JSONL, "`model.model` is './missing-model'"),
         ([], JSONL + "{oops\n", "facts.jsonl, record 3: line 4 is not valid JSON"),
     ],
     ids=["flag", "model", "data"],
@@ -414,7 +415,8 @@ def test_layer_out_of_range_leaves_weights_untouched(tiny_llama, tokenizer):
 
 @pytest.mark.parametrize(("flag", "value"), [("cumulative_ratio", 2.0), ("suppression", -1.0)])
 def test_sphere_strength_is_a_config_error(flag, value):
-    with pytest.raises(ConfigError, match=rf"`init_args\.{flag}` .* got {value}"):
+    flag_path = rf"`trainer\.callbacks\.SphereProjectionCallback\.init_args\.{flag}`"
+    with pytest.raises(ConfigError, match=rf"{flag_path} .* got {value}"):
         SphereProjectionCallback(**{flag: value})
 
 

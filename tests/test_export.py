@@ -404,14 +404,17 @@ def test_command_line(tmp_path, base_dir, facts, monkeypatch, capsys):
 
 
 def test_export_callback_checks_its_arguments_and_folder(tmp_path):
-    with pytest.raises(ConfigError, match="`ExportCallback.init_args.dirpath` should be a"):
+    with pytest.raises(
+        ConfigError, match=r"`trainer\.callbacks\.ExportCallback\.init_args\.dirpath` should be a"
+    ):
         ExportCallback(dirpath="")
-    with pytest.raises(ConfigError, match="`ExportCallback.init_args.overwrite` .* got 'yes'"):
+    flag = r"`trainer\.callbacks\.ExportCallback\.init_args\."
+    with pytest.raises(ConfigError, match=flag + r"overwrite` .* got 'yes'"):
         ExportCallback(dirpath="out", overwrite="yes")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("")
     trainer = type("Trainer", (), {"is_global_zero": True})()
-    with pytest.raises(FileExistsError, match=r"`ExportCallback\.init_args\.dirpath` .* not empty"):
+    with pytest.raises(FileExistsError, match=flag + r"dirpath` .* not empty"):
         ExportCallback(tmp_path / "out").setup(trainer, None, "fit")
     ExportCallback(tmp_path / "out", overwrite=True).setup(trainer, None, "fit")
 

@@ -168,6 +168,8 @@ class HEAlarmCallback(EditObserver, StepPolicy):
             raise ConfigError(f"{_flag('max_retries')} should be ≥ 1, got {max_retries}")
         if not 0.0 < alpha_step <= 1.0:
             raise ConfigError(f"{_flag('alpha_step')} should be in (0, 1], got {alpha_step}")
+        if s < 0:  # checked here, so that the message names this callback's option
+            raise ConfigError(f"{_flag('s')} should be ≥ 0, got {s}")
         self.band = band
         self.action = action
         self.on_retry = on_retry

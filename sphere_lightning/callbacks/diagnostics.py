@@ -14,7 +14,7 @@ from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback, short_name
 from sphere_lightning.context import EditingContext
 from sphere_lightning.editors import MEMIT, AlphaEdit
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.functional.diagnostics import key_leak, principal_share
 from sphere_lightning.horizon import (
     DRIFT_KL_THRESHOLD,
@@ -111,8 +111,8 @@ class CollapseDiagnosticsCallback(EditObserver):
             or every_n_steps < 1
         ):
             raise ConfigError(
-                "CollapseDiagnosticsCallback: `init_args.every_n_steps` should be an integer "
-                f"≥ 1, got {every_n_steps!r}"
+                f"{callback_flag(type(self).__name__, 'every_n_steps')} should be an integer ≥ 1, "
+                f"got {every_n_steps!r}"
             )
         super().__init__(every_n_steps)
         checks = (
@@ -124,8 +124,7 @@ class CollapseDiagnosticsCallback(EditObserver):
             # ``not low <= v <= high`` also rejects NaN.
             if isinstance(value, bool) or not low <= value <= high:
                 raise ConfigError(
-                    f"CollapseDiagnosticsCallback: `init_args.{flag}` should be {allowed}, "
-                    f"got {value}"
+                    f"{callback_flag(type(self).__name__, flag)} should be {allowed}, got {value}"
                 )
         self.default_cumulative_ratio = default_cumulative_ratio
         self.key_leak = key_leak

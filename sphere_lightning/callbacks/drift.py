@@ -16,6 +16,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.context import EditingContext
 from sphere_lightning.editors.statistics import generate_corpus
+from sphere_lightning.errors import ConfigError, MissingFileError, callback_flag
 from sphere_lightning.models.batching import model_device
 from sphere_lightning.tags import DRIFT_KL, DRIFT_PERPLEXITY
 
@@ -126,14 +127,18 @@ class DriftCallback(EditObserver):
             ("batch_size", batch_size),
         ]:
             if value < 1:
-                raise ValueError(f"`{flag}` should be ≥ 1, got {value}")
+                raise ConfigError(
+                    f"{callback_flag(type(self).__name__, flag)} should be ≥ 1, got {value}"
+                )
         if max_length < 2:
-            raise ValueError(
-                f"`max_length` should be ≥ 2 (a token and its successor), got {max_length}"
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'max_length')} should be ≥ 2 (a token and "
+                f"its successor), got {max_length}"
             )
         if text is not None and not Path(text).expanduser().is_file():
-            raise FileNotFoundError(
-                f"Drift text file not found: {text} (set `text` to a .txt file)"
+            raise MissingFileError(
+                f"Drift text file not found: {text} (set "
+                f"{callback_flag(type(self).__name__, 'text')} to a .txt file)"
             )
         self.text = text
         self.num_texts = num_texts

@@ -12,6 +12,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.context import EditingContext
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.functional.energy import hyperspherical_energy
 from sphere_lightning.tags import ENERGY, ENERGY_CHANGE
 
@@ -35,9 +36,12 @@ class HyperSphericalEnergyCallback(EditObserver):
     def __init__(self, s: float = 1.0, every_n_steps: int = 1, chunk_size: int = 1024) -> None:
         super().__init__(every_n_steps)
         if s < 0:
-            raise ValueError(f"`s` should be ≥ 0, got {s}")
+            raise ConfigError(f"{callback_flag(type(self).__name__, 's')} should be ≥ 0, got {s}")
         if chunk_size < 1:
-            raise ValueError(f"`chunk_size` should be ≥ 1, got {chunk_size}")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'chunk_size')} should be ≥ 1, "
+                f"got {chunk_size}"
+            )
         self.s = s
         self.chunk_size = chunk_size
 

@@ -14,10 +14,10 @@ from typing_extensions import override
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback
 from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import run_log_dir
-from sphere_lightning.errors import ConfigError, check_writable_folder
+from sphere_lightning.errors import ConfigError, callback_flag, check_writable_folder
 from sphere_lightning.export_writer import SPHERE_SETTINGS, EditedRun, check_out_dir, write_export
 
-_DIRPATH_FLAG = "ExportCallback.init_args.dirpath"
+_DIRPATH_FLAG = "trainer.callbacks.ExportCallback.init_args.dirpath"
 
 
 def sphere_settings(callbacks: Iterable[Any]) -> list[dict[str, Any]]:
@@ -80,7 +80,8 @@ class ExportCallback(Callback):
             raise ConfigError(f"`{_DIRPATH_FLAG}` should be a folder path, got {dirpath!r}")
         if not isinstance(overwrite, bool):
             raise ConfigError(
-                f"`ExportCallback.init_args.overwrite` should be true or false, got {overwrite!r}"
+                f"{callback_flag('ExportCallback', 'overwrite')} should be true or false, "
+                f"got {overwrite!r}"
             )
         self.dirpath = Path(dirpath)
         self.overwrite = overwrite

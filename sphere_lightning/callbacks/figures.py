@@ -22,6 +22,7 @@ from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import run_log_dir
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.horizon import edits_after
 from sphere_lightning.tags import EDIT, ENERGY, NUM_EDITED, NUM_EVALUATED
 
@@ -166,7 +167,10 @@ class CosineHeatmapCallback(EditObserver):
     ) -> None:
         super().__init__(every_n_steps)
         if max_neurons < 2:
-            raise ValueError(f"`max_neurons` should be ≥ 2, got {max_neurons}")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'max_neurons')} should be ≥ 2, "
+                f"got {max_neurons}"
+            )
         self.layer = layer
         self.max_neurons = max_neurons
         self.seed = seed
@@ -183,9 +187,9 @@ class CosineHeatmapCallback(EditObserver):
         for name in names:
             if self.layer in (name, short_name(name)):
                 return name
-        raise ValueError(
-            f"`layer` should be one of the edited parameters {names} (or their module paths), "
-            f"got {self.layer!r}"
+        raise ConfigError(
+            f"{callback_flag(type(self).__name__, 'layer')} should be one of the edited "
+            f"parameters {names} (or their module paths), got {self.layer!r}"
         )
 
     def neuron_indices(self, num_neurons: int) -> torch.Tensor:
@@ -291,7 +295,10 @@ class MetricTrendsCallback(EditObserver):
     ) -> None:
         super().__init__()
         if not energy_prefix:
-            raise ValueError("`energy_prefix` should be a non-empty tag prefix such as 'energy/'")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'energy_prefix')} should be a non-empty "
+                "tag prefix such as 'energy/'"
+            )
         self.metrics = list(metrics) if metrics is not None else None
         self.energy_prefix = energy_prefix
         self.dirpath = dirpath

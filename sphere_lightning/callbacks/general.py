@@ -11,6 +11,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.observer import EditObserver, changes_since
 from sphere_lightning.context import EditingContext
 from sphere_lightning.distributed import Collective
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.general.base import GeneralExample, GeneralTask
 from sphere_lightning.general.tasks import TASKS, get_task
 from sphere_lightning.tags import GENERAL, GENERAL_CHANGE
@@ -61,6 +62,10 @@ class GeneralAbilityCallback(EditObserver):
 
     summary_key = "general"
 
+    def _flag(self, name: str) -> str:
+        """An option of this callback as messages name it."""
+        return callback_flag(type(self).__name__, name)
+
     def __init__(
         self,
         tasks: list[str] | dict[str, dict[str, Any]],
@@ -73,7 +78,9 @@ class GeneralAbilityCallback(EditObserver):
     ) -> None:
         super().__init__(every_n_steps)
         if not tasks:
-            raise ValueError(f"`tasks` should name at least one task of {sorted(TASKS)}")
+            raise ConfigError(
+                f"{self._flag('tasks')} should name at least one task of {sorted(TASKS)}"
+            )
         overrides = dict(tasks) if isinstance(tasks, dict) else {name: {} for name in tasks}
         self.tasks: dict[str, GeneralTask] = {}
         for name, settings in overrides.items():
@@ -81,16 +88,18 @@ class GeneralAbilityCallback(EditObserver):
             try:
                 self.tasks[name] = get_task(name, **options)  # raises, listing the known tasks
             except TypeError as error:
-                raise ValueError(
-                    f"Unknown setting(s) {sorted(options)} for task {name!r}: {error}; the "
+                raise ConfigError(
+                    f"{self._flag('tasks')}: unknown setting(s) {sorted(options)} for task "
+                    f"{name!r}: {error}; the "
                     f"callback's per-task settings are {list(_TASK_SETTINGS)}, any other is an "
                     "argument of the task"
                 ) from None
         paths = dict(paths or {})
         stray = sorted(set(paths) - set(overrides))
         if stray:
-            raise ValueError(
-                f"`paths` names task(s) {stray} that are not in `tasks` ({list(overrides)})"
+            raise ConfigError(
+                f"{self._flag('paths')} names task(s) {stray} that are not in "
+                f"{self._flag('tasks')} ({list(overrides)})"
             )
         self.limits: dict[str, int | None] = {}
         self.batch_sizes: dict[str, int] = {}
@@ -99,10 +108,13 @@ class GeneralAbilityCallback(EditObserver):
             self.limits[name] = settings.get("limit", limit)
             self.batch_sizes[name] = settings.get("batch_size", batch_size)
             if self.limits[name] is not None and self.limits[name] < 1:
-                raise ValueError(f"`limit` should be ≥ 1 or None, got {self.limits[name]} ({name})")
+                raise ConfigError(
+                    f"{self._flag('limit')} should be ≥ 1 or None, got {self.limits[name]} ({name})"
+                )
             if self.batch_sizes[name] < 1:
-                raise ValueError(
-                    f"`batch_size` should be ≥ 1, got {self.batch_sizes[name]} ({name})"
+                raise ConfigError(
+                    f"{self._flag('batch_size')} should be ≥ 1, got {self.batch_sizes[name]} "
+                    f"({name})"
                 )
         self.data_dir = data_dir
         self.paths = paths

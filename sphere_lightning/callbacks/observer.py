@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import final, override
 
 from sphere_lightning.context import EditingContext
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.tags import TIME
 from sphere_lightning.timing import add_seconds
 
@@ -96,7 +97,10 @@ class EditObserver(Callback, ABC):
 
     def __init__(self, every_n_steps: int = 1) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` should be ≥ 1, got {every_n_steps}")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'every_n_steps')} should be ≥ 1, "
+                f"got {every_n_steps}"
+            )
         self.every_n_steps = every_n_steps
         self.baseline: dict[str, float] | None = None
         self.latest: dict[str, float] = {}

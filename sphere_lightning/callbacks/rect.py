@@ -13,7 +13,7 @@ from typing_extensions import override
 from sphere_lightning.callbacks.sphere import short_name
 from sphere_lightning.context import EditingContext
 from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, callback_flag
 
 #: Added to W before dividing (``w + epsilon`` in the reference, sign included).
 RECT_EPSILON = 1e-8
@@ -69,7 +69,9 @@ class RectCallback(DeltaTransform):
         super().__init__(stage)
         # ``not 0 < v <= 1`` also rejects NaN.
         if isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
-            raise ConfigError(f"RectCallback: `init_args.ratio` should be in (0, 1], got {ratio}")
+            raise ConfigError(
+                f"{callback_flag(type(self).__name__, 'ratio')} should be in (0, 1], got {ratio}"
+            )
         self.ratio = ratio
 
     @override

@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from sphere_lightning.context import EditingContext
 from sphere_lightning.deltas import DeltaResult, DeltaTransform, TransformStage
-from sphere_lightning.errors import ConfigError
+from sphere_lightning.errors import ConfigError, callback_flag
 from sphere_lightning.functional.projection import project_delta
 from sphere_lightning.models.architectures import stores_transposed
 from sphere_lightning.tags import SPHERE
@@ -72,19 +72,19 @@ class SphereProjectionCallback(DeltaTransform):
             # ``not 0 <= v <= 1`` also rejects NaN.
             if isinstance(value, bool) or not 0.0 <= value <= 1.0:
                 raise ConfigError(
-                    f"SphereProjectionCallback: `init_args.{flag}` "
-                    f"({_GREEK[flag]}) should be in [0, 1], got {value}"
+                    f"{callback_flag(type(self).__name__, flag)} ({_GREEK[flag]}) should be in "
+                    f"[0, 1], got {value}"
                 )
         if reference not in get_args(ReferenceWeight):
             names = " or ".join(f"`{name}`" for name in get_args(ReferenceWeight))
             raise ConfigError(
-                f"SphereProjectionCallback: `init_args.reference` should be {names}, "
+                f"{callback_flag(type(self).__name__, 'reference')} should be {names}, "
                 f"got {reference!r}"
             )
         if neuron_rows not in get_args(NeuronRows):
             names = " or ".join(f"`{name}`" for name in get_args(NeuronRows))
             raise ConfigError(
-                f"SphereProjectionCallback: `init_args.neuron_rows` should be {names}, "
+                f"{callback_flag(type(self).__name__, 'neuron_rows')} should be {names}, "
                 f"got {neuron_rows!r}"
             )
         self.cumulative_ratio = cumulative_ratio

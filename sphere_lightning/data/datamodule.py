@@ -109,7 +109,7 @@ class ResumableEditLoader(DataLoader):
             raise ValueError(
                 f"The checkpoint was written for another edit order ({shape}, order "
                 f"{str(state.get('order'))[:12]}…) than this run's ({self._shape}, order "
-                f"{self._digest[:12]}…): resume with the same `--data` settings (dataset, "
+                f"{self._digest[:12]}…): resume with the same `data` settings (dataset, "
                 "format, num_edits, edits_per_step, seed, shuffle)"
             )
         self._resume_at = int(state["batches_applied"])
@@ -117,7 +117,7 @@ class ResumableEditLoader(DataLoader):
 
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"`--data.{name}` must be a positive integer, got {value!r}")
+        raise ConfigError(f"`data.{name}` must be a positive integer, got {value!r}")
 
 
 class EditDataModule(LightningDataModule):
@@ -168,21 +168,19 @@ class EditDataModule(LightningDataModule):
         """
         super().__init__()
         if not isinstance(dataset, str) or not dataset.strip():
-            raise ConfigError("`--data.dataset` must be 'builtin', a file path or a hub dataset id")
+            raise ConfigError("`data.dataset` must be 'builtin', a file path or a hub dataset id")
         if format not in FORMATS:
-            raise ConfigError(
-                f"`--data.format` must be one of {', '.join(FORMATS)}, got {format!r}"
-            )
+            raise ConfigError(f"`data.format` must be one of {', '.join(FORMATS)}, got {format!r}")
         if metric_family not in get_args(MetricFamily):
             raise ConfigError(
-                f"`--data.metric_family` must be one of {', '.join(get_args(MetricFamily))}, "
+                f"`data.metric_family` must be one of {', '.join(get_args(MetricFamily))}, "
                 f"got {metric_family!r}"
             )
         _check_positive("num_edits", num_edits)
         _check_positive("edits_per_step", edits_per_step)
         _check_positive("eval_batch_size", eval_batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"`--data.seed` must be a non-negative integer, got {seed!r}")
+            raise ConfigError(f"`data.seed` must be a non-negative integer, got {seed!r}")
         self.save_hyperparameters()
         self.dataset = dataset
         self.format = format
@@ -211,7 +209,7 @@ class EditDataModule(LightningDataModule):
             )
             if self.num_edits > len(records):
                 raise ConfigError(
-                    f"`--data.num_edits` is {self.num_edits} but {self.dataset!r} has only "
+                    f"`data.num_edits` is {self.num_edits} but {self.dataset!r} has only "
                     f"{len(records)} records"
                 )
             if self.shuffle:

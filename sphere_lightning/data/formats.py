@@ -502,7 +502,7 @@ def parse_records(
     """
     if format not in FORMAT_REGISTRY:
         raise ConfigError(
-            f"`--data.format`: unknown record layout {format!r}; "
+            f"`data.format`: unknown record layout {format!r}; "
             f"expected one of {sorted(FORMAT_REGISTRY)}"
         )
     requests = FORMAT_REGISTRY[format].parse(records, source, skip_malformed=skip_malformed)

@@ -72,7 +72,7 @@ def _load_hub(name: str, split: str) -> list[Any]:
         dataset = datasets.load_dataset(name, split=split)
     except OSError as err:  # no network and not cached, no such dataset, …
         raise DataError(
-            f"`--data.dataset` is {name!r}, which is no local file or folder, and it could not "
+            f"`data.dataset` is {name!r}, which is no local file or folder, and it could not "
             f"be loaded as a Hugging Face hub dataset ({str(err).strip() or type(err).__name__})"
         ) from err
     return dataset.to_list()
@@ -102,7 +102,7 @@ def load_raw_records(source: str | Path, split: str = "train") -> tuple[str, lis
         return str(source), _load_hub(str(path), split)
     text = str(source)
     if isinstance(source, Path) or looks_like_path(text):
-        raise MissingFileError(f"edit data file not found: {text} (`--data.dataset`)")
+        raise MissingFileError(f"edit data file not found: {text} (`data.dataset`)")
     return text, _load_hub(text, split)
 
 
@@ -254,7 +254,7 @@ def load_requests_with_format(
     """
     if format not in FORMATS:
         raise ConfigError(
-            f"`--data.format`: unknown data format {format!r}; expected one of {', '.join(FORMATS)}"
+            f"`data.format`: unknown data format {format!r}; expected one of {', '.join(FORMATS)}"
         )
     if str(source) == "builtin" and not Path(source).exists():
         if format not in ("auto", "builtin"):

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from sphere_lightning.errors import ConfigError
+
 #: The callback the "without SPHERE" run drops.
 SPHERE_CALLBACK = "sphere_lightning.callbacks.SphereProjectionCallback"
 TENSORBOARD_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -182,11 +184,12 @@ def set_value(config: dict[str, Any], key: str, value: Any) -> None:
     list, a segment is an index (``trainer.callbacks.2``) or the class name of the one entry
     whose ``class_path`` ends with it (``trainer.callbacks.SphereProjectionCallback.init_args.
     suppression``). Every segment but the last must exist; the last may be new. Raises
-    ``ValueError`` naming the key and the segment that does not resolve.
+    a :class:`~sphere_lightning.errors.ConfigError` naming the key and the segment that does not
+    resolve.
     """
     parts = key.split(".")
     if not key or not all(parts):
-        raise ValueError(f"`set` key {key!r} should be dotted names, e.g. data.seed")
+        raise ConfigError(f"`set` key {key!r} should be dotted names, e.g. data.seed")
     node: Any = config
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -196,13 +199,13 @@ def set_value(config: dict[str, Any], key: str, value: Any) -> None:
                 node[part] = copy.deepcopy(value)
                 return
             if part not in node:
-                raise ValueError(f"`set` key {key!r}: {where} has no {part!r}")
+                raise ConfigError(f"`set` key {key!r}: {where} has no {part!r}")
             node = node[part]
         elif isinstance(node, list):
             if part.isdigit():
                 index = int(part)
                 if index >= len(node):
-                    raise ValueError(
+                    raise ConfigError(
                         f"`set` key {key!r}: {where} has {len(node)} entries, no index {index}"
                     )
             else:
@@ -214,7 +217,7 @@ def set_value(config: dict[str, Any], key: str, value: Any) -> None:
                 ]
                 if len(matches) != 1:
                     found = "no entry" if not matches else f"{len(matches)} entries"
-                    raise ValueError(
+                    raise ConfigError(
                         f"`set` key {key!r}: {where} has {found} of class {part!r} (use an index)"
                     )
                 index = matches[0]
@@ -223,7 +226,7 @@ def set_value(config: dict[str, Any], key: str, value: Any) -> None:
                 return
             node = node[index]
         else:
-            raise ValueError(f"`set` key {key!r}: {where} is a value, not a mapping or list")
+            raise ConfigError(f"`set` key {key!r}: {where} is a value, not a mapping or list")
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,7 @@ class Suite:
 
 def _runs_choice(path: Path, where: str, value: Any) -> str | None:
     if value is not None and value not in RUN_CHOICES:
-        raise ValueError(
+        raise ConfigError(
             f"--suite {path}: {where}`runs` should be one of {', '.join(RUN_CHOICES)}, "
             f"got {value!r}"
         )
@@ -269,12 +272,12 @@ def read_suite(path: Path) -> Suite:
     content = yaml.safe_load(path.read_text()) or {}
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
-        raise ValueError(f"--suite {path}: expected `configs:` with a list of config files")
+        raise ConfigError(f"--suite {path}: expected `configs:` with a list of config files")
     num_edits = content.get("num_edits")
     if num_edits is not None and (
         isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
     ):
-        raise ValueError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
+        raise ConfigError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
     runs = _runs_choice(path, "", content.get("runs"))
     entries = []
     for index, entry in enumerate(configs):
@@ -283,18 +286,18 @@ def read_suite(path: Path) -> Suite:
             continue
         name, files, settings = entry.get("name"), entry.get("configs"), entry.get("set", {})
         if not isinstance(name, str) or not name or not isinstance(files, list) or not files:
-            raise ValueError(
+            raise ConfigError(
                 f"--suite {path}: configs[{index}] should be a file name or a mapping with "
                 f"`name` (a string) and `configs` (a list of files), got {entry!r}"
             )
         unknown = sorted(set(entry) - {"name", "configs", "set", "runs"})
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"--suite {path}: configs[{index}] ({name}) has unknown keys {unknown} "
                 "(allowed: name, configs, set, runs)"
             )
         if not isinstance(settings, dict) or not all(isinstance(k, str) for k in settings):
-            raise ValueError(
+            raise ConfigError(
                 f"--suite {path}: configs[{index}] ({name}): `set` should map dotted keys to "
                 f"values, got {settings!r}"
             )

@@ -97,7 +97,7 @@ def architecture_of(model_or_config: PreTrainedModel | PretrainedConfig) -> Arch
         return ARCHITECTURES[model_type]
     except KeyError:
         raise UnknownArchitectureError(
-            f"Cannot edit a model of architecture model_type={model_type!r} (`--model.model`): "
+            f"Cannot edit a model of architecture model_type={model_type!r} (`model.model`): "
             f"known architectures are {sorted(ARCHITECTURES)}. "
             "To add it, register a row: `sphere_lightning.models.ARCHITECTURES["
             f"{model_type!r}] = ArchitectureSpec(layers=..., mlp_out=..., final_norm=..., "

@@ -50,7 +50,7 @@ _DTYPES = dict(
 )
 
 
-def resolve_dtype(dtype: DtypeName | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
+def resolve_dtype(dtype: DtypeName | torch.dtype, flag: str = "model.dtype") -> torch.dtype:
     """Turn a dtype name (``float32``, ``bf16``…) into a ``torch.dtype``; an unknown name is a
     :class:`~sphere_lightning.errors.ConfigError` naming ``flag``."""
     if isinstance(dtype, torch.dtype):
@@ -239,7 +239,7 @@ def resolve_model_path(name: str) -> str:
         return str(convert_gguf(path) if path.suffix == ".gguf" else path)
     if looks_like_path(name):
         raise MissingFileError(
-            f"`--model.model` is {name!r}, which does not exist (a model is a local folder, a "
+            f"`model.model` is {name!r}, which does not exist (a model is a local folder, a "
             f".gguf file, {', '.join(sorted(EMBEDDED_MODELS))}, or a hub id `owner/name`)"
         )
     return name  # a hub id
@@ -287,11 +287,11 @@ def _unloadable(name: str, source: str, error: OSError) -> ConfigError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if Path(source).exists():
         return ConfigError(
-            f"`--model.model` is {name!r}, but {source} holds no model and tokenizer that "
+            f"`model.model` is {name!r}, but {source} holds no model and tokenizer that "
             f"transformers can load ({reason})"
         )
     return ConfigError(
-        f"`--model.model` is {name!r}, which is no local folder or file, and it could not be "
+        f"`model.model` is {name!r}, which is no local folder or file, and it could not be "
         "loaded as a Hugging Face hub id: without network access a hub model loads only from "
         f"the local hub cache, which does not hold it ({reason}). Use a local folder, a .gguf "
         f"file or {', '.join(sorted(EMBEDDED_MODELS))}, or download the model first"

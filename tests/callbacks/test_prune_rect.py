@@ -190,14 +190,17 @@ def test_rect_matches_the_reference_code(seed):
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, float("nan"), True])
 def test_rect_rejects_a_ratio_outside_the_unit_interval(ratio):
-    with pytest.raises(ConfigError, match=r"`init_args\.ratio` should be in \(0, 1\]"):
+    flag = r"`trainer\.callbacks\.RectCallback\.init_args\.ratio`"
+    with pytest.raises(ConfigError, match=flag + r" should be in \(0, 1\]"):
         RectCallback(ratio=ratio)
 
 
 @pytest.mark.parametrize("cls", [PruneCallback, RectCallback])
 def test_transforms_reject_an_unknown_stage(cls):
     with pytest.raises(
-        ValueError, match="`stage` should be `in_loop`, `after_loop` or `evaluation`, got 'late'"
+        ConfigError,
+        match=rf"`trainer\.callbacks\.{cls.__name__}\.init_args\.stage` should be `in_loop`, "
+        "`after_loop` or `evaluation`, got 'late'",
     ):
         cls(stage="late")
 

@@ -70,14 +70,14 @@ def test_num_steps_without_loading() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"num_edits": 0}, "--data.num_edits"),
-        ({"num_edits": -5}, "--data.num_edits"),
-        ({"edits_per_step": 0}, "--data.edits_per_step"),
-        ({"eval_batch_size": 0}, "--data.eval_batch_size"),
-        ({"seed": -1}, "--data.seed"),
-        ({"format": "csv"}, "--data.format"),
-        ({"metric_family": "squad"}, "--data.metric_family"),
-        ({"dataset": ""}, "--data.dataset"),
+        ({"num_edits": 0}, r"`data\.num_edits`"),
+        ({"num_edits": -5}, r"`data\.num_edits`"),
+        ({"edits_per_step": 0}, r"`data\.edits_per_step`"),
+        ({"eval_batch_size": 0}, r"`data\.eval_batch_size`"),
+        ({"seed": -1}, r"`data\.seed`"),
+        ({"format": "csv"}, r"`data\.format`"),
+        ({"metric_family": "squad"}, r"`data\.metric_family`"),
+        ({"dataset": ""}, r"`data\.dataset`"),
     ],
 )
 def test_invalid_arguments(kwargs: dict[str, object], flag: str) -> None:
@@ -88,9 +88,7 @@ def test_invalid_arguments(kwargs: dict[str, object], flag: str) -> None:
 def test_too_many_edits() -> None:
     count = len(load_builtin_facts())
     dm = EditDataModule(num_edits=count + 1)
-    with pytest.raises(
-        ValueError, match=rf"`--data.num_edits` is {count + 1}.*only {count} records"
-    ):
+    with pytest.raises(ValueError, match=rf"`data.num_edits` is {count + 1}.*only {count} records"):
         dm.setup("fit")
     assert len(make(num_edits=count).requests) == count
 

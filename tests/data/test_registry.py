@@ -176,4 +176,4 @@ def test_choices_are_validated_by_the_parser_and_by_init(
         parser.parse_args([f"--data.{flag}={bad}"])
     with pytest.raises(ValueError) as info:
         EditDataModule(**{flag: bad})
-    assert f"`--data.{flag}` must be one of {', '.join(choices)}, got {bad!r}" in str(info.value)
+    assert f"`data.{flag}` must be one of {', '.join(choices)}, got {bad!r}" in str(info.value)

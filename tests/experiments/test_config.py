@@ -173,7 +173,8 @@ def test_the_horizon_suite_composes_its_entries(tmp_path):
     nas = experiments.load_config(files["alphaedit_nas"])
     editor = nas["model"]["editor"]
     assert editor["class_path"].endswith("AlphaEdit")
-    assert editor["init_args"]["layers"] == [3, 4, 5, 6, 7] and editor["init_args"]["nas"]["enabled"] is True
+    assert editor["init_args"]["layers"] == [3, 4, 5, 6, 7]
+    assert editor["init_args"]["nas"]["enabled"] is True
     assert "lr" not in editor["init_args"]  # UltraEdit's init_args went with its class
     assert nas["data"]["edits_per_step"] == 100 and nas["model"]["eval_sample_size"] == 500
     memit = experiments.load_config(files["memit"])

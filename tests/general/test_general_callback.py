@@ -9,6 +9,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from sphere_lightning.callbacks.general import GeneralAbilityCallback
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.general import TASKS, GeneralTask, HubDataset, get_task
 from tests.helpers import ContextStub
 
@@ -152,15 +153,17 @@ def test_resume_without_baseline_warns_and_logs_no_change(tiny_llama, tokenizer,
 
 
 def test_arguments_are_checked(tmp_path, data_dir):
+    flag = r"`trainer\.callbacks\.GeneralAbilityCallback\.init_args\."
     with pytest.raises(ValueError, match=r"Unknown general-ability task 'glue'.*'sst2'"):
         GeneralAbilityCallback(["glue"])
-    with pytest.raises(ValueError, match=r"Unknown setting\(s\) \['shots'\].*'limit'"):
+    unknown = r"tasks`: unknown setting\(s\) \['shots'\].*'limit'"
+    with pytest.raises(ConfigError, match=flag + unknown):
         GeneralAbilityCallback({"sst2": {"shots": 5}})
-    with pytest.raises(ValueError, match=r"`paths` names task\(s\) \['mmlu'\]"):
+    with pytest.raises(ConfigError, match=flag + r"paths` names task\(s\) \['mmlu'\]"):
         GeneralAbilityCallback(["sst2"], paths={"mmlu": "cais/mmlu"})
     with pytest.raises(ValueError, match="every_n_steps"):
         GeneralAbilityCallback(["sst2"], every_n_steps=0)
-    with pytest.raises(ValueError, match=r"`limit` should be ≥ 1 or None, got 0 \(mmlu\)"):
+    with pytest.raises(ConfigError, match=flag + r"limit` should be ≥ 1 or None, got 0 \(mmlu\)"):
         GeneralAbilityCallback({"sst2": {}, "mmlu": {"limit": 0}})
     callback = GeneralAbilityCallback(["sst2", "rte"], data_dir=data_dir)
     with pytest.raises(FileNotFoundError, match=r"rte\.jsonl does not exist.*'nyu-mll/glue'"):

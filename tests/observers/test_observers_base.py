@@ -11,6 +11,7 @@ from sphere_lightning.callbacks import (
     HyperSphericalEnergyCallback,
     changes_since,
 )
+from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import hyperspherical_energy
 
 
@@ -85,7 +86,7 @@ def test_every_n_steps_baseline_at_step_0_changes_and_timing(
 
     every_other = WeightScale(every_n_steps=2)
     assert [step for step in range(1, 7) if every_other.should_update(step)] == [2, 4, 6]
-    with pytest.raises(ValueError, match="`every_n_steps` should be ≥ 1, got 0"):
+    with pytest.raises(ConfigError, match=r"\.init_args\.every_n_steps` should be ≥ 1, got 0"):
         WeightScale(every_n_steps=0)
     with pytest.raises(TypeError, match="abstract"):
         EditObserver()

@@ -13,6 +13,7 @@ from sphere_lightning.callbacks.drift import (
     original_weights_swapped_in,
     read_paragraphs,
 )
+from sphere_lightning.errors import MissingFileError
 
 PARAGRAPHS = [
     "The city of Paris is the capital of France and it is known for the Eiffel Tower.",
@@ -130,7 +131,7 @@ def test_every_n_steps_and_bad_arguments(tmp_path):
         DriftCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="max_length"):
         DriftCallback(max_length=1)
-    with pytest.raises(FileNotFoundError, match="`text`"):
+    with pytest.raises(MissingFileError, match=r"\.DriftCallback\.init_args\.text`"):
         DriftCallback(text=str(tmp_path / "missing.txt"))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")

@@ -19,6 +19,7 @@ from sphere_lightning.callbacks.figures import (
     edits_at,
     spearman_correlation,
 )
+from sphere_lightning.errors import ConfigError
 
 
 def _image_tags(logger: TensorBoardLogger) -> list[str]:
@@ -69,7 +70,7 @@ def test_heatmap_layer_choice_and_state(tiny_llama, make_stub_module):
     assert CosineHeatmapCallback(layer=names[0]).parameter_name(module) == names[0]
     module_path = names[1].removesuffix(".weight")
     assert CosineHeatmapCallback(layer=module_path).parameter_name(module) == names[1]
-    with pytest.raises(ValueError, match="`layer` should be one of"):
+    with pytest.raises(ConfigError, match=r"\.init_args\.layer` should be one of"):
         CosineHeatmapCallback(layer="model.layers.3.mlp.down_proj").parameter_name(module)
     with pytest.raises(ValueError, match="max_neurons"):
         CosineHeatmapCallback(max_neurons=1)
