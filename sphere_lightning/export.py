@@ -90,7 +90,8 @@ def _run_file(log_dir: str | None, ckpt_path: Path, name: str) -> Path | None:
 def _final_metrics(checkpoint: Mapping[str, Any], ckpt_path: Path) -> dict[str, float]:
     """The last lifelong edit metrics of the edits in ``checkpoint``. A checkpoint written
     after the last batch precedes the run's final evaluation; the run's ``summary.json`` then
-    holds those metrics, taken when it describes the same step and the same number of edits."""
+    holds those metrics, taken when it describes the same step and the same number of edits
+    and the run has finished (one written during the run may hold an earlier evaluation's)."""
     meta = checkpoint["sphere_lightning"]
     final = dict(meta.get("final_edit_metrics") or {})
     if final.get("num_evaluated") == meta["num_edited"]:
@@ -100,10 +101,10 @@ def _final_metrics(checkpoint: Mapping[str, Any], ckpt_path: Path) -> dict[str, 
         return final
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-        same = (summary["global_step"], summary["num_edited"]) == (
-            checkpoint["global_step"],
-            meta["num_edited"],
-        )
+        same = summary.get("finished", True) is not False and (
+            summary["global_step"],
+            summary["num_edited"],
+        ) == (checkpoint["global_step"], meta["num_edited"])
         from_summary = dict(summary["edit"]["final"])
     except (OSError, ValueError, KeyError, TypeError):
         return final

@@ -270,6 +270,13 @@ class EditingModule(LightningModule):
         self.original_weights: dict[str, torch.Tensor] = {}
         self.pre_edit_metrics: dict[str, float] = {}
         self.phase_seconds: dict[str, float] = {}
+        #: Every scalar sent to the loggers, ``{tag: {step: value}}`` (a tag logged twice at a
+        #: step keeps its last value); kept in checkpoints, so a resumed run keeps its history.
+        self.scalars: dict[str, dict[int, float]] = {}
+        #: ``{step: time.time()}`` of the last scalars logged at each step.
+        self.step_wall_time: dict[int, float] = {}
+        #: ``time.time()`` when the run was set up first (a resumed run keeps its own).
+        self.start_wall_time: float | None = None
         # NaN (a request with no prompt of a kind) is left out of the mean; across processes
         # torchmetrics sums the values, squares and counts of every rank's share.
         self._metrics = torch.nn.ModuleDict({k: SampleMoments() for k in EDIT_METRICS})
@@ -361,6 +368,8 @@ class EditingModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if self.start_wall_time is None:  # a resumed run's comes from its checkpoint
+            self.start_wall_time = time.time()
         check_strategy(self.trainer.strategy)
         if self.device_map is not None and self.trainer.world_size > 1:
             raise ConfigError(
@@ -796,10 +805,15 @@ class EditingModule(LightningModule):
 
         Every editing scalar uses this x-axis: pre-edit values and baselines at step 0, the
         state after the k-th batch at step k (``self.log`` would put a step's values one step
-        early, and is not allowed in ``on_train_start``).
+        early, and is not allowed in ``on_train_start``). The values are also kept in
+        :attr:`scalars`, with the time in :attr:`step_wall_time`.
         """
+        step = self.global_step
+        for tag, value in metrics.items():
+            self.scalars.setdefault(tag, {})[step] = float(value)
+        self.step_wall_time[step] = time.time()
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=self.global_step)
+            logger.log_metrics(metrics, step=step)
 
     def _add_time(self, phase: str, start: float, log: bool = True) -> None:
         """Add wall time to ``phase_seconds`` (and, if ``log``, to this step's scalars)."""
@@ -812,7 +826,8 @@ class EditingModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only what the base model cannot rebuild: the edited parameters (in the LM's
         own layout, e.g. GPT-2's Conv1D orientation), the editor's sequential state, the run's
-        metrics and timings, and the RNG states; the untouched base weights are left out."""
+        metrics, timings and logged scalars, and the RNG states; the untouched base weights are
+        left out."""
         names = self.edited_parameter_names
         checkpoint["state_dict"] = {
             f"model.{name}": self.model.get_parameter(name).detach() for name in names
@@ -834,6 +849,9 @@ class EditingModule(LightningModule):
             "evaluated_step": self._evaluated_step,
             "fluency_protocol_used": self.fluency_protocol_used,
             "phase_seconds": self.phase_seconds,
+            "scalars": self.scalars,
+            "step_wall_time": self.step_wall_time,
+            "start_wall_time": self.start_wall_time,
             "log_dir": self.trainer.log_dir if self._trainer is not None else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
@@ -885,6 +903,9 @@ class EditingModule(LightningModule):
         self._evaluated_step = meta["evaluated_step"]
         self.fluency_protocol_used = meta["fluency_protocol_used"]
         self.phase_seconds = dict(meta["phase_seconds"])
+        self.scalars = {tag: dict(values) for tag, values in meta.get("scalars", {}).items()}
+        self.step_wall_time = dict(meta.get("step_wall_time", {}))
+        self.start_wall_time = meta.get("start_wall_time", self.start_wall_time)
         self._add_time("setup", start, log=False)
         torch.set_rng_state(meta["rng"]["torch"])
         random.setstate(meta["rng"]["python"])

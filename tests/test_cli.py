@@ -248,6 +248,24 @@ model:
     assert indices == [h.indices.tolist() for h in heatmaps] and indices[0] != indices[1]
     assert summary["config"]["data"]["num_edits"] == 4
     assert summary["wall_seconds"] > 0
+    # Every scalar the run logged is in summary.json, tag for tag and step for step, with the
+    # values of the TensorBoard events (float32 there; hp_metric is the logger's own).
+    assert summary["finished"] is True
+    recorded = {
+        t: {int(s): v for s, v in by_step.items()} for t, by_step in summary["scalars"].items()
+    }
+    logged = {tag: dict(values) for tag, values in scalars.items() if tag != "hp_metric"}
+    assert recorded.keys() == logged.keys()
+    for tag, values in logged.items():
+        assert recorded[tag].keys() == values.keys(), tag
+        torch.testing.assert_close(
+            torch.tensor([recorded[tag][s] for s in values], dtype=torch.float32),
+            torch.tensor(list(values.values()), dtype=torch.float32),
+            rtol=0, atol=0, equal_nan=True, msg=tag,
+        )  # fmt: skip
+    times = {int(s): t for s, t in summary["step_wall_time"].items()}
+    assert sorted(times) == [0, 1, 2]
+    assert summary["start_wall_time"] <= times[0] <= times[1] <= times[2]
     assert {"compute_deltas", "evaluation", "drift", "general/sst2", "figures/trends"} <= set(
         summary["phase_seconds"]
     )

@@ -130,6 +130,10 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_
     assert _positions(positions) == [0, 1, 2]
     (run_dir,) = (logs / "edit").iterdir()
     assert _load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == KILL_AT
+    # Its summary.json was written at its last evaluation (step 2), saying it has not finished.
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["finished"] is False and stopped["global_step"] == 2
+    assert stopped["scalars"]["edit/num_edited"] == {"1": 1.0, "2": 2.0}
 
     resumed = _run([*args, "--ckpt_path=last"], helpers, cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -171,11 +175,23 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_
             torch.tensor([v for _, v in scalars[tag]]), torch.tensor([v for _, v in reference[tag]])
         )
     summary = json.loads((run_dir / "summary.json").read_text())
+    straight_summary = json.loads((straight_dir / "summary.json").read_text())
     assert summary["num_edited"] == NUM_STEPS
-    assert (
-        summary["edit"]["final"]
-        == json.loads((straight_dir / "summary.json").read_text())["edit"]["final"]
-    )
+    assert summary["edit"]["final"] == straight_summary["edit"]["final"]
+    # The resumed run's summary.json keeps the steps logged before the kill (from its
+    # checkpoint): the same tags and steps as the straight run's, and the same values.
+    assert summary["finished"] is True
+    assert summary["start_wall_time"] == stopped["start_wall_time"]
+    assert sorted(map(int, summary["step_wall_time"])) == list(range(NUM_STEPS + 1))
+    assert summary["scalars"].keys() == straight_summary["scalars"].keys()
+    for tag, values in straight_summary["scalars"].items():
+        assert summary["scalars"][tag].keys() == values.keys(), tag
+        if not tag.startswith("time/"):
+            torch.testing.assert_close(
+                torch.tensor([summary["scalars"][tag][s] for s in values]),
+                torch.tensor(list(values.values())),
+                equal_nan=True, msg=tag,
+            )  # fmt: skip
 
 
 def test_a_checkpoint_of_another_base_model_is_refused(
