@@ -194,3 +194,33 @@ def tensorboard_scalars(log_root: Path) -> dict[str, dict[int, float]]:
         tag: {e.step: e.value for e in accumulator.Scalars(tag)}
         for tag in accumulator.Tags()["scalars"]
     }
+
+
+def write_run_summary(
+    directory: Path,
+    scalars: dict[int, dict[str, float]],
+    times: dict[int, float] | None = None,
+    start: float = 0.0,
+    finished: bool = True,
+    **entries: Any,
+) -> Path:
+    """Write ``directory/summary.json`` as a run writes it, holding ``scalars`` (given as
+    ``{step: {tag: value}}``), their step times (``times``: seconds after ``start``), whether
+    the run ``finished``, and any other ``entries`` (``num_edited``, ``config``...)."""
+    import json
+
+    by_tag: dict[str, dict[str, float]] = {}
+    for step in sorted(scalars):
+        for tag, value in scalars[step].items():
+            by_tag.setdefault(tag, {})[str(step)] = value
+    summary = {
+        "scalars": by_tag,
+        "step_wall_time": {str(step): start + t for step, t in (times or {}).items()},
+        "start_wall_time": start,
+        "finished": finished,
+        **entries,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "summary.json"
+    path.write_text(json.dumps(summary))
+    return path

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from sphere_lightning import experiments
 from sphere_lightning.callbacks import (
@@ -26,7 +25,13 @@ from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
 from sphere_lightning.horizon import Evaluation, usable_horizon
-from tests.helpers import ROOT, ContextStub, tensorboard_scalars, tiny_alphaedit_flags
+from tests.helpers import (
+    ROOT,
+    ContextStub,
+    tensorboard_scalars,
+    tiny_alphaedit_flags,
+    write_run_summary,
+)
 
 # -- plain references --------------------------------------------------------------------------
 
@@ -205,23 +210,16 @@ def test_horizon_never_crossed_is_beyond_the_edits_made():
         usable_horizon([], 0, drift_kl_threshold=-1.0)
 
 
-def _log_run(out: Path, run: str, log: dict[int, dict[str, float]]) -> None:
-    logger = TensorBoardLogger(save_dir=str(out), name="", version=run, default_hp_metric=False)
-    for step in sorted(log):
-        logger.log_metrics(log[step], step=step)
-    logger.finalize("success")
-
-
 def test_runner_tables_report_the_horizon_of_every_run(tmp_path):
     pair = tmp_path / "alphaedit"
     pre = {"edit/efficacy": 0.2, "drift/kl": 0.0}
-    _log_run(pair, "without_sphere", {
+    write_run_summary(pair / "without_sphere", {
         0: pre,
         1: {"edit/num_edited": 100.0, "edit/efficacy": 0.9, "drift/kl": 0.5},
         2: {"edit/num_edited": 200.0, "edit/efficacy": 0.85, "drift/kl": 1.5},
         3: {"edit/num_edited": 300.0, "edit/efficacy": 0.6, "drift/kl": 3.0},
     })  # fmt: skip
-    _log_run(pair, "with_sphere", {
+    write_run_summary(pair / "with_sphere", {
         0: pre,
         1: {"edit/num_edited": 100.0, "edit/efficacy": 0.95, "drift/kl": 0.1},
         3: {"edit/num_edited": 300.0, "edit/efficacy": 0.9, "drift/kl": 0.2},
@@ -477,6 +475,6 @@ def test_cli_run_logs_the_diagnostics_and_the_horizon(
     drift_logged = {step: value for step, value in scalars["drift/kl"].items() if step > 0}
     assert {e["step"]: e["drift_kl"] for e in summary["evaluations"]} == pytest.approx(drift_logged)
     assert summary["evaluations"][-1]["efficacy"] == pytest.approx(scalars["edit/efficacy"][2])
-    # The runner, from the event file with the same thresholds, finds the same horizon.
+    # The runner, from summary.json's scalars with the same thresholds, finds the same horizon.
     run = experiments.RunLog.read(path.parent)
     assert run.horizon(drift_kl_threshold=0.0).as_dict() == horizon

@@ -5,8 +5,8 @@
 experiments ...``) runs the config as given ("with SPHERE") and the same config with every
 :class:`~sphere_lightning.callbacks.SphereProjectionCallback` removed ("without SPHERE") as two
 ``python -m sphere_lightning fit`` processes, side by side by default, then reads both runs'
-TensorBoard event files and ``summary.json`` and writes the comparison at every evaluation step.
-``--out`` then holds:
+``summary.json`` (the only file it reads: every scalar a run logged is in it) and writes the
+comparison at every evaluation step. ``--out`` then holds:
 
 - ``with_sphere.yaml``, ``without_sphere.yaml``: the two run configs (each can be rerun by hand);
 - ``with_sphere/``, ``without_sphere/``: the runs' TensorBoard folders (events, ``config.yaml``,
@@ -18,9 +18,10 @@ every pair, ``--parallel`` processes at a time; each pair's output goes to
 ``<out>/<config name>/`` as above, and ``<out>/table.md`` and ``<out>/table.json`` hold one
 combined table, a row per editor and SPHERE setting, from the runs' ``summary.json``.
 
-A run with a ``summary.json`` is not run again; a run with a ``last.ckpt`` and no summary is
-resumed from it (``fit --ckpt_path``). The runner only launches and reads runs; everything a run
-does is in its config.
+A run writes its ``summary.json`` after every evaluation with ``finished: false``, and with
+``finished: true`` at its end. A finished run is not run again; an unfinished one with a
+``last.ckpt`` is resumed from it (``fit --ckpt_path``). The runner only launches and reads
+runs; everything a run does is in its config.
 
 The modules, by role: :mod:`.config` (run configs, suite files), :mod:`.runner` (the ``fit``
 processes), :mod:`.results` (reading a run's results), :mod:`.report` (tables and figures),

@@ -35,8 +35,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             "SphereProjectionCallback removed) as `python -m sphere_lightning fit` processes, "
             "then write table.md, table.json and figure.png comparing each pair at every "
             "evaluation step and, for several configs, one combined table of every editor "
-            "without and with SPHERE. Finished runs are skipped; a run with a last.ckpt and "
-            "no summary.json is resumed from it."
+            "without and with SPHERE, all read from each run's summary.json. Finished runs "
+            "are skipped; an unfinished run with a last.ckpt is resumed from it."
         ),
     )
     parser.add_argument(

@@ -58,7 +58,7 @@ def build_table(
         infos[run.name] = {
             "label": run.label,
             "log_dir": str(log.directory),
-            "finished": log.summary is not None,
+            "finished": log.finished,
             "wall_seconds": summary.get("wall_seconds"),
             "num_edited": summary.get("num_edited"),
             "global_step": summary.get("global_step"),
@@ -136,7 +136,7 @@ def format_markdown(table: dict[str, Any]) -> str:
         "text;",
         "- HE change: mean over the edited layers of `energy_change/<layer>` (HE minus HE before "
         "editing), per layer in `table.json`;",
-        "- wall time: seconds from the run's first TensorBoard event to its last one at that step;",
+        "- wall time: seconds from the run's start to the last scalars it logged at that step;",
         f"- {MISSING}: not logged at that step (or not yet).",
         "",
         "Runs:",
@@ -150,7 +150,10 @@ def format_markdown(table: dict[str, Any]) -> str:
                 "(`summary.json`)"
             )
         else:
-            state = "no `summary.json`: still running, failed or stopped"
+            state = (
+                "not finished (no `summary.json`, or `finished: false`): still running, failed "
+                "or stopped"
+            )
         lines.append(f"- {run.label}: `{info['log_dir']}` — {state}")
     horizons = {run: table["runs"][run.name].get("usable_horizon") for run in runs}
     if any(horizons.values()):
@@ -296,19 +299,18 @@ def build_suite_table(
     drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
 ) -> dict[str, Any]:
     """The combined table (the content of the suite's ``table.json``): one row per editor and
-    SPHERE setting, from each run's ``summary.json`` (values ``None`` where it has none), and
-    its usable horizon from its TensorBoard events (:meth:`RunLog.horizon`; the label, ``None``
-    without an evaluation after the first edit)."""
+    SPHERE setting, from each run's ``summary.json`` (values ``None`` until it says
+    ``finished``), its usable horizon and trajectories from the scalars it holds
+    (:meth:`RunLog.horizon`; the label, ``None`` without an evaluation after the first
+    edit)."""
     rows = []
     for pair in pairs:
         for run in pair.runs or present_runs(pair.directory):
             directory = pair.directory / run.name
-            summary_path = directory / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-            values = summary_values(summary or {})
-            log = RunLog.read(directory) if directory.is_dir() else None
-            horizon = log.horizon(efficacy_threshold, drift_kl_threshold) if log else None
-            values["usable_horizon"] = horizon.label if horizon and horizon.evaluated else None
+            log = RunLog.read(directory)
+            values = summary_values(log.summary if log.finished else {})
+            horizon = log.horizon(efficacy_threshold, drift_kl_threshold)
+            values["usable_horizon"] = horizon.label if horizon.evaluated else None
             rows.append(
                 {
                     "editor": pair.name,
@@ -316,9 +318,9 @@ def build_suite_table(
                     "run": run.name,
                     "label": run.label,
                     "log_dir": str(directory),
-                    "finished": summary is not None,
+                    "finished": log.finished,
                     "values": values,
-                    "trajectories": run_trajectories(log) if log else {},
+                    "trajectories": run_trajectories(log) if log.summary is not None else {},
                 }
             )
     return {
@@ -345,7 +347,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     lines += [
         "",
         "Every value is the run's `summary.json`, after its last edit (the figure and the "
-        "tables below: every evaluation, from the runs' TensorBoard events):",
+        "tables below: every evaluation, from the scalars each run's `summary.json` holds):",
         "",
         "- edits: facts written; efficacy, generalization, specificity, fluency: `edit.final`, "
         "over all facts edited;",
@@ -354,7 +356,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "- usable horizon: edits at the first evaluation where efficacy < "
         f"{table['horizon_thresholds']['efficacy']:g} or drift KL > "
         f'{table["horizon_thresholds"]["drift_kl"]:g}, "beyond N" if none did in the N '
-        "edits made; from the run's TensorBoard events (every evaluation it logged);",
+        "edits made; from every evaluation the run logged (`summary.json`'s `scalars`);",
         "- HE change: mean over the edited layers of HE minus HE before editing;",
         "- collapse diagnostics (`diagnostics.history`, each a mean over the edited layers): "
         "‖W‖/‖W₀‖ and ‖W−W₀‖/‖W₀‖ after the last edit against the unedited weight; principal "
@@ -369,7 +371,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",
     ]
     if unfinished:
-        lines += ["", "No `summary.json` (still running, failed or stopped):", ""]
+        lines += ["", "Not finished (still running, failed or stopped):", ""]
         lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
     for key, title, fmt in EVALUATION_TABLES:
         lines += ["", *format_trajectory_table(table, key, title, fmt)]

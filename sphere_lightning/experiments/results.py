@@ -1,5 +1,6 @@
-"""Reading a run's results: its TensorBoard scalars (:class:`RunLog`, every evaluation) and its
-``summary.json`` (:func:`summary_values`, after the last edit)."""
+"""Reading a run's results, all from its ``summary.json``: the scalars it logged
+(:class:`RunLog`, every evaluation) and its values after the last edit
+(:func:`summary_values`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from sphere_lightning.experiments.config import RUNS, Run
 from sphere_lightning.horizon import (
@@ -43,7 +42,7 @@ class Metric:
     fmt: str
 
 
-#: Metrics read as logged, under their TensorBoard tags.
+#: Metrics read as logged, under their tags (``summary.json``'s ``scalars``).
 LOGGED_METRICS = (
     Metric(EFFICACY, "efficacy", ".3f"),
     Metric(GENERALIZATION, "generalization", ".3f"),
@@ -55,7 +54,7 @@ LOGGED_METRICS = (
 )
 #: Mean of ``energy_change/<layer>`` over the edited layers.
 HE_CHANGE = Metric(ENERGY_CHANGE_MEAN, "HE change", ".4g")
-#: Seconds from the run's first event to its last event at the step.
+#: Seconds from the run's start to the last scalars it logged at the step.
 WALL_TIME = Metric("wall_seconds", "wall time [s]", ".0f")
 METRICS = (*LOGGED_METRICS, HE_CHANGE, WALL_TIME)
 
@@ -67,9 +66,12 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 @dataclass
 class RunLog:
-    """What one run logged: scalars by tag and step, event times, summary and config.
+    """What one run logged, from its ``summary.json``: scalars by tag and step, the time each
+    step's were logged, the summary and the run's config.
 
-    A tag logged twice at one step keeps its last value (by wall time).
+    ``summary.json`` is rewritten after every evaluation while the run goes on (``finished:
+    false``), so a run that is still going, or was stopped, shows what it logged up to its last
+    evaluation.
     """
 
     directory: Path
@@ -81,37 +83,29 @@ class RunLog:
 
     @classmethod
     def read(cls, directory: Path) -> RunLog:
-        """Read every TensorBoard event file under ``directory``, its ``summary.json`` and
-        ``config.yaml`` (each may be absent: the run may still be going)."""
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+        """Read ``directory/summary.json`` (absent: the run has not evaluated yet, nothing is
+        known)."""
         log = cls(directory=directory)
-        events: list[tuple[float, str, int, float]] = []
-        for path in sorted(directory.rglob("events.out.tfevents*")):
-            accumulator = EventAccumulator(
-                str(path), size_guidance={"scalars": 0}, purge_orphaned_data=False
-            )
-            accumulator.Reload()
-            try:
-                first = accumulator.FirstEventTimestamp()
-            except ValueError:  # an empty file
-                continue
-            if log.first_wall_time is None or first < log.first_wall_time:
-                log.first_wall_time = first
-            for tag in accumulator.Tags()["scalars"]:
-                events += [(e.wall_time, tag, e.step, e.value) for e in accumulator.Scalars(tag)]
-        for wall_time, tag, step, value in sorted(events):
-            log.scalars.setdefault(tag, {})[step] = value
-            log.step_wall_time[step] = max(wall_time, log.step_wall_time.get(step, wall_time))
-        summary = directory / "summary.json"
-        if summary.is_file():
-            log.summary = json.loads(summary.read_text())
-        config = directory / "config.yaml"
-        if config.is_file():
-            log.config = yaml.safe_load(config.read_text())
-        elif log.summary is not None:
-            log.config = log.summary.get("config")
+        path = directory / "summary.json"
+        if not path.is_file():
+            return log
+        log.summary = summary = json.loads(path.read_text(encoding="utf-8"))
+        log.scalars = {
+            tag: {int(step): value for step, value in values.items()}
+            for tag, values in (summary.get("scalars") or {}).items()
+        }
+        log.step_wall_time = {
+            int(step): time for step, time in (summary.get("step_wall_time") or {}).items()
+        }
+        log.first_wall_time = _number(summary.get("start_wall_time"))
+        log.config = summary.get("config")
         return log
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended: its ``summary.json`` says ``finished`` (one without the
+        key, from before it was written during the run, counts as finished)."""
+        return self.summary is not None and self.summary.get("finished", True) is not False
 
     def value(self, tag: str, step: int) -> float | None:
         """The scalar ``tag`` at ``step``, or ``None``."""
@@ -131,7 +125,7 @@ class RunLog:
         return sum(layers.values()) / len(layers) if layers else None
 
     def wall_seconds(self, step: int) -> float | None:
-        """Seconds from the run's first event to its last event at ``step``."""
+        """Seconds from the run's start to the last scalars it logged at ``step``."""
         if self.first_wall_time is None or step not in self.step_wall_time:
             return None
         return self.step_wall_time[step] - self.first_wall_time

@@ -26,6 +26,7 @@ from sphere_lightning.experiments.config import (
     without_sphere,
     write_run_config,
 )
+from sphere_lightning.experiments.results import RunLog
 
 
 @dataclass
@@ -265,16 +266,16 @@ def plan_pair(
 ) -> list[RunProcess]:
     """Write the pair's run configs (of ``runs``, default both) and return the runs still to do.
 
-    A run with a ``summary.json`` has finished and is skipped; one with a ``last.ckpt`` and no
-    summary is resumed from it; one with a folder but neither is set aside
-    (``<run>.incomplete-<n>``) and started again.
+    A run whose ``summary.json`` says it finished (:attr:`~.results.RunLog.finished`) is
+    skipped; one with a ``last.ckpt`` is resumed from it; one with a folder but neither is set
+    aside (``<run>.incomplete-<n>``) and started again.
     """
     pair.directory.mkdir(parents=True, exist_ok=True)
     processes = []
     for run in runs:
         run_dir = pair.directory / run.name
         name = f"{pair.name} {run.label}"
-        if (run_dir / "summary.json").is_file():  # its run config stays as it ran
+        if RunLog.read(run_dir).finished:  # its run config stays as it ran
             report(f"skipping '{name}': finished ({run_dir / 'summary.json'})")
             continue
         derived = run_config(config, dataset, pair.directory, run, num_edits)

@@ -4,12 +4,9 @@ trajectories."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
-import yaml
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from sphere_lightning import experiments
 from sphere_lightning.experiments import (
@@ -20,6 +17,7 @@ from tests.helpers import (
     PNG_SIGNATURE,
     RUNS_ORDER,
     markdown_rows,
+    write_run_summary,
 )
 
 START = 1_700_000_000.0
@@ -36,7 +34,6 @@ def _he(a, b):
     return {f"energy_change/{LAYERS[0]}": a, f"energy_change/{LAYERS[1]}": b}
 
 
-# Values exactly representable in float32 (TensorBoard stores scalars as float32).
 PRE_EDIT = {
     "edit/efficacy": 0.25,
     "edit/generalization": 0.125,
@@ -81,34 +78,25 @@ WITH_LOG = _scalars(
 )
 
 
-# Seconds after the first event at which each step's scalars are written.
+# Seconds after the run's start at which each step's scalars are logged.
 WITHOUT_TIMES = {0: 10.0, 1: 40.0, 2: 100.0}
 
 
 WITH_TIMES = {0: 12.0, 1: 50.0, 2: 130.0}
 
 
-def _write_run(out: Path, run: str, log, times, monkeypatch) -> Path:
-    """Log ``{step: {tag: value}}`` with Lightning's TensorBoardLogger under a fake clock."""
-    clock = [START]
-    with monkeypatch.context() as patch:
-        patch.setattr(time, "time", lambda: clock[0])
-        logger = TensorBoardLogger(save_dir=str(out), name="", version=run, default_hp_metric=False)
-        logger.experiment  # noqa: B018 - creates the event file: its first event is at START
-        for step in sorted(log):
-            clock[0] = START + times[step]
-            logger.log_metrics(log[step], step=step)
-        logger.finalize("success")
-    return Path(logger.log_dir)
+def _write_run(out: Path, run: str, log, times, finished: bool = False, **entries) -> Path:
+    """The ``summary.json`` of a run that logged ``{step: {tag: value}}`` at ``times``."""
+    return write_run_summary(out / run, log, times, START, finished, **entries).parent
 
 
-def test_report_tabulates_the_logged_values_at_every_evaluation_step(tmp_path, monkeypatch):
+def test_report_tabulates_the_logged_values_at_every_evaluation_step(tmp_path):
     out = tmp_path / "out"
-    _write_run(out, "without_sphere", WITHOUT_LOG, WITHOUT_TIMES, monkeypatch)
-    with_dir = _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
-    (with_dir / "summary.json").write_text(
-        json.dumps({"wall_seconds": 131.5, "num_edited": 200, "global_step": 2})
-    )
+    _write_run(out, "without_sphere", WITHOUT_LOG, WITHOUT_TIMES)
+    _write_run(
+        out, "with_sphere", WITH_LOG, WITH_TIMES, True,
+        wall_seconds=131.5, num_edited=200, global_step=2,
+    )  # fmt: skip
 
     markdown, data, figure = write_report(out)
 
@@ -143,9 +131,9 @@ def test_report_tabulates_the_logged_values_at_every_evaluation_step(tmp_path, m
     assert figure.read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_report_of_one_run_has_only_its_columns(tmp_path, monkeypatch):
+def test_report_of_one_run_has_only_its_columns(tmp_path):
     out = tmp_path / "out"
-    _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES, monkeypatch)
+    _write_run(out, "with_sphere", WITH_LOG, WITH_TIMES)
 
     assert main(["--report-only", "--out", str(out)]) == 0
 
@@ -160,25 +148,15 @@ def test_report_of_one_run_has_only_its_columns(tmp_path, monkeypatch):
     assert (out / "figure.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_edit_counts_come_from_the_config_where_not_logged(tmp_path, monkeypatch):
+def test_edit_counts_come_from_the_config_where_not_logged(tmp_path):
     out = tmp_path / "out"
     log = {step: {k: v for k, v in values.items() if k != "edit/num_edited"}
            for step, values in WITH_LOG.items()}  # fmt: skip
-    run = _write_run(out, "with_sphere", log, WITH_TIMES, monkeypatch)
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"edits_per_step": 30}}))
+    _write_run(out, "with_sphere", log, WITH_TIMES, config={"data": {"edits_per_step": 30}})
 
     table = experiments.build_table(out)
 
     assert [r["edits"] for r in table["rows"]] == [0, 60]
-
-
-def _log_scalars(directory: Path, log: dict[int, dict[str, float]]) -> None:
-    logger = TensorBoardLogger(
-        save_dir=str(directory.parent), name="", version=directory.name, default_hp_metric=False
-    )
-    for step in sorted(log):
-        logger.log_metrics(log[step], step=step)
-    logger.finalize("success")
 
 
 def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
@@ -205,7 +183,7 @@ def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
             row["diag/v_norm_mean"] = 2.0 * step
     log[2].update({"edit/efficacy": 0.75, "drift/kl": 1.5})
     out = tmp_path / "suite"
-    _log_scalars(out / "alphaedit" / "with_sphere", log)
+    write_run_summary(out / "alphaedit" / "with_sphere", log)
     pairs = [experiments.Pair("alphaedit", Path("a.yaml"), out / "alphaedit", runs=RUNS_ORDER)]
 
     markdown, data, figure = experiments.write_suite_report(out, pairs)

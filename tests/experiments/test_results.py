@@ -10,6 +10,7 @@ from tests.helpers import (
     PNG_SIGNATURE,
     RUNS_ORDER,
     markdown_rows,
+    write_run_summary,
 )
 
 
@@ -83,7 +84,7 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "nli_accuracy_change": 0.25,
         "boolq_accuracy_change": 0.0,
         "drift_kl": 0.0625,
-        "usable_horizon": None,  # no TensorBoard events: no evaluation to read it from
+        "usable_horizon": None,  # no scalars in the summary: no evaluation to read it from
         "he_change": 3.0,  # mean of 2 and 4
         "weight_growth": (12 / 10 + 6 / 4) / 2,  # last over the unedited norm, mean of layers
         "update_ratio": (3 / 10 + 2 / 4) / 2,  # last accumulated update over the unedited norm
@@ -101,3 +102,28 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
                        "0.375", "4.50", "610", "1234"]  # fmt: skip
     assert rows[0] == ["x", "without"] + ["—"] * 19
     assert "y with SPHERE: `" in markdown.read_text()
+
+
+def test_an_unfinished_run_has_its_logged_scalars_but_no_final_values(tmp_path):
+    scalars = {
+        0: {"edit/efficacy": 0.25, "energy_change/a": 0.0},
+        1: {"edit/num_edited": 100.0, "energy_change/a": 1.5},
+        2: {"edit/num_edited": 200.0, "edit/efficacy": 0.875, "energy_change/a": 2.5},
+    }
+    directory = tmp_path / "x" / "with_sphere"
+    write_run_summary(
+        directory, scalars, times={0: 5.0, 1: 20.0, 2: 45.0}, start=100.0, finished=False,
+        num_edited=200, edit={"final": {"efficacy": 0.875}},
+    )  # fmt: skip
+
+    log = experiments.RunLog.read(directory)
+    assert not log.finished
+    assert log.scalars["energy_change/a"] == {0: 0.0, 1: 1.5, 2: 2.5}
+    assert log.wall_seconds(2) == 45.0 and log.edits(2) == 200
+    pairs = [experiments.Pair("x", Path("x.yaml"), tmp_path / "x", runs=RUNS_ORDER)]
+    _, data, _ = experiments.write_suite_report(tmp_path, pairs)
+    _, row = json.loads(data.read_text())["rows"]
+    assert row["finished"] is False
+    assert row["values"]["efficacy"] is None  # the final values wait for the run's end
+    assert row["values"]["usable_horizon"] == "beyond 200"
+    assert row["trajectories"]["edit/efficacy"] == [[0, 0.25], [200, 0.875]]

@@ -12,6 +12,7 @@ from sphere_lightning.experiments import (
 from tests.helpers import (
     EXPERIMENT_CONFIGS,
     RUNS_ORDER,
+    write_run_summary,
 )
 
 
@@ -38,7 +39,8 @@ def test_plan_skips_finished_resumes_checkpointed_and_restarts_bare_runs(tmp_pat
     # Nothing there yet: both runs start from scratch.
     assert [(p.run, p.ckpt_path) for p in plan()] == [(WITHOUT_SPHERE, None), (WITH_SPHERE, None)]
 
-    # Without SPHERE finished; with SPHERE was killed after a checkpoint.
+    # Without SPHERE finished (a summary.json without `finished`, as older runs wrote it); with
+    # SPHERE was killed after a checkpoint and an evaluation (its summary.json says so).
     without_dir, with_dir = (pair.directory / run.name for run in RUNS_ORDER)
     without_dir.mkdir()
     (without_dir / "summary.json").write_text("{}")
@@ -46,14 +48,20 @@ def test_plan_skips_finished_resumes_checkpointed_and_restarts_bare_runs(tmp_pat
     checkpoint = with_dir / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"ckpt")
+    write_run_summary(with_dir, {1: {"edit/efficacy": 0.5}}, finished=False)
     (processes,) = [plan()]
     assert [(p.run, p.ckpt_path) for p in processes] == [(WITH_SPHERE, checkpoint)]
     assert processes[0].command()[-2:] == ["--ckpt_path", str(checkpoint)]
     assert processes[0].name == "alphaedit with SPHERE"
     assert any("skipping 'alphaedit without SPHERE'" in m for m in messages)
 
+    # Once its summary.json says finished, it is left alone too.
+    write_run_summary(with_dir, {1: {"edit/efficacy": 0.5}}, finished=True)
+    assert plan() == []
+
     # Killed before its first checkpoint: the folder is set aside and the run starts again.
     checkpoint.unlink()
+    (with_dir / "summary.json").unlink()
     (with_dir / "fit.log").write_text("old")
     (processes,) = [plan()]
     assert [(p.run, p.ckpt_path) for p in processes] == [(WITH_SPHERE, None)]
