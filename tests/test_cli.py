@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sphere_lightning import cli as cli_module
 from sphere_lightning.callbacks import CosineHeatmapCallback, EditObserver, changes_since
-from sphere_lightning.cli import cli_main
+from sphere_lightning.cli import RunSummary, cli_main
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
-from tests.helpers import tiny_alphaedit_flags
+from tests.helpers import tiny_alphaedit_flags, write_run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,3 +271,33 @@ model:
     assert {"compute_deltas", "evaluation", "drift", "general/sst2", "figures/trends"} <= set(
         summary["phase_seconds"]
     )
+
+
+def test_a_resumed_run_keeps_the_earlier_summary_scalars_up_to_its_checkpoint(
+    tmp_path, monkeypatch
+):
+    # The stopped process's last summary.json: an evaluation at step 2 (after the checkpoint of
+    # step 2 was saved) and a step 3 past the checkpoint.
+    write_run_summary(
+        tmp_path,
+        {1: {"a": 1.0}, 2: {"a": 2.0, "edit/efficacy": 0.25}, 3: {"a": 3.0}},
+        times={1: 1.0, 2: 2.0, 3: 3.0},
+        finished=False,
+    )
+    trainer = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path), is_global_zero=True)
+    summary = RunSummary(config={"data": {}}, started=0.0)
+    summary.keep_earlier(trainer, step=2)
+    assert summary.earlier == {
+        "scalars": {"a": {1: 1.0, 2: 2.0}, "edit/efficacy": {2: 0.25}},
+        "step_wall_time": {1: 1.0, 2: 2.0},
+    }
+    # The resumed process's own scalars (restored from the checkpoint, then logged) win.
+    own = {"scalars": {"a": {1: 1.0, 2: 2.0, 3: 30.0}}, "step_wall_time": {1: 1.0, 2: 2.0, 3: 9.0}}
+    monkeypatch.setattr(cli_module, "summarise", lambda trainer, module: dict(own))
+    written = json.loads(summary.write(trainer, None, finished=True).read_text())
+    assert written["scalars"] == {
+        "a": {"1": 1.0, "2": 2.0, "3": 30.0},
+        "edit/efficacy": {"2": 0.25},
+    }
+    assert written["step_wall_time"] == {"1": 1.0, "2": 2.0, "3": 9.0}
+    assert written["finished"] is True and written["config"] == {"data": {}}

@@ -91,7 +91,7 @@ def run_config(
     """A copy of ``config`` that edits ``dataset`` and logs to TensorBoard in ``out/<run name>``.
 
     A TensorBoard logger in ``config`` keeps its other settings; any other logger is replaced,
-    since the comparison reads TensorBoard event files.
+    so that the run's ``summary.json``, which the comparison reads, lands in ``out/<run name>``.
     """
     derived = copy.deepcopy(config)
     derived.setdefault("data", {})
