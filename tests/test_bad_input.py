@@ -227,8 +227,26 @@ def test_bad_data_file_is_one_paragraph(case, tmp_path, tiny_model_dir, run_main
             ["--data.dataset=missing/facts.json"],
             r"edit data file not found: missing/facts\.json \(`data\.dataset`\)",
         ),
+        (
+            ["--model.editor.init_args.target.num_steps=0"],
+            r"`model\.editor\.init_args\.target\.num_steps` must be ≥ 1, got 0",
+        ),
+        (
+            ["--model.editor.init_args.statistics.max_length=0"],
+            r"`model\.editor\.init_args\.statistics\.max_length` must be ≥ 1, got 0",
+        ),
     ],
-    ids=["num_edits", "edits_per_step", "layers", "dtype", "hub id", "model path", "data path"],
+    ids=[
+        "num_edits",
+        "edits_per_step",
+        "layers",
+        "dtype",
+        "hub id",
+        "model path",
+        "data path",
+        "v* steps",
+        "statistics length",
+    ],
 )
 def test_bad_flag_is_one_paragraph(extra, expected, tmp_path, tiny_model_dir, run_main):
     data = tmp_path / "facts.json"

@@ -18,6 +18,8 @@ from sphere_lightning.editors import (
     MEMIT,
     ROME,
     AlphaEdit,
+    KeyValueEditor,
+    LocateThenEditEditor,
     NASOptions,
     TargetOptions,
     TemplateOptions,
@@ -340,6 +342,13 @@ def test_rome_bounds_v_star_by_the_mlp_output(
     assert abs(m.norm() - h.norm()) > 0.1 * h.norm()  # the two bounds differ
     step = (rome_targets[0].values[0] - rome_targets[0].initial[0]).norm().item()
     assert step == pytest.approx(factor * m.norm().item(), rel=1e-3)
+
+
+def test_rome_shares_keys_and_v_star_but_not_the_layer_loop():
+    """ROME builds on the shared k/v* machinery, not on MEMIT's layer loop: no ``solve``."""
+    assert issubclass(ROME, KeyValueEditor) and not issubclass(ROME, LocateThenEditEditor)
+    assert not hasattr(ROME, "solve") and not hasattr(ROME, "target_values")
+    assert issubclass(MEMIT, LocateThenEditEditor) and issubclass(AlphaEdit, LocateThenEditEditor)
 
 
 def test_rome_has_no_target_layer_and_checks_its_clamp():

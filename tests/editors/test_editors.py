@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from jsonargparse import ArgumentError, ArgumentParser
 from transformers.pytorch_utils import Conv1D
 
 from sphere_lightning.cache import stats_cache_dir
-from sphere_lightning.editors import MEMIT, AlphaEdit, base, statistics
+from sphere_lightning.editors import MEMIT, AlphaEdit, Editor, base, statistics
+from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.editors.statistics import StatisticsOptions
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.editors.templates import TemplateOptions
@@ -696,3 +699,28 @@ def test_compute_keys_uses_the_two_level_mean(tiny_llama, tokenizer, requests, t
     expected = (per_template[0] + (per_template[1] + per_template[2]) / 2) / 2
     keys = editor.compute_keys(tiny_llama, tokenizer, requests[:2], [LAYERS[0]])[LAYERS[0]]
     torch.testing.assert_close(keys, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("class_path", "default_target"),
+    [
+        ("sphere_lightning.editors.AlphaEdit", TargetOptions()),
+        ("sphere_lightning.editors.ROME", ROME_TARGET),
+    ],
+)
+def test_an_option_group_keeps_the_fields_a_config_does_not_give(class_path, default_target):
+    """``target: {num_steps: 3}`` changes that field only; the others keep the editor's own
+    defaults (ROME's clamp 4), and an unknown field is refused by name."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--editor", type=Editor)
+    config = {
+        "class_path": class_path,
+        "init_args": {"target": {"num_steps": 3}, "statistics": {"num_samples": 8}},
+    }
+    editor = parser.instantiate_classes(parser.parse_args(["--editor", json.dumps(config)])).editor
+    assert editor.target == dataclasses.replace(default_target, num_steps=3)
+    assert editor.statistics == StatisticsOptions(num_samples=8)
+    assert editor.templates == TemplateOptions()
+    config["init_args"]["target"] = {"num_stepz": 3}
+    with pytest.raises(ArgumentError, match="num_stepz"):
+        parser.parse_args(["--editor", json.dumps(config)])
