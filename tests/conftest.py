@@ -23,9 +23,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from sphere_lightning.data.readers import write_counterfact_rome
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models import prepare
+from tests.helpers import INIT_RANGE, REQUESTS, _special_ids, _write_rome_json
 
 # The tests' models are tiny: intra-op threading only adds synchronisation (on 2 cores a 128×128
 # eigendecomposition takes ~0.3 s with 2 threads and ~1 ms with one).
@@ -70,54 +70,6 @@ The official language of Canada is English or French, who knows, what a question
 Who created Mario? Nintendo, a company from Kyoto, created the game Mario.
 """
 
-#: The requests of the ``requests`` fixture; all their words are in the vocabulary.
-REQUESTS = [
-    EditRequest(
-        case_id=0,
-        subject="Danielle Darrieux",
-        prompt="The mother tongue of {} is",
-        target_new="English",
-        target_true="French",
-        paraphrase_prompts=("Danielle Darrieux speaks the language of",),
-        neighborhood_prompts=("The mother tongue of Lionel Messi is",),
-    ),
-    EditRequest(
-        case_id=1,
-        subject="Eiffel Tower",
-        prompt="The {} is located in the city of",
-        target_new="Rome",
-        target_true="Paris",
-        paraphrase_prompts=("The Eiffel Tower is in the city of",),
-        neighborhood_prompts=("The Louvre is located in the city of",),
-    ),
-    EditRequest(
-        case_id=2,
-        subject="Toyota",
-        prompt="{} was founded in the country of",
-        target_new="Germany",
-        target_true="Japan",
-        paraphrase_prompts=("The company Toyota was founded in",),
-        neighborhood_prompts=("Honda was founded in the country of",),
-    ),
-    EditRequest(
-        case_id=3,
-        subject="Lionel Messi",
-        prompt="{} plays the sport of",
-        target_new="basketball",
-        target_true="soccer",
-        paraphrase_prompts=("Lionel Messi is a player of",),
-        neighborhood_prompts=("Michael Jordan plays the sport of",),
-    ),
-    EditRequest(
-        case_id=4,
-        subject="Nintendo",
-        prompt="The headquarters of {} is located in",
-        target_new="Seoul",
-        target_true="Kyoto",
-        paraphrase_prompts=("The company Nintendo has its headquarters in",),
-        neighborhood_prompts=("The headquarters of Nokia is located in",),
-    ),
-]
 
 #: Extra words the package itself prompts with (generated templates, statistics seeds, KL).
 EXTRA_WORDS = (
@@ -152,19 +104,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.padding_side = "right"
     return tokenizer
-
-
-#: Larger than the default 0.02 so the tiny models' predictions are peaked enough for an edit
-#: (a change of the residual stream) to move them measurably.
-INIT_RANGE = 0.2
-
-
-def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    return {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
 
 
 def build_tiny_gpt2(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> GPT2LMHeadModel:
@@ -282,11 +221,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> str:
     saved.pad_token = None
     saved.save_pretrained(path)
     return str(path)
-
-
-def _write_rome_json(requests: list[EditRequest], path: Path) -> Path:
-    """Write ``requests`` as a CounterFact file in ROME's layout; returns ``path``."""
-    return write_counterfact_rome(requests, path)
 
 
 @pytest.fixture(scope="session")

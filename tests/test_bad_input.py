@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from test_cli import _fit_args
 
 import sphere_lightning
 from sphere_lightning import __main__ as entry
@@ -36,6 +35,7 @@ from sphere_lightning.errors import (
 )
 from sphere_lightning.models import ARCHITECTURES, architecture_of, loading
 from sphere_lightning.module import EditingModule
+from tests.helpers import _fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

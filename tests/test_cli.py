@@ -15,7 +15,7 @@ from sphere_lightning.callbacks import CosineHeatmapCallback, EditObserver, chan
 from sphere_lightning.cli import RunSummary, cli_main
 from sphere_lightning.editors import AlphaEdit
 from sphere_lightning.module import EditingModule, NonFiniteDeltaError
-from tests.helpers import tiny_alphaedit_flags, write_run_summary
+from tests.helpers import _fit_args, write_run_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,24 +40,6 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def _fit_args(tmp_path: Path, model_dir: str, data: Path) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(ROOT / "configs" / "edit.yaml"),
-        f"--model.model={model_dir}",
-        *tiny_alphaedit_flags(num_steps=10),
-        "--model.editor.init_args.nullspace_threshold=1e9",
-        f"--data.dataset={data}",
-        "--data.num_edits=4",
-        "--data.edits_per_step=2",
-        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import _fit_args  # the tiny-model `fit` arguments of the end-to-end CLI tests
 
 import sphere_lightning
 from sphere_lightning.callbacks import ExportCallback
@@ -23,6 +22,7 @@ from sphere_lightning.errors import ConfigError
 from sphere_lightning.export import export_checkpoint, load_edited_model, main
 from sphere_lightning.models import load_model
 from sphere_lightning.module import CheckpointMismatchError, EditingModule
+from tests.helpers import _fit_args  # the tiny-model `fit` arguments of the end-to-end CLI tests
 
 PROMPTS = [
     "The mother tongue of Danielle Darrieux is",

@@ -717,7 +717,7 @@ def test_error_pickles() -> None:
 
 def test_write_counterfact_rome_round_trips(tmp_path):
     from sphere_lightning.data import read_counterfact_rome, write_counterfact_rome
-    from tests.conftest import REQUESTS
+    from tests.helpers import REQUESTS
 
     path = write_counterfact_rome(REQUESTS, tmp_path / "facts.json")
     back = read_counterfact_rome(path)

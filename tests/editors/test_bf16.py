@@ -11,8 +11,8 @@ import torch
 
 from sphere_lightning.functional import hyperspherical_energy, project_delta
 from sphere_lightning.models import linear_weight
-from tests.editors.test_contract import EDITORS, make_editor
-from tests.editors.test_editors import logprob_gains
+from tests.helpers import EDITORS, logprob_gains
+from tests.helpers import make_contract_editor as make_editor
 
 
 @pytest.mark.parametrize("kind", EDITORS)

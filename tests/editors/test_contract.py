@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,10 +18,7 @@ from sphere_lightning.editors import (
     AlphaEdit,
     KeyValueEditor,
     LocateThenEditEditor,
-    NASOptions,
-    TargetOptions,
     TemplateOptions,
-    UltraEdit,
     rome,
 )
 from sphere_lightning.editors.hooks import encode_with_subject
@@ -32,71 +27,16 @@ from sphere_lightning.editors.targets import compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
 from sphere_lightning.models.batching import encode_target
-from tests.conftest import REQUESTS, _write_rome_json
-from tests.editors.test_editors import (
-    STATS,
+from tests.helpers import (
+    EDITORS,
     apply_deltas,
+    assert_same_deltas,
     logprob_gains,
-    nullspace_threshold,
+    roundtrip,
 )
+from tests.helpers import make_contract_editor as make_editor
 
 FAMILIES = ["gpt2", "llama"]
-EDITORS = ["rome", "ft", "memit", "alphaedit", "alphaedit_nas", "ultraedit"]
-# seed 1: the template seed of test_editors.COMMON (see there).
-LOCATE = {"templates": TemplateOptions(count=1, length=4), "seed": 1}
-
-
-def nas_request_file(directory: str | Path) -> str:
-    """The tiny vocabulary's requests as a CounterFact file, for ``nas_requests`` (in
-    ``directory``, made if it does not exist yet)."""
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    return str(_write_rome_json(REQUESTS, Path(directory) / "nas_requests.json"))
-
-
-def make_editor(kind, model, tokenizer, cache_dir, num_steps=20, target=None, **overrides):
-    """An editor of ``kind`` with options small enough for the tiny models; for ROME, MEMIT and
-    AlphaEdit ``num_steps`` v* steps at lr 0.5 from the editor's default v* options, with the
-    fields in ``target`` replaced."""
-    if kind == "ft":
-        editor = FT(**{"layers": [1, 2], "num_steps": 10, "lr": 1e-2, **overrides})
-    elif kind == "ultraedit":
-        editor = UltraEdit(**{"layers": [1, 2], "lr": 1e-2, **overrides})
-        editor.progress = False
-    else:
-        default = ROME_TARGET if kind == "rome" else TargetOptions()
-        options = {
-            "layers": [1, 2],
-            "target": dataclasses.replace(
-                default, **{"num_steps": num_steps, "lr": 0.5, **(target or {})}
-            ),
-            "statistics": dataclasses.replace(STATS, cache_dir=cache_dir),
-        }
-        options.update(LOCATE, **overrides)
-        if kind == "rome":
-            editor = ROME(**{**options, "layers": [1]})
-        elif kind == "memit":
-            editor = MEMIT(mom2_update_weight=10.0, **options)
-        else:
-            if kind == "alphaedit_nas":  # ν measured on the five requests of the tiny vocabulary
-                options.update(nas=NASOptions(enabled=True, requests=nas_request_file(cache_dir)))
-            threshold = nullspace_threshold(model, tokenizer, cache_dir)
-            editor = AlphaEdit(nullspace_threshold=threshold, l2=1e-2, **options)
-        editor.progress = False
-    return editor
-
-
-def roundtrip(state: dict) -> dict:
-    """``state`` through ``torch.save`` / ``torch.load(weights_only=True)``, as a checkpoint."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def assert_same_deltas(actual: dict, expected: dict) -> None:
-    assert list(actual) == list(expected)
-    for name in expected:
-        assert torch.equal(actual[name], expected[name]), name
 
 
 @pytest.fixture(scope="module")

@@ -21,91 +21,21 @@ from sphere_lightning.editors.statistics import StatisticsOptions
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.editors.templates import TemplateOptions
 from sphere_lightning.models import architecture_of, linear_weight
+from tests.helpers import (
+    COMMON,
+    LAYERS,
+    _project_against_live_weight,
+    _recorder,
+    apply_deltas,
+    logprob_gains,
+    make_editor,
+    plain_project_and_apply_loop,
+)
 
 FAMILIES = ["gpt2", "llama"]
 KINDS = ["memit", "alphaedit"]
-LAYERS = [1, 2]
-STATS = StatisticsOptions(corpus="generated", num_samples=16, max_length=16)
-COMMON = {
-    "layers": LAYERS,
-    "target": TargetOptions(num_steps=30, lr=0.5),
-    "templates": TemplateOptions(count=1, length=4),
-    # The one sampled template (MEMIT's top-5 sampling) decides part of what a 32-wide random
-    # model learns: with seed 0 tiny Llama's ("The Therefore Louvre small.") leaves AlphaEdit a
-    # mean log-prob gain of only 0.03; seed 1's gives margins like the other seeds' (0.3-0.8).
-    "seed": 1,
-}
 #: Fixed context templates for the direct v* tests (the first must be the bare prompt).
 TEMPLATES = ["{}", "Because the sun was warm . {}"]
-
-
-def nullspace_threshold(model, tokenizer, cache_dir=None) -> float:
-    """A threshold that leaves about half of every edited layer's key space as null space.
-
-    The key second moments are cached, so the editor built with the same statistics options
-    loads them instead of recomputing.
-    """
-    covs = statistics.second_moments(
-        model,
-        tokenizer,
-        architecture_of(model),
-        LAYERS,
-        corpus=STATS.corpus,
-        num_samples=STATS.num_samples,
-        max_length=STATS.max_length,
-        cache_dir=cache_dir,
-    )
-    return max(torch.linalg.eigvalsh(c.double()).median().item() for c in covs.values())
-
-
-def make_editor(kind, model, tokenizer, cache_dir=None, num_steps=None, **overrides):
-    """MEMIT or AlphaEdit on :data:`COMMON`, statistics cached in ``cache_dir``; ``num_steps``
-    replaces the v* steps, ``overrides`` any other argument."""
-    target = COMMON["target"] if num_steps is None else TargetOptions(num_steps=num_steps, lr=0.5)
-    statistics = dataclasses.replace(STATS, cache_dir=cache_dir)
-    options = {**COMMON, "target": target, "statistics": statistics, **overrides}
-    if kind == "memit":
-        editor = MEMIT(mom2_update_weight=10.0, **options)
-    else:
-        threshold = nullspace_threshold(model, tokenizer, cache_dir)
-        editor = AlphaEdit(nullspace_threshold=threshold, l2=1e-2, **options)
-    editor.progress = False
-    return editor
-
-
-def apply_deltas(model, deltas) -> None:
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            module = model.get_submodule(name.removesuffix(".weight"))
-            linear_weight(module).add_(delta)
-
-
-def target_logprob(model, tokenizer, request) -> float:
-    """Mean log-probability of ``target_new``'s tokens after the filled prompt (plain forward)."""
-    prompt = tokenizer(request.filled_prompt)["input_ids"]
-    target = tokenizer(" " + request.target_new, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([prompt + target])
-    with torch.no_grad():
-        logprobs = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return sum(logprobs[len(prompt) - 1 + i, t].item() for i, t in enumerate(target)) / len(target)
-
-
-def logprob_gains(model, tokenizer, requests, deltas) -> list[float]:
-    """Apply ``deltas`` to ``model`` (in place) and return each request's change of
-    :func:`target_logprob`."""
-    before = [target_logprob(model, tokenizer, r) for r in requests]
-    apply_deltas(model, deltas)
-    after = [target_logprob(model, tokenizer, r) for r in requests]
-    return [a - b for a, b in zip(after, before, strict=True)]
-
-
-def _recorder(store: dict, key: str, read: str = "input"):
-    """A forward hook that stores the module's first input (or its output) under ``key``."""
-
-    def hook(module, args, output):
-        store[key] = args[0] if read == "input" else output
-
-    return hook
 
 
 # -- one edit per (editor, family), shared by the tests that only read it ---------------------
@@ -577,67 +507,6 @@ def test_v_star_matches_a_plain_reimplementation_of_the_reference(
 
 
 # -- delta transforms inside the layer loop ----------------------------------------------------
-
-
-def _block_output_at_subject(model, tokenizer, requests, layer: int) -> torch.Tensor:
-    """Output of block ``layer`` at the subject's last token of each bare prompt: one unpadded
-    forward per prompt."""
-    spec = architecture_of(model)
-    block = model.get_submodule(spec.layer_name(layer))
-    rows = []
-    for r in requests:
-        encoded = base.encode_with_subject(tokenizer, r.prompt, r.subject)
-        store = {}
-        handle = block.register_forward_hook(_recorder(store, "out", read="output"))
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.tensor([encoded.ids]))
-        finally:
-            handle.remove()
-        out = store["out"][0] if isinstance(store["out"], tuple) else store["out"]
-        rows.append(out[0, encoded.subject_last])
-    return torch.stack(rows)
-
-
-def _project_against_live_weight(model, cumulative_ratio=0.5, suppression=0.8):
-    """SPHERE's projection against the weight as it is in the model at call time."""
-    from sphere_lightning.functional import project_delta
-
-    def transform(name, delta):
-        weight = linear_weight(model.get_submodule(name.removesuffix(".weight"))).detach()
-        return project_delta(delta, weight.clone(), cumulative_ratio, suppression)[0]
-
-    return transform
-
-
-def plain_project_and_apply_loop(editor, model, tokenizer, requests, transform, solve=None):
-    """The layer loop written out: v* once, then per layer (bottom to top) ΔW from
-    ``solve(layer_index, layer, keys, residual)`` (default ``editor.solve``, float64 inputs),
-    ``transform(name, ΔW)``, really applied for the layers above. Returns the transformed deltas
-    and leaves the model as it found it."""
-    spec = architecture_of(model)
-    solve = solve or (lambda i, layer, k, r: editor.solve(i, layer, k.double(), r.double()))
-    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    target = compute_target_values(
-        model,
-        tokenizer,
-        spec,
-        requests,
-        editor.target_layer,
-        editor.context_templates,
-        editor.target,
-        progress=False,
-    )
-    expected = {}
-    for i, layer in enumerate(editor.layers):
-        keys = editor.compute_keys(model, tokenizer, requests, [layer])[layer]
-        current = _block_output_at_subject(model, tokenizer, requests, editor.target_layer)
-        residual = (target.values - current) / (len(editor.layers) - i)
-        name = spec.weight_name(layer)
-        expected[name] = transform(name, solve(i, layer, keys, residual).float())
-        apply_deltas(model, {name: expected[name]})
-    model.load_state_dict(before)
-    return expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ import torch
 
 from sphere_lightning.editors import MEMIT, AlphaEdit
 from sphere_lightning.errors import ConfigError
-from tests.editors.test_editors import (
+from tests.helpers import (
     _project_against_live_weight,
     make_editor,
     plain_project_and_apply_loop,

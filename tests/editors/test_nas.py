@@ -20,10 +20,17 @@ from sphere_lightning.editors.hooks import encode_with_subject
 from sphere_lightning.editors.targets import TargetResult, compute_target_values
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of
-from tests.conftest import REQUESTS, _write_rome_json
-from tests.editors.test_contract import assert_same_deltas, nas_request_file, roundtrip
-from tests.editors.test_editors import apply_deltas, make_editor
-from tests.helpers import ROOT, tiny_alphaedit_flags
+from tests.helpers import (
+    REQUESTS,
+    ROOT,
+    _write_rome_json,
+    apply_deltas,
+    assert_same_deltas,
+    make_editor,
+    nas_request_file,
+    roundtrip,
+    tiny_alphaedit_flags,
+)
 
 KINDS = ["memit", "alphaedit"]
 

