@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,11 +214,7 @@ def write_report(
     """Write ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns their paths
     (the thresholds: of the usable horizon)."""
     table = build_table(out, efficacy_threshold, drift_kl_threshold)
-    markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
-    markdown.write_text(format_markdown(table))
-    data.write_text(json.dumps(table, indent=2))
-    plot_comparison(table, figure)
-    return markdown, data, figure
+    return _write_outputs(out, table, format_markdown, plot_comparison)
 
 
 @dataclass(frozen=True)
@@ -464,8 +460,19 @@ def write_suite_report(
     """Write the combined ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns
     their paths."""
     table = build_suite_table(pairs, efficacy_threshold, drift_kl_threshold)
+    return _write_outputs(out, table, format_suite_markdown, plot_suite)
+
+
+def _write_outputs(
+    out: Path,
+    table: dict[str, Any],
+    markdown_of: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], None],
+) -> tuple[Path, Path, Path]:
+    """Write ``table`` into ``out`` as ``table.md`` (``markdown_of``), ``table.json`` and
+    ``figure.png`` (``plot``); returns their paths."""
     markdown, data, figure = out / "table.md", out / "table.json", out / "figure.png"
-    markdown.write_text(format_suite_markdown(table))
+    markdown.write_text(markdown_of(table))
     data.write_text(json.dumps(table, indent=2))
-    plot_suite(table, figure)
+    plot(table, figure)
     return markdown, data, figure
