@@ -1,16 +1,20 @@
 """Editing metrics: how the model scores an answer after a prompt.
 
 CounterFact (ROME/MEMIT protocol) compares the mean per-token log-probability of ``target_new`` and
-``target_true``; zsRE uses teacher-forced token accuracy of the answer.
+``target_true``; zsRE uses teacher-forced token accuracy of the answer; KnowEdit (EasyEdit's
+protocol) adds portability (token accuracy on each probe family) and locality (the share of
+answer tokens the edited model predicts as the unedited one did).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models.batching import encode_target
 from sphere_lightning.scoring import ContinuationScores, padding_id, score_token_continuations
@@ -25,6 +29,7 @@ def score_continuations(
     *,
     progress: bool = False,
     desc: str = "Edit metrics",
+    predictions: bool = False,
 ) -> ContinuationScores:
     """Teacher-forced scores of each target after its prompt, the edit metrics' tokenisation.
 
@@ -36,7 +41,8 @@ def score_continuations(
 
     Returns:
         :class:`~sphere_lightning.scoring.ContinuationScores` (``mean_logprob``,
-        ``token_accuracy``, ``sum_logprob``), one entry per (prompt, target).
+        ``token_accuracy``, ``sum_logprob``; ``predicted``, the argmax token at each target
+        position, with ``predictions``), one entry per (prompt, target).
     """
     if len(prompts) != len(targets):
         raise ValueError(f"Got {len(prompts)} prompts but {len(targets)} targets")
@@ -54,6 +60,7 @@ def score_continuations(
         pad_id=padding_id(tokenizer),
         progress=progress,
         desc=desc,
+        predictions=predictions,
     )
 
 
@@ -130,13 +137,139 @@ def zsre_scores(
     return _per_request_mean(accuracy, owners, kinds, len(requests))
 
 
-def _per_request_mean(
-    values: torch.Tensor, owners: list[int], kinds: list[str], num_requests: int
+#: The unedited model's argmax tokens at each answer position of (prompt, answer) pairs:
+#: ``unedited(prompts, answers)``, one tuple per pair (KnowEdit's locality compares them).
+UneditedPredictions = Callable[[Sequence[str], Sequence[str]], Sequence[Sequence[int]]]
+
+
+def knowedit_metric_name(kind: str, family: str | None = None) -> str:
+    """``portability``, ``locality`` or one family's ``portability_subject_aliasing``, ..."""
+    return kind if family is None else f"{kind}_{family.lower()}"
+
+
+#: KnowEdit's metrics: EasyEdit's (edit success, rephrase accuracy as generalization,
+#: portability and locality, overall and per family) and, where a fact has a ground truth, the
+#: probability comparisons (efficacy, specificity).
+KNOWEDIT_METRICS: tuple[str, ...] = (
+    "edit_success",
+    "generalization",
+    "efficacy",
+    "specificity",
+    *(
+        knowedit_metric_name(kind, family)
+        for kind, families in KNOWEDIT_FAMILIES.items()
+        for family in (None, *families)
+    ),
+)
+
+
+def knowedit_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    batch_size: int = 64,
+    *,
+    unedited: UneditedPredictions,
+    progress: bool = False,
+    desc: str = "Edit metrics",
 ) -> dict[str, torch.Tensor]:
-    """Average ``values`` per (kind, request); NaN where a request has no prompt of a kind."""
+    """Per-request KnowEdit metrics, as EasyEdit's ``compute_edit_quality`` and the summary of
+    its ``run_knowedit_llama2.py`` compute them (each in [0, 1]; NaN where a request has no
+    prompt of a kind):
+
+    - ``edit_success``: teacher-forced token accuracy of ``target_new`` after the edit prompt;
+    - ``generalization``: the same after each ``rephrase`` prompt, averaged per fact;
+    - ``portability_<family>``: token accuracy of each probe's answer after its prompt,
+      averaged over the family's probes; ``portability``: the mean over the fact's families;
+    - ``locality_<family>``: per probe, the share of answer positions where the model predicts
+      the token the unedited model predicts (``unedited``), averaged over the family's probes;
+      ``locality``: the mean over the fact's families;
+    - where the fact has a ground truth other than ``target_new`` (``target_true``):
+      ``efficacy``, the mean per-token probability of ``target_new`` above that of the ground
+      truth after the edit prompt, and ``specificity``, each locality probe's answer still above
+      ``target_new`` after the probe's prompt, averaged per fact.
+    """
+    pairs: list[tuple[str, str]] = []
+    items: list[tuple[str, int, int]] = []  # (kind, owner, pair index)
+    locality: list[tuple[str, int, int]] = []
+    compared: list[tuple[str, int, int, int]] = []  # (kind, owner, preferred, other)
+
+    def pair(prompt: str, target: str) -> int:
+        pairs.append((prompt, target))
+        return len(pairs) - 1
+
+    for i, r in enumerate(requests):
+        items.append(("edit_success", i, pair(r.filled_prompt, r.target_new)))
+        items += [("generalization", i, pair(p, r.target_new)) for p in r.paraphrase_prompts]
+        comparable = r.target_true is not None and r.target_true != r.target_new
+        if comparable:
+            compared.append(
+                (
+                    "efficacy",
+                    i,
+                    pair(r.filled_prompt, r.target_new),
+                    pair(r.filled_prompt, r.target_true),
+                )
+            )
+        for probe in r.probes:
+            name = knowedit_metric_name(probe.kind, probe.family)
+            index = pair(probe.prompt, probe.answer)
+            if probe.kind == "portability":
+                items.append((name, i, index))
+            else:
+                locality.append((name, i, index))
+                if comparable:
+                    compared.append(("specificity", i, index, pair(probe.prompt, r.target_new)))
+    prompts, targets = [p for p, _ in pairs], [t for _, t in pairs]
+    scores = score_continuations(
+        model,
+        tokenizer,
+        prompts,
+        targets,
+        batch_size,
+        progress=progress,
+        desc=desc,
+        predictions=bool(locality),
+    )
+    values, owners, kinds = [], [], []
+    accuracy = scores.token_accuracy
+    for kind, owner, index in items:
+        values.append(float(accuracy[index]))
+        owners.append(owner)
+        kinds.append(kind)
+    if locality:
+        before = unedited(
+            [prompts[k] for _, _, k in locality], [targets[k] for _, _, k in locality]
+        )
+        for (kind, owner, index), old in zip(locality, before, strict=True):
+            new = scores.predicted[index]
+            values.append(sum(a == b for a, b in zip(new, old, strict=True)) / len(new))
+            owners.append(owner)
+            kinds.append(kind)
+    logprob = scores.mean_logprob
+    for kind, owner, preferred, other in compared:
+        values.append(float(logprob[preferred] > logprob[other]))
+        owners.append(owner)
+        kinds.append(kind)
+    result = _per_request_mean(torch.tensor(values), owners, kinds, len(requests), KNOWEDIT_METRICS)
+    for kind, families in KNOWEDIT_FAMILIES.items():
+        per_family = torch.stack([result[knowedit_metric_name(kind, f)] for f in families])
+        result[kind] = per_family.nanmean(0)  # NaN where the fact has no probe of the kind
+    return result
+
+
+def _per_request_mean(
+    values: torch.Tensor,
+    owners: list[int],
+    kinds: list[str],
+    num_requests: int,
+    names: Sequence[str] = ("efficacy", "generalization", "specificity"),
+) -> dict[str, torch.Tensor]:
+    """Average ``values`` per (kind, request) for each kind of ``names``; NaN where a request has
+    no prompt of a kind."""
     owners_t = torch.tensor(owners, dtype=torch.long)
     scores = {}
-    for kind in ("efficacy", "generalization", "specificity"):
+    for kind in names:
         keep = torch.tensor([k == kind for k in kinds], dtype=torch.bool)
         total = torch.zeros(num_requests).index_add(0, owners_t[keep], values[keep].float())
         count = torch.zeros(num_requests).index_add(0, owners_t[keep], torch.ones(int(keep.sum())))
@@ -144,5 +277,31 @@ def _per_request_mean(
     return scores
 
 
+@dataclass(frozen=True)
+class MetricFamily:
+    """One way of scoring edits (``--data.metric_family``).
+
+    Attributes:
+        scores: ``scores(model, tokenizer, requests, batch_size, *, progress, desc[, unedited])``
+            → per-request values of each metric.
+        names: The metrics it returns (every one, NaN where a request has none).
+        needs_unedited: It compares with the unedited model's predictions, passed as
+            ``unedited`` (:data:`UneditedPredictions`).
+    """
+
+    scores: Callable[..., dict[str, torch.Tensor]]
+    names: tuple[str, ...]
+    needs_unedited: bool = False
+
+
 #: The edit-metric families: name (``--data.metric_family``) → scorer.
-METRIC_FAMILIES = {"counterfact": counterfact_scores, "zsre": zsre_scores}
+METRIC_FAMILIES: dict[str, MetricFamily] = {
+    "counterfact": MetricFamily(counterfact_scores, ("efficacy", "generalization", "specificity")),
+    "zsre": MetricFamily(zsre_scores, ("efficacy", "generalization", "specificity")),
+    "knowedit": MetricFamily(knowedit_scores, KNOWEDIT_METRICS, needs_unedited=True),
+}
+
+#: Every metric some family returns, in a fixed order (the module keeps one accumulator each).
+ALL_EDIT_METRICS: tuple[str, ...] = tuple(
+    dict.fromkeys(name for family in METRIC_FAMILIES.values() for name in family.names)
+)

@@ -6,7 +6,7 @@ import copy
 import hashlib
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from sphere_lightning.deltas import DeltaPipeline, NonFiniteDeltaError, check_de
 from sphere_lightning.distributed import Collective, EditDDPStrategy
 from sphere_lightning.editors.base import DeltaFn, Editor
 from sphere_lightning.errors import ConfigError
-from sphere_lightning.evaluation import METRIC_FAMILIES
+from sphere_lightning.evaluation import ALL_EDIT_METRICS, METRIC_FAMILIES, score_continuations
 from sphere_lightning.fluency import FluencyProtocol, check_fluency_protocol, measure_fluency
 from sphere_lightning.functional.sampling import mean_ci95_half_width, sample_indices
 from sphere_lightning.horizon import edits_after
@@ -40,8 +40,6 @@ from sphere_lightning.models.loading import (
 )
 from sphere_lightning.tags import EDIT, EDIT_PRE, EDITOR, NUM_EDITED, TIME
 from sphere_lightning.timing import add_seconds
-
-EDIT_METRICS = ("efficacy", "generalization", "specificity")
 
 #: Version of the layout of ``checkpoint["sphere_lightning"]``.
 CHECKPOINT_FORMAT = 1
@@ -279,7 +277,10 @@ class EditingModule(LightningModule):
         self.start_wall_time: float | None = None
         # NaN (a request with no prompt of a kind) is left out of the mean; across processes
         # torchmetrics sums the values, squares and counts of every rank's share.
-        self._metrics = torch.nn.ModuleDict({k: SampleMoments() for k in EDIT_METRICS})
+        self._metrics = torch.nn.ModuleDict({k: SampleMoments() for k in ALL_EDIT_METRICS})
+        #: The unedited model's argmax tokens of each (prompt, answer) scored so far
+        #: (:meth:`unedited_predictions`); recomputed after a resume.
+        self._unedited_predictions: dict[tuple[str, str], tuple[int, ...]] = {}
         #: Positions (edit order) of the facts the running evaluation scores; None: all edited.
         self._eval_positions: set[int] | None = None
         self._evaluated_step = -1
@@ -406,7 +407,9 @@ class EditingModule(LightningModule):
             ).tolist()
             requests = [everything[p] for p in positions]
             scores = self.edit_scores(requests)
-            self.pre_edit_metrics = {k: float(v.nanmean()) for k, v in scores.items()}
+            self.pre_edit_metrics = {
+                k: float(v.nanmean()) for k, v in scores.items() if not v.isnan().all()
+            }
             intervals = {}
             if len(requests) < len(everything):
                 for name, values in scores.items():
@@ -656,17 +659,69 @@ class EditingModule(LightningModule):
             return self.collective.map(self._local_edit_scores, requests)
 
     def _local_edit_scores(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        family = METRIC_FAMILIES[self.trainer.datamodule.metric_family]
         if not requests:
-            return {name: torch.empty(0) for name in EDIT_METRICS}
-        family = self.trainer.datamodule.metric_family
-        return METRIC_FAMILIES[family](
+            return {name: torch.empty(0) for name in family.names}
+        extra = {"unedited": self.unedited_predictions} if family.needs_unedited else {}
+        return family.scores(
             self.model,
             self.tokenizer,
             requests,
             batch_size=self.score_batch_size,
-            progress=self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero,
+            progress=self.show_progress,
             desc=f"Edit metrics ({len(requests)} facts)",
+            **extra,
         )
+
+    @property
+    def show_progress(self) -> bool:
+        """Whether long work shows a progress bar: the trainer has one, on the main process."""
+        return self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+
+    def unedited_predictions(
+        self, prompts: Sequence[str], answers: Sequence[str]
+    ) -> list[tuple[int, ...]]:
+        """The unedited model's argmax token at each answer position of each (prompt, answer),
+        teacher forced (KnowEdit's locality compares the edited model's with them).
+
+        Computed once per pair, with every edited weight set back to W₀ for the time it takes
+        (:meth:`unedited_weights`), and kept.
+        """
+        memo = self._unedited_predictions
+        missing = [
+            pair for pair in dict.fromkeys(zip(prompts, answers, strict=True)) if pair not in memo
+        ]
+        if missing:
+            with self.unedited_weights():
+                scores = score_continuations(
+                    self.model,
+                    self.tokenizer,
+                    [p for p, _ in missing],
+                    [a for _, a in missing],
+                    self.score_batch_size,
+                    progress=self.show_progress,
+                    desc=f"Unedited predictions ({len(missing)} probes)",
+                    predictions=True,
+                )
+            memo.update(zip(missing, scores.predicted, strict=True))
+        return [memo[pair] for pair in zip(prompts, answers, strict=True)]
+
+    @contextmanager
+    def unedited_weights(self) -> Iterator[None]:
+        """Within the block every edited weight is its unedited W₀; on exit (also on error) the
+        weights there before are put back bit for bit."""
+        names = self.edited_parameter_names
+        before = {name: self.edited_weight(name).detach().clone() for name in names}
+        try:
+            with torch.no_grad():
+                for name in names:
+                    weight = self.edited_weight(name)
+                    weight.copy_(self.original_weights[name].to(weight.device, weight.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for name in names:
+                    self.edited_weight(name).copy_(before[name])
 
     def fluency(self, requests: list[EditRequest]) -> float | None:
         """Fluency (×100) of the first ``fluency_prompts`` requests under ``fluency_protocol``;

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
 from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.evaluation import knowedit_metric_name
 from sphere_lightning.fluency import FLUENCY_PROTOCOLS
 
 #: Prompts per fact in ROME's own CounterFact layout.
@@ -76,9 +78,43 @@ def _zsre(data_format: str, requests: Sequence[EditRequest]) -> dict[str, str]:
     }
 
 
+def _knowedit(data_format: str, requests: Sequence[EditRequest]) -> dict[str, str]:
+    accuracy = (
+        "EasyEdit's KnowEdit protocol (test_prediction_acc): teacher-forced argmax accuracy of "
+        "each answer token"
+    )
+    same = (
+        "EasyEdit's KnowEdit protocol: the share of answer positions (teacher forced on the "
+        "probe's first alias) where the edited model's argmax token equals the unedited model's"
+    )
+    compare = "mean per-token probability of target_new above that of ground_truth"
+    protocols = {
+        "edit_success": f"{accuracy} of target_new after the edit prompt (rewrite_acc)",
+        "generalization": f"{accuracy} of target_new after the rephrase prompts (rephrase_acc), "
+        "averaged per fact",
+        "efficacy": f"ROME's CounterFact comparison on facts with a ground_truth: {compare} on "
+        "the edit prompt",
+        "specificity": "on facts with a ground_truth, each locality probe's first alias still "
+        "above target_new in mean per-token probability, averaged per fact (no reference: "
+        "KnowEdit has no CounterFact neighbourhood prompts)",
+        "portability": "the mean over a fact's portability families of portability_<family>, "
+        "then over the facts that have any (run_knowedit_llama2.py's Overall_portability)",
+        "locality": "the mean over a fact's locality families of locality_<family>, then over "
+        "the facts that have any (run_knowedit_llama2.py's Overall_locality)",
+    }
+    for kind, families in KNOWEDIT_FAMILIES.items():
+        for family in families:
+            measure = accuracy + " of the probe's first alias" if kind == "portability" else same
+            protocols[knowedit_metric_name(kind, family)] = (
+                f"{measure}, {family} probes, averaged per fact, then over the facts that have one"
+            )
+    return protocols
+
+
 _EDIT_PROTOCOLS: dict[str, Callable[[str, Sequence[EditRequest]], dict[str, str]]] = {
     "counterfact": _counterfact,
     "zsre": _zsre,
+    "knowedit": _knowedit,
 }
 
 
@@ -90,7 +126,7 @@ def edit_protocols(data: EditData, fluency_protocol: str | None) -> dict[str, st
         fluency_protocol: ``rome``, ``greedy``, or ``None`` when fluency was not measured.
 
     Returns:
-        ``{metric: description}`` for the three edit metrics and fluency.
+        ``{metric: description}`` for the family's edit metrics and fluency.
     """
     protocols = _EDIT_PROTOCOLS[data.metric_family](data.data_format, data.requests)
     protocols["fluency"] = (

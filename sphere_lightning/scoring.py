@@ -44,11 +44,14 @@ class ContinuationScores:
         sum_logprob: Σ log p(token | everything before it) over the continuation's tokens (≤ 0).
         num_correct: How many of its tokens are the argmax of the prediction at their position.
         num_tokens: How many tokens it has (≥ 1).
+        predicted: The argmax token at each of its positions (teacher forced), one tuple per
+            continuation; only when asked for (``predictions=True``), else ``None``.
     """
 
     sum_logprob: torch.Tensor
     num_correct: torch.Tensor
     num_tokens: torch.Tensor
+    predicted: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def mean_logprob(self) -> torch.Tensor:
@@ -133,6 +136,7 @@ def score_token_continuations(
     progress: bool = False,
     desc: str = "Scoring",
     share_prefix: bool = True,
+    predictions: bool = False,
 ) -> ContinuationScores:
     """Teacher-forced log-probabilities and token hits of each continuation after its context.
 
@@ -153,6 +157,8 @@ def score_token_continuations(
         desc: The bar's label.
         share_prefix: Run the tokens every context of a batch starts with once (at least
             :data:`MIN_SHARED_PREFIX` of them); ``False`` runs each context whole.
+        predictions: Also return the argmax token at every continuation position
+            (``ContinuationScores.predicted``; KnowEdit's locality compares them).
 
     Returns:
         :class:`ContinuationScores` with one entry per pair.
@@ -171,17 +177,30 @@ def score_token_continuations(
     sum_logprob = torch.zeros(len(contexts))
     num_correct = torch.zeros(len(contexts))
     num_tokens = torch.tensor([float(len(c)) for c in continuations])
+    predicted = [[0] * len(c) for c in continuations] if predictions else None
 
     was_training = model.training
     model.eval()
     try:
         for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
-            owners, logprob, correct = _score_batch(model, batch, pad_id, share_prefix)
+            owners, logprob, correct, argmax, offsets = _score_batch(
+                model, batch, pad_id, share_prefix
+            )
             sum_logprob.index_add_(0, owners, logprob)
             num_correct.index_add_(0, owners, correct)
+            if predicted is not None:
+                for owner, offset, token in zip(
+                    owners.tolist(), offsets, argmax.tolist(), strict=True
+                ):
+                    predicted[owner][offset] = token
     finally:
         model.train(was_training)
-    return ContinuationScores(sum_logprob, num_correct, num_tokens)
+    return ContinuationScores(
+        sum_logprob,
+        num_correct,
+        num_tokens,
+        None if predicted is None else tuple(tuple(p) for p in predicted),
+    )
 
 
 def _batches(grouped: list[_Context], batch_size: int) -> list[list[_Context]]:
@@ -244,8 +263,9 @@ def _run_contexts(
 
 def _score_batch(
     model: PreTrainedModel, batch: list[_Context], pad_id: int, share_prefix: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score every continuation of a batch of contexts; returns per-token (owner, logprob, hit)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Score every continuation of a batch of contexts; returns per-token (owner, logprob, hit,
+    argmax token, position in its continuation)."""
     device = model_device(model)
     head = model.get_output_embeddings()
     lengths = torch.tensor([len(c.ids) for c in batch])
@@ -264,16 +284,17 @@ def _score_batch(
             rows.append(row)
     last_position = lengths.to(device) - 1 - prefix
     last = out.last_hidden_state[torch.arange(len(batch), device=device), last_position]
-    logprob, correct = _token_scores(head(last), rows, tokens)
-    results = [(owners, logprob, correct)]
+    results = [(owners, *_token_scores(head(last), rows, tokens), [0] * len(owners))]
 
     if has_branches:
         cache = getattr(out, "cache", None) or out.past_key_values
         results.append(_score_branches(model, batch, cache, lengths, mask, padded, pad_id))
     return (
-        torch.tensor([o for owner, _, _ in results for o in owner], dtype=torch.long),
-        torch.cat([lp for _, lp, _ in results]).cpu(),
-        torch.cat([c for _, _, c in results]).cpu(),
+        torch.tensor([o for r in results for o in r[0]], dtype=torch.long),
+        torch.cat([r[1] for r in results]).cpu(),
+        torch.cat([r[2] for r in results]).cpu(),
+        torch.cat([r[3] for r in results]).cpu(),
+        [k for r in results for k in r[4]],
     )
 
 
@@ -285,8 +306,9 @@ def _score_branches(
     context_mask: torch.Tensor,
     padded: bool,
     pad_id: int,
-) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Run every branch from its context's cache; score tokens 1.. of the continuations."""
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Run every branch from its context's cache; score tokens 1.. of the continuations
+    (owner, logprob, hit, argmax token, position in the continuation)."""
     device = context_mask.device
     branch_rows, branches = [], []
     first_row: list[int] = []  # index of each context's first branch in the branch pass
@@ -307,31 +329,33 @@ def _score_branches(
     kwargs[_cache_kwarg(base)] = cache
     out = base(input_ids=branch_ids, use_cache=True, **kwargs)
 
-    owners, tokens, positions = [], [], []
+    owners, tokens, positions, offsets = [], [], [], []
     for row, context in enumerate(batch):
         for index, branch, continuation in context.members:
             for k, token in enumerate(continuation[1:]):
                 owners.append(index)
                 tokens.append(token)
                 positions.append((first_row[row] + branch, k))
+                offsets.append(k + 1)
     # Continuations that share a branch read their tokens from the same positions, so the head
     # runs once per distinct position.
     distinct = sorted(set(positions))
     where = {p: i for i, p in enumerate(distinct)}
     at = torch.tensor(distinct, device=device)
     logits = model.get_output_embeddings()(out.last_hidden_state[at[:, 0], at[:, 1]])
-    logprob, correct = _token_scores(logits, [where[p] for p in positions], tokens)
-    return owners, logprob, correct
+    return owners, *_token_scores(logits, [where[p] for p in positions], tokens), offsets
 
 
 def _token_scores(
     logits: torch.Tensor, rows: list[int], tokens: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability (float32) of ``tokens[j]`` under ``logits[rows[j]]``, and whether it is
-    that row's argmax; the softmax runs once per row however many tokens read it."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability (float32) of ``tokens[j]`` under ``logits[rows[j]]``, whether it is
+    that row's argmax, and the argmax; the softmax runs once per row however many tokens read
+    it."""
     device = logits.device
     rows_t = torch.tensor(rows, dtype=torch.long, device=device)
     target = torch.tensor(tokens, dtype=torch.long, device=device)
     logits = logits.float()
     logprob = logits.log_softmax(-1)[rows_t, target]
-    return logprob, (logits.argmax(-1)[rows_t] == target).float()
+    argmax = logits.argmax(-1)[rows_t]
+    return logprob, (argmax == target).float(), argmax

@@ -27,7 +27,7 @@ from sphere_lightning.data.readers import (
     sniff_format,
     write_counterfact_rome,
 )
-from sphere_lightning.data.requests import EditBatch, EditRequest
+from sphere_lightning.data.requests import EditBatch, EditRequest, Probe
 
 if TYPE_CHECKING:
     from sphere_lightning.data.datamodule import (
@@ -44,6 +44,7 @@ __all__ = [
     "EditBatch",
     "EditDataModule",
     "EditRequest",
+    "Probe",
     "EditRequestDataset",
     "MalformedRecordError",
     "RecordFormat",

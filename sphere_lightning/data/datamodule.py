@@ -19,7 +19,7 @@ from sphere_lightning.errors import ConfigError
 
 #: Values of ``--data.metric_family``: ``auto`` (from the data format) or a key of
 #: :data:`sphere_lightning.evaluation.METRIC_FAMILIES`.
-MetricFamily = Literal["auto", "counterfact", "zsre"]
+MetricFamily = Literal["auto", "counterfact", "zsre", "knowedit"]
 
 
 class EditRequestDataset(Dataset):
@@ -153,7 +153,8 @@ class EditDataModule(LightningDataModule):
                 folder, or a Hugging Face hub dataset id.
             format: Record layout: ``auto`` (detect from the first record), ``builtin``,
                 ``counterfact_rome``, ``counterfact_easyedit``, ``zsre_mend`` (as the reference
-                reads zsRE) or ``zsre_easyedit`` (as EasyEdit reads it).
+                reads zsRE), ``zsre_easyedit`` (as EasyEdit reads it) or ``knowedit``
+                (KnowEdit's WikiData_recent / WikiData_counterfact files).
             split: Split to load for hub datasets and dataset folders.
             num_edits: How many requests the run edits (the first ``num_edits`` of the seeded
                 order); must not exceed the number of records.
@@ -162,8 +163,10 @@ class EditDataModule(LightningDataModule):
             seed: Seed of the ``torch.Generator`` permutation that orders the records.
             shuffle: Permute the records with ``seed``; ``false`` keeps file order.
             eval_batch_size: Batch size of the validation and test loaders.
-            metric_family: Evaluation metrics: ``counterfact``, ``zsre``, or ``auto`` (``zsre``
-                when the data was read with the zsRE reader, else ``counterfact``).
+            metric_family: Evaluation metrics: ``counterfact``, ``zsre``, ``knowedit`` (edit
+                success, portability and locality as EasyEdit scores KnowEdit), or ``auto``
+                (``zsre`` for data read as zsRE, ``knowedit`` for KnowEdit's layout, else
+                ``counterfact``).
             skip_malformed: Drop malformed records (with a warning) instead of failing.
         """
         super().__init__()
@@ -257,9 +260,12 @@ class EditDataModule(LightningDataModule):
 
     @property
     def metric_family(self) -> str:
-        """``"counterfact"`` or ``"zsre"`` (``auto`` resolved; may load the data)."""
+        """``"counterfact"``, ``"zsre"`` or ``"knowedit"`` (``auto`` resolved; may load the
+        data)."""
         if self._metric_family_arg != "auto":
             return self._metric_family_arg
+        if self.data_format == "knowedit":
+            return "knowedit"
         return "zsre" if self.data_format.startswith("zsre_") else "counterfact"
 
     # ------------------------------------------------------------------ loaders

@@ -18,6 +18,15 @@ Layouts (``format`` names in parentheses):
   (``pred``, ``cond`` and ``portability`` are ignored), read two ways: as the SPHERE/ROME/MEMIT
   reference reads it (``zsre_mend``, the one ``auto`` picks: ROME's ``dsets/zsre.py``), or as
   EasyEdit reads it (``zsre_easyedit``, never detected, chosen explicitly).
+* KnowEdit (``knowedit``; WikiData_recent, WikiData_counterfact, ZsRE as EasyEdit's
+  ``KnowEditDataset`` reads them): ``subject, prompt, target_new``, optional ``ground_truth`` and
+  ``rephrase``, and ``portability``/``locality`` objects mapping a probe family
+  (:data:`KNOWEDIT_FAMILIES`) to a list of ``{"prompt", "ground_truth"}`` probes, whose ground
+  truth may be a string, a list of aliases or a list of lists of aliases. As EasyEdit's
+  ``run_knowedit_llama2.py``, a probe is scored on its first alias and a probe whose first alias
+  is blank is dropped; an empty list of aliases is skipped (EasyEdit's ``an = an[0]`` raises
+  ``IndexError`` there: 9 probes of WikiData_recent's train split start with ``[]``) and a probe
+  with no alias at all is dropped; a probe with a list of prompts is one probe per prompt.
 * The layout of the built-in fact set (``builtin``): the fields of :class:`EditRequest` plus
   ``relation``.
 
@@ -37,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from sphere_lightning.data.requests import EditRequest
+from sphere_lightning.data.requests import EditRequest, Probe
 from sphere_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,7 @@ DataFormat = Literal[
     "counterfact_easyedit",
     "zsre_mend",
     "zsre_easyedit",
+    "knowedit",
 ]
 
 #: The values of :data:`DataFormat`, in that order.
@@ -333,6 +343,101 @@ def _parse_zsre_easyedit(rec: Record) -> EditRequest:
     return _zsre_request(rec, rec.string("alt"), _first_answer(rec), rec.string("loc"))
 
 
+#: KnowEdit's probe families, by kind (the families EasyEdit's ``KnowEditDataset`` reads).
+KNOWEDIT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "portability": ("Subject_Aliasing", "Reasoning", "Logical_Generalization"),
+    "locality": ("Relation_Specificity", "Forgetfulness"),
+}
+
+
+def _aliases(rec: Record, value: Any, field: str) -> tuple[str, ...]:
+    """Every string of a KnowEdit ground truth (a string, a list, or a list of lists), in
+    order, stripped (blank ones included: the first is the one EasyEdit scores, and a probe
+    whose first is blank is dropped); an empty list of aliases contributes none."""
+    if isinstance(value, str):
+        return (value.strip(),)
+    if not isinstance(value, (list, tuple)):
+        raise rec.error(
+            field, f"expected a string or a list of aliases, got {type(value).__name__}"
+        )
+    return tuple(a for i, item in enumerate(value) for a in _aliases(rec, item, f"{field}[{i}]"))
+
+
+def _first_alias(rec: Record, field: str) -> str:
+    """A KnowEdit answer field that must have a non-blank first alias."""
+    aliases = _aliases(rec, rec.get(field), field)
+    if not aliases or not aliases[0]:
+        raise rec.error(field, "empty string" if aliases else "no answer in the list")
+    return aliases[0]
+
+
+def _knowedit_probes(rec: Record, kind: str) -> list[Probe]:
+    if not rec.has(kind):
+        return []
+    families = rec.get(kind)
+    if not isinstance(families, Mapping):
+        raise rec.error(
+            kind, f"expected an object of probe families, got {type(families).__name__}"
+        )
+    probes = []
+    for family, items in families.items():
+        field = f"{kind}.{family}"
+        if family not in KNOWEDIT_FAMILIES[kind]:
+            raise rec.error(
+                field,
+                f"unknown {kind} family; KnowEdit's are {', '.join(KNOWEDIT_FAMILIES[kind])}",
+            )
+        if items is None:
+            continue
+        if isinstance(items, Mapping):  # a single probe
+            items = [items]
+        if not isinstance(items, (list, tuple)):
+            raise rec.error(field, f"expected a list of probes, got {type(items).__name__}")
+        for i, item in enumerate(items):
+            where = f"{field}[{i}]"
+            if not isinstance(item, Mapping):
+                raise rec.error(where, f"expected a probe object, got {type(item).__name__}")
+            for key in ("prompt", "ground_truth"):
+                if item.get(key) is None:
+                    raise rec.error(f"{where}.{key}", "missing")
+            aliases = _aliases(rec, item["ground_truth"], f"{where}.ground_truth")
+            if not aliases or not aliases[0]:  # EasyEdit drops a probe whose answer is blank
+                continue
+            prompts = item["prompt"]
+            prompt_field = f"{where}.prompt"
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            elif not isinstance(prompts, (list, tuple)) or not prompts:
+                raise rec.error(prompt_field, "expected a string or a non-empty list of strings")
+            for j, prompt in enumerate(prompts):
+                text = rec._as_string(
+                    prompt, prompt_field if len(prompts) == 1 else f"{prompt_field}[{j}]"
+                )
+                probes.append(Probe(kind, family, text, aliases[0], aliases))
+    return probes
+
+
+def _parse_knowedit(rec: Record) -> EditRequest:
+    subject = rec.string("subject")
+    target_new = _first_alias(rec, "target_new")
+    # KnowEdit's metrics never read ground_truth, and the data keeps facts without one (blank)
+    # or whose new target is the old one (EasyEdit edits them too); efficacy, which compares the
+    # two, leaves those out (evaluation.knowedit_scores).
+    truths = (
+        _aliases(rec, rec.get("ground_truth"), "ground_truth") if rec.has("ground_truth") else ()
+    )
+    target_true = truths[0] if truths and truths[0] else None
+    return EditRequest(
+        case_id=rec.case_id() if rec.has("case_id") else rec.index,
+        subject=subject,
+        prompt=rec.template_from_full("prompt", subject),
+        target_new=target_new,
+        target_true=target_true,
+        paraphrase_prompts=_optional_strings(rec, "rephrase"),
+        probes=tuple(_knowedit_probes(rec, "portability") + _knowedit_probes(rec, "locality")),
+    )
+
+
 def _parse_builtin(rec: Record) -> EditRequest:
     neighborhood = _optional_strings(rec, "neighborhood_prompts")
     answers = _optional_strings(rec, "neighborhood_answers")
@@ -367,6 +472,10 @@ def _keys_counterfact_rome(keys: set[str]) -> bool:
 
 def _keys_zsre(keys: set[str]) -> bool:
     return "src" in keys and bool(keys & {"answers", "alt"})
+
+
+def _keys_knowedit(keys: set[str]) -> bool:
+    return {"prompt", "subject", "target_new"} <= keys and bool(keys & {"portability", "locality"})
 
 
 def _keys_counterfact_easyedit(keys: set[str]) -> bool:
@@ -450,6 +559,8 @@ FORMAT_REGISTRY: dict[str, RecordFormat] = {
     for entry in (
         RecordFormat("counterfact_rome", _parse_counterfact_rome, _keys_counterfact_rome),
         RecordFormat("zsre_mend", _parse_zsre_mend, _keys_zsre),
+        # Before EasyEdit's CounterFact: KnowEdit's WikiData_counterfact has its ground_truth.
+        RecordFormat("knowedit", _parse_knowedit, _keys_knowedit),
         RecordFormat(
             "counterfact_easyedit", _parse_counterfact_easyedit, _keys_counterfact_easyedit
         ),
@@ -472,9 +583,10 @@ def sniff_format(record: Any) -> str | None:
         record: The first raw record.
 
     Returns:
-        ``"counterfact_rome"``, ``"zsre_mend"``, ``"counterfact_easyedit"``, ``"builtin"``, or
-        ``None`` when the keys match no known layout. zsRE is read as the reference reads it
-        (``zsre_mend``); EasyEdit's reading (``zsre_easyedit``) is chosen explicitly.
+        ``"counterfact_rome"``, ``"zsre_mend"``, ``"knowedit"``, ``"counterfact_easyedit"``,
+        ``"builtin"``, or ``None`` when the keys match no known layout. zsRE is read as the
+        reference reads it (``zsre_mend``); EasyEdit's reading (``zsre_easyedit``) is chosen
+        explicitly.
     """
     return detect_format([record])
 
@@ -488,7 +600,7 @@ def parse_records(
         records: The raw records (JSON objects) in file order.
         source: File name or hub id, used in error messages.
         format: One of ``"builtin"``, ``"counterfact_rome"``, ``"counterfact_easyedit"``,
-            ``"zsre_mend"``, ``"zsre_easyedit"``.
+            ``"zsre_mend"``, ``"zsre_easyedit"``, ``"knowedit"``.
         skip_malformed: Drop malformed records (logging how many and the first problem) instead
             of raising.
 

@@ -3,8 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sphere_lightning.errors import DataError
+
+#: What a :class:`Probe` measures: whether the edit carries over (``portability``) or leaves
+#: other knowledge alone (``locality``).
+ProbeKind = Literal["portability", "locality"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One KnowEdit probe of an edit: a full prompt and the answer it should get.
+
+    Attributes:
+        kind: ``portability`` (the edit should carry over: a paraphrased subject, a one-hop
+            consequence) or ``locality`` (other knowledge should stay as it was).
+        family: The probe family as the data names it, e.g. ``Subject_Aliasing``,
+            ``Reasoning``, ``Logical_Generalization``, ``Relation_Specificity``,
+            ``Forgetfulness``.
+        prompt: The prompt, subject written in.
+        answer: The answer scored: the first of ``aliases``, as EasyEdit scores it.
+        aliases: Every accepted answer the data lists (``answer`` first).
+    """
+
+    kind: ProbeKind
+    family: str
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("portability", "locality"):
+            raise DataError(f"Probe kind must be 'portability' or 'locality', got {self.kind!r}")
+        if not self.prompt.strip() or not self.answer.strip():
+            raise DataError(f"Probe {self.family!r}: empty prompt or answer")
 
 
 @dataclass(frozen=True)
@@ -26,6 +59,7 @@ class EditRequest:
             neighborhood prompt should still be answered with ``target_true`` (CounterFact).
         generation_prompts: Prompts ROME's CounterFact gives for free generation (fluency is
             measured on samples from them); empty for layouts without them.
+        probes: KnowEdit's portability and locality probes; empty for other layouts.
     """
 
     case_id: int | str
@@ -37,6 +71,7 @@ class EditRequest:
     neighborhood_prompts: tuple[str, ...] = field(default_factory=tuple)
     neighborhood_answers: tuple[str, ...] = field(default_factory=tuple)
     generation_prompts: tuple[str, ...] = field(default_factory=tuple)
+    probes: tuple[Probe, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:

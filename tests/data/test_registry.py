@@ -159,7 +159,10 @@ def test_each_module_imports_first_in_a_fresh_interpreter(first: str) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "bad", "choices"),
-    [("format", "csv", FORMATS), ("metric_family", "squad", ("auto", "counterfact", "zsre"))],
+    [
+        ("format", "csv", FORMATS),
+        ("metric_family", "squad", ("auto", "counterfact", "zsre", "knowedit")),
+    ],
 )
 def test_choices_are_validated_by_the_parser_and_by_init(
     flag: str, bad: str, choices: tuple[str, ...]
