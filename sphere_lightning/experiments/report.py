@@ -15,6 +15,7 @@ from sphere_lightning.experiments.config import RUNS, WITH_SPHERE, Pair, Run
 from sphere_lightning.experiments.results import (
     EDIT_PHASES,
     HE_CHANGE,
+    KNOWEDIT_COLUMNS,
     LOGGED_METRICS,
     METRICS,
     SUITE_TASKS,
@@ -23,9 +24,12 @@ from sphere_lightning.experiments.results import (
     summary_values,
 )
 from sphere_lightning.horizon import DRIFT_KL_THRESHOLD, EFFICACY_THRESHOLD
-from sphere_lightning.tags import DRIFT_KL, EFFICACY, GENERALIZATION, SPECIFICITY
+from sphere_lightning.tags import DRIFT_KL, EDIT, EFFICACY, GENERALIZATION, SPECIFICITY
 
 MISSING = "—"
+
+#: KnowEdit's metrics the suite report follows at every evaluation (when a run logged them).
+KNOWEDIT_TRAJECTORIES = ("edit_success", "portability", "locality")
 
 
 def build_table(
@@ -219,11 +223,13 @@ def write_report(
 
 @dataclass(frozen=True)
 class SuiteColumn:
-    """A column of the combined table: its key in ``table.json``, label and number format."""
+    """A column of the combined table: its key in ``table.json``, label and number format;
+    an ``optional`` one is shown only where some run has a value."""
 
     key: str
     label: str
     fmt: str
+    optional: bool = False
 
 
 SUITE_COLUMNS = (
@@ -231,6 +237,7 @@ SUITE_COLUMNS = (
     SuiteColumn("efficacy", "efficacy", ".3f"),
     SuiteColumn("generalization", "generalization", ".3f"),
     SuiteColumn("specificity", "specificity", ".3f"),
+    *(SuiteColumn(key, label, ".3f", optional=True) for key, label in KNOWEDIT_COLUMNS.items()),
     SuiteColumn("fluency", "fluency", ".1f"),
     *(
         SuiteColumn(f"{task}_accuracy_change", f"{label} Δacc", "+.3f")
@@ -255,6 +262,7 @@ SUITE_COLUMNS = (
 #: batch that logged them.
 SUITE_PANELS = (
     *((m.key, m.label) for m in LOGGED_METRICS),
+    *((f"{EDIT}{key}", KNOWEDIT_COLUMNS[key]) for key in KNOWEDIT_TRAJECTORIES),
     (HE_CHANGE.key, HE_CHANGE.label),
     ("weight_growth", "‖W‖ / ‖W₀‖"),
     ("update_ratio", "‖W − W₀‖ / ‖W₀‖"),
@@ -262,6 +270,8 @@ SUITE_PANELS = (
     ("key_leak", "key leak ‖ΔW K₀‖ / ‖W K₀‖"),
     ("v_norm", "mean ‖v*‖"),
 )
+#: Panels shown only where some run logged them.
+_OPTIONAL_PANELS = {f"{EDIT}{key}" for key in KNOWEDIT_TRAJECTORIES}
 #: Panels whose trajectory has a point per batch (the others: per evaluation).
 _PER_BATCH = {HE_CHANGE.key, "weight_growth", "update_ratio", "principal_excess", "key_leak",
               "v_norm"}  # fmt: skip
@@ -271,12 +281,13 @@ def run_trajectories(log: RunLog) -> dict[str, list[list[float]]]:
     """``{panel key: [[edits, value], ...]}`` of one run for the combined figure and the
     per-evaluation tables (:data:`SUITE_PANELS`)."""
     trajectories: dict[str, list[list[float]]] = {key: [] for key, _ in SUITE_PANELS}
+    evaluated = [*(m.key for m in LOGGED_METRICS), *_OPTIONAL_PANELS]
     for step in sorted(log.evaluation_steps):
         edits = log.edits(step)
-        for metric in LOGGED_METRICS:
-            value = log.value(metric.key, step)
+        for key in evaluated:
+            value = log.value(key, step)
             if edits is not None and value is not None:
-                trajectories[metric.key].append([edits, value])
+                trajectories[key].append([edits, value])
     for step in sorted(log.energy_steps):
         edits, value = log.edits(step), log.he_change(step)
         if edits is not None and value is not None:
@@ -319,8 +330,13 @@ def build_suite_table(
                     "trajectories": run_trajectories(log) if log.summary is not None else {},
                 }
             )
+    columns = [
+        c
+        for c in SUITE_COLUMNS
+        if not c.optional or any(row["values"].get(c.key) is not None for row in rows)
+    ]
     return {
-        "columns": [{"key": c.key, "label": c.label} for c in SUITE_COLUMNS],
+        "columns": [{"key": c.key, "label": c.label, "fmt": c.fmt} for c in columns],
         "rows": rows,
         "horizon_thresholds": {"efficacy": efficacy_threshold, "drift_kl": drift_kl_threshold},
     }
@@ -328,16 +344,17 @@ def build_suite_table(
 
 def format_suite_markdown(table: dict[str, Any]) -> str:
     """The suite's ``table.md``: one row per editor × {without, with SPHERE}."""
-    header = ["editor", "SPHERE", *(c.label for c in SUITE_COLUMNS)]
+    columns = table["columns"]
+    header = ["editor", "SPHERE", *(c["label"] for c in columns)]
     lines = [
         "# Every base editor without and with SPHERE",
         "",
         "| " + " | ".join(header) + " |",
-        "|---|---|" + "---:|" * len(SUITE_COLUMNS),
+        "|---|---|" + "---:|" * len(columns),
     ]
     for row in table["rows"]:
         cells = [row["editor"], row["label"].split()[0]]
-        cells += [_cell(row["values"][c.key], c.fmt) for c in SUITE_COLUMNS]
+        cells += [_cell(row["values"][c["key"]], c["fmt"]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     unfinished = [row for row in table["rows"] if not row["finished"]]
     lines += [
@@ -345,8 +362,9 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "Every value is the run's `summary.json`, after its last edit (the figure and the "
         "tables below: every evaluation, from the scalars each run's `summary.json` holds):",
         "",
-        "- edits: facts written; efficacy, generalization, specificity, fluency: `edit.final`, "
-        "over all facts edited;",
+        "- edits: facts written; efficacy, generalization, specificity, fluency (and, on "
+        "KnowEdit data, edit success, portability and locality, overall and per probe family, "
+        "as EasyEdit scores them): `edit.final`, over all facts edited;",
         "- Δacc: general-ability accuracy minus its value before the first edit;",
         "- drift KL: KL(original ‖ edited) of next-token distributions on held-out text;",
         "- usable horizon: edits at the first evaluation where efficacy < "
@@ -370,12 +388,17 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         lines += ["", "Not finished (still running, failed or stopped):", ""]
         lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
     for key, title, fmt in EVALUATION_TABLES:
+        if key in _OPTIONAL_PANELS and not any(
+            row["trajectories"].get(key) for row in table["rows"]
+        ):
+            continue
         lines += ["", *format_trajectory_table(table, key, title, fmt)]
     return "\n".join(lines) + "\n"
 
 
 #: The metrics the suite's ``table.md`` lists at every evaluation: (key, title, format).
 EVALUATION_TABLES = (
+    *((f"{EDIT}{key}", KNOWEDIT_COLUMNS[key].capitalize(), ".3f") for key in KNOWEDIT_TRAJECTORIES),
     (EFFICACY, "Efficacy", ".3f"),
     (GENERALIZATION, "Generalization", ".3f"),
     (SPECIFICITY, "Specificity", ".3f"),
@@ -410,11 +433,16 @@ def plot_suite(table: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = [
+        (key, title)
+        for key, title in SUITE_PANELS
+        if key not in _OPTIONAL_PANELS or any(row["trajectories"].get(key) for row in table["rows"])
+    ]
     columns = 4
-    rows = math.ceil(len(SUITE_PANELS) / columns)
+    rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
     editors = list(dict.fromkeys(row["editor"] for row in table["rows"]))
-    for ax, (key, title) in zip(axes.flat, SUITE_PANELS, strict=False):
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):
         plotted = False
         for row in table["rows"]:
             points = row["trajectories"].get(key) or []
@@ -437,7 +465,7 @@ def plot_suite(table: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         if not plotted:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-    for ax in list(axes.flat)[len(SUITE_PANELS) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = next(
         (ax.get_legend_handles_labels() for ax in axes.flat if ax.get_legend_handles_labels()[0]),

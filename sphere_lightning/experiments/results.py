@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
+from sphere_lightning.evaluation import knowedit_metric_name
 from sphere_lightning.experiments.config import RUNS, Run
 from sphere_lightning.horizon import (
     DRIFT_KL_THRESHOLD,
@@ -22,6 +24,7 @@ from sphere_lightning.horizon import (
 from sphere_lightning.tags import (
     DIAG,
     DRIFT_KL,
+    EDIT,
     EFFICACY,
     ENERGY_CHANGE,
     ENERGY_CHANGE_MEAN,
@@ -31,6 +34,19 @@ from sphere_lightning.tags import (
     NUM_EDITED,
     SPECIFICITY,
 )
+
+#: KnowEdit's metrics (``edit.final`` keys of runs on KnowEdit data) with their labels; a report
+#: shows them only where some run has them.
+KNOWEDIT_COLUMNS = {
+    "edit_success": "edit success",
+    "portability": "portability",
+    **{
+        knowedit_metric_name("portability", f): f"portability {f}"
+        for f in KNOWEDIT_FAMILIES["portability"]
+    },
+    "locality": "locality",
+    **{knowedit_metric_name("locality", f): f"locality {f}" for f in KNOWEDIT_FAMILIES["locality"]},
+}
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,8 @@ class RunLog:
     @property
     def evaluation_steps(self) -> set[int]:
         """Steps at which any logged metric of the table was written."""
-        return {step for m in LOGGED_METRICS for step in self.scalars.get(m.key, {})}
+        tags = [*(m.key for m in LOGGED_METRICS), *(EDIT + key for key in KNOWEDIT_COLUMNS)]
+        return {step for tag in tags for step in self.scalars.get(tag, {})}
 
     @property
     def energy_steps(self) -> set[int]:
@@ -243,7 +260,6 @@ def present_runs(directory: Path) -> tuple[Run, ...]:
 #: General-ability tasks whose accuracy change has a column, with their labels.
 SUITE_TASKS = {"sst2": "SST-2", "nli": "NLI", "boolq": "BoolQ"}
 
-
 #: The phases of ``summary.json``'s ``phase_seconds`` that write edits into the model.
 EDIT_PHASES = ("compute_deltas", "transform_and_apply", "after_apply")
 
@@ -255,17 +271,18 @@ def _number(value: Any) -> float | None:
 def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
     """The combined table's values of one run, all read from its ``summary.json``.
 
-    Edit metrics are ``edit.final``; an accuracy change is ``general.<task>.final.accuracy``
-    minus its ``baseline``; drift KL is ``drift.kl``; HE change is the mean over the edited
-    layers of ``energy.<layer>.final − baseline``; edit seconds are the sum of
-    ``phase_seconds`` over :data:`EDIT_PHASES` (kept across resumes by the checkpoints), wall
-    seconds ``wall_seconds``. A value the run did not record is ``None``.
+    Edit metrics (KnowEdit's too, :data:`KNOWEDIT_COLUMNS`) are ``edit.final``; an accuracy
+    change is ``general.<task>.final.accuracy`` minus its ``baseline``; drift KL is ``drift.kl``;
+    HE change is the mean over the edited layers of ``energy.<layer>.final − baseline``; edit
+    seconds are the sum of ``phase_seconds`` over :data:`EDIT_PHASES` (kept across resumes by
+    the checkpoints), wall seconds ``wall_seconds``. A value the run did not record is
+    ``None``.
     """
     values: dict[str, float | int | None] = {}
     num_edited = summary.get("num_edited")
     values["num_edited"] = int(num_edited) if _number(num_edited) is not None else None
     final = (summary.get("edit") or {}).get("final") or {}
-    for key in ("efficacy", "generalization", "specificity", "fluency"):
+    for key in ("efficacy", "generalization", "specificity", "fluency", *KNOWEDIT_COLUMNS):
         values[key] = _number(final.get(key))
     general = summary.get("general") or {}
     for task in SUITE_TASKS:

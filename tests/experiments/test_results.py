@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from sphere_lightning import experiments
+from sphere_lightning.experiments.results import KNOWEDIT_COLUMNS
 from tests.helpers import (
     PNG_SIGNATURE,
     RUNS_ORDER,
@@ -94,6 +95,7 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "v_norm": 4.5,
         "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
         "wall_seconds": 1234.4,
+        **dict.fromkeys(KNOWEDIT_COLUMNS),  # not KnowEdit data: no such metric, no column
     }
     assert set(table["rows"][0]["values"].values()) == {None}
     rows = markdown_rows(markdown.read_text())
@@ -102,6 +104,41 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
                        "0.375", "4.50", "610", "1234"]  # fmt: skip
     assert rows[0] == ["x", "without"] + ["—"] * 19
     assert "y with SPHERE: `" in markdown.read_text()
+
+
+def test_knowedit_metrics_get_columns_and_tables_only_where_a_run_has_them(tmp_path):
+    final = {
+        "edit_success": 0.75,
+        "portability": 0.5,
+        "portability_reasoning": 0.25,
+        "locality": 0.875,
+        "locality_relation_specificity": 0.875,
+        "fluency": 500.0,
+    }
+    scalars = {
+        0: {"edit/edit_success": 0.125, "edit/locality": 1.0},
+        2: {"edit/num_edited": 20.0, "edit/edit_success": 0.75, "edit/locality": 0.875},
+    }
+    directory = tmp_path / "x" / "with_sphere"
+    write_run_summary(directory, scalars, num_edited=20, edit={"final": final})
+    pairs = [experiments.Pair("x", Path("x.yaml"), tmp_path / "x", runs=RUNS_ORDER)]
+
+    markdown, data, _ = experiments.write_suite_report(tmp_path, pairs)
+
+    table = json.loads(data.read_text())
+    labels = [c["label"] for c in table["columns"]]
+    # Every KnowEdit column some run has a value of, none other (no run has Subject_Aliasing).
+    assert "edit success" in labels and "portability Reasoning" in labels
+    assert "locality Relation_Specificity" in labels
+    assert "portability Subject_Aliasing" not in labels and "locality Forgetfulness" not in labels
+    rows = markdown_rows(markdown.read_text())
+    values = dict(zip(["editor", "SPHERE", *labels], rows[1], strict=True))
+    assert values["edit success"] == "0.750" and values["locality"] == "0.875"
+    assert values["portability Reasoning"] == "0.250" and values["efficacy"] == "—"
+    text = markdown.read_text()
+    assert "## Edit success at every evaluation" in text
+    assert "## Portability at every evaluation" not in text  # never logged per evaluation
+    assert table["rows"][1]["trajectories"]["edit/edit_success"] == [[0, 0.125], [20, 0.75]]
 
 
 def test_an_unfinished_run_has_its_logged_scalars_but_no_final_values(tmp_path):
