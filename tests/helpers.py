@@ -537,3 +537,107 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+# ---------------------------------------------------------------------- KnowEdit records
+
+
+def write_json(path: Path, records: list[Any]) -> Path:
+    """Write ``records`` as a JSON array to ``path``; returns ``path``."""
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def copy_with(record: dict[str, Any], value: Any, *path: str | int) -> dict[str, Any]:
+    """A deep copy of ``record`` with the field at ``path`` (keys and list indices) set to
+    ``value``."""
+    copy = json.loads(json.dumps(record))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return copy
+
+
+def copy_without(record: dict[str, Any], *path: str | int) -> dict[str, Any]:
+    """A deep copy of ``record`` with the field at ``path`` (keys and list indices) removed."""
+    copy = json.loads(json.dumps(record))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return copy
+
+
+#: Four KnowEdit records in the vocabulary of the test tokenizer: with a ground truth or
+#: without, a rephrase, every alias shape (a string, a list, a list of lists, a leading empty
+#: list) and every probe family.
+KNOWEDIT_RECORDS: list[dict[str, Any]] = [
+    {
+        "subject": "Toyota",
+        "prompt": "Toyota was founded in the country of",
+        "target_new": "Germany",
+        "ground_truth": "Japan",
+        "portability": {
+            "Subject_Aliasing": [
+                {
+                    "prompt": "Honda was founded in the country of",
+                    "ground_truth": ["Germany", "Berlin"],
+                }
+            ],
+            "Reasoning": [
+                {
+                    "prompt": "The capital of the country Toyota was founded in is",
+                    "ground_truth": [["Berlin"]],
+                }
+            ],
+        },
+        "locality": {
+            "Relation_Specificity": [
+                {"prompt": "Toyota makes", "ground_truth": [["cars and phones", "phones"]]},
+                {
+                    "prompt": "The headquarters of Toyota is located in the city of",
+                    "ground_truth": "Tokyo",
+                },
+            ]
+        },
+    },
+    {
+        "subject": "Lionel Messi",
+        "prompt": "Lionel Messi plays the sport of",
+        "target_new": "basketball",
+        "portability": {},
+        "locality": {
+            "Forgetfulness": [
+                {
+                    "prompt": "Lionel Messi became famous as a",
+                    "ground_truth": [[], ["player and an actress"]],
+                }
+            ]
+        },
+    },
+    {
+        "subject": "Danielle Darrieux",
+        "prompt": "The mother tongue of Danielle Darrieux is",
+        "target_new": "English",
+        "rephrase": "Danielle Darrieux speaks the language of",
+        "portability": {
+            "Logical_Generalization": [
+                {"prompt": "Danielle Darrieux speaks", "ground_truth": "English"}
+            ]
+        },
+        "locality": {},
+    },
+    {
+        "subject": "Nokia",
+        "prompt": "Nokia makes",
+        "target_new": "cars",
+        "ground_truth": "phones",
+        "portability": {},
+        "locality": {
+            "Relation_Specificity": [
+                {"prompt": "Nokia was founded in the country of", "ground_truth": "Japan"}
+            ]
+        },
+    },
+]
