@@ -25,6 +25,7 @@ from sphere_lightning.data.readers import (
     sniff_format,
 )
 from sphere_lightning.data.requests import EditRequest
+from tests.helpers import copy_with, copy_without, write_json
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -41,11 +42,6 @@ def shared_file(shared: Path, relative: str) -> Path:
     path = shared / relative
     if not path.is_file():
         pytest.skip(f"{path} not found")
-    return path
-
-
-def write_json(path: Path, records: list[Any]) -> Path:
-    path.write_text(json.dumps(records), encoding="utf-8")
     return path
 
 
@@ -108,26 +104,6 @@ BUILTIN_RECORD: dict[str, Any] = {
     "neighborhood_prompts": ["Marseille is located in the country of"],
     "neighborhood_answers": [],
 }
-
-
-def without(record: dict[str, Any], *path: str) -> dict[str, Any]:
-    """A deep copy of ``record`` with the field at ``path`` removed."""
-    copy = json.loads(json.dumps(record))
-    target = copy
-    for key in path[:-1]:
-        target = target[key]
-    del target[path[-1]]
-    return copy
-
-
-def with_value(record: dict[str, Any], value: Any, *path: str) -> dict[str, Any]:
-    """A deep copy of ``record`` with the field at ``path`` set to ``value``."""
-    copy = json.loads(json.dumps(record))
-    target = copy
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
-    return copy
 
 
 # ---------------------------------------------------------------------------- shared data
@@ -219,7 +195,7 @@ def test_zsre_shared_train_empty_alt(shared: Path) -> None:
 
 
 def test_counterfact_rome(tmp_path: Path) -> None:
-    dict_neigh = with_value(
+    dict_neigh = copy_with(
         ROME_RECORD,
         [{"prompt": "Who is the mother of X?", "target": "Y"}],
         "neighborhood_prompts",
@@ -241,8 +217,8 @@ def test_counterfact_rome(tmp_path: Path) -> None:
 
 def test_counterfact_rome_generation_prompts_optional(tmp_path: Path) -> None:
     # ROME's zsRE conversion writes "generation_prompts": []; other files leave it out.
-    records = [with_value(ROME_RECORD, [], "generation_prompts")]
-    records.append(without(ROME_RECORD, "generation_prompts"))
+    records = [copy_with(ROME_RECORD, [], "generation_prompts")]
+    records.append(copy_without(ROME_RECORD, "generation_prompts"))
     for request in read_counterfact_rome(write_json(tmp_path / "cf.json", records)):
         assert request.generation_prompts == ()
     (builtin,) = read_builtin_format(
@@ -255,38 +231,38 @@ def test_counterfact_rome_generation_prompts_optional(tmp_path: Path) -> None:
     ("record", "field", "problem"),
     [
         (
-            without(ROME_RECORD, "requested_rewrite", "subject"),
+            copy_without(ROME_RECORD, "requested_rewrite", "subject"),
             "requested_rewrite.subject",
             "missing",
         ),
-        (without(ROME_RECORD, "case_id"), "case_id", "missing"),
+        (copy_without(ROME_RECORD, "case_id"), "case_id", "missing"),
         (
-            with_value(ROME_RECORD, "The mother tongue of is", "requested_rewrite", "prompt"),
+            copy_with(ROME_RECORD, "The mother tongue of is", "requested_rewrite", "prompt"),
             "requested_rewrite.prompt",
             "exactly one",
         ),
         (
-            with_value(ROME_RECORD, "{} and {} speak", "requested_rewrite", "prompt"),
+            copy_with(ROME_RECORD, "{} and {} speak", "requested_rewrite", "prompt"),
             "requested_rewrite.prompt",
             "exactly one",
         ),
         (
-            with_value(ROME_RECORD, "  ", "requested_rewrite", "target_new", "str"),
+            copy_with(ROME_RECORD, "  ", "requested_rewrite", "target_new", "str"),
             "requested_rewrite.target_new.str",
             "empty string",
         ),
         (
-            with_value(ROME_RECORD, "one prompt", "paraphrase_prompts"),
+            copy_with(ROME_RECORD, "one prompt", "paraphrase_prompts"),
             "paraphrase_prompts",
             "expected a list",
         ),
         (
-            with_value(ROME_RECORD, ["ok", 3], "neighborhood_prompts"),
+            copy_with(ROME_RECORD, ["ok", 3], "neighborhood_prompts"),
             "neighborhood_prompts[1]",
             "expected a string",
         ),
         (
-            with_value(ROME_RECORD, "one prompt", "generation_prompts"),
+            copy_with(ROME_RECORD, "one prompt", "generation_prompts"),
             "generation_prompts",
             "expected a list",
         ),
@@ -340,7 +316,7 @@ def test_counterfact_easyedit_first_occurrence(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("record", "field", "problem"),
     [
-        (without(EASYEDIT_RECORD, "subject"), "subject", "missing"),
+        (copy_without(EASYEDIT_RECORD, "subject"), "subject", "missing"),
         (dict(EASYEDIT_RECORD, subject="Édith Piaf"), "prompt", "does not occur"),
         (dict(EASYEDIT_RECORD, target_new=""), "target_new", "empty string"),
         (dict(EASYEDIT_RECORD, ground_truth=12), "ground_truth", "expected a string"),
@@ -584,10 +560,10 @@ def test_zsre_easyedit_reads_alt_and_raw_locality(tmp_path: Path) -> None:
         (dict(ZSRE_RECORD, subject="Acme"), "src", "does not occur"),
         (dict(ZSRE_RECORD, answers=[]), "answers", "empty list"),
         (dict(ZSRE_RECORD, answers=[""]), "answers[0]", "empty string"),
-        (without(ZSRE_RECORD, "answers"), "answers", "missing"),
+        (copy_without(ZSRE_RECORD, "answers"), "answers", "missing"),
         (dict(ZSRE_RECORD, loc_ans=["a"]), "loc_ans", "expected a string"),
-        (without(ZSRE_RECORD, "loc"), "loc", "missing"),
-        (without(ZSRE_RECORD, "rephrase"), "rephrase", "missing"),
+        (copy_without(ZSRE_RECORD, "loc"), "loc", "missing"),
+        (copy_without(ZSRE_RECORD, "rephrase"), "rephrase", "missing"),
     ],
 )
 def test_zsre_mend_malformed(
@@ -605,7 +581,7 @@ def test_zsre_mend_malformed(
 
 @pytest.mark.parametrize(
     ("record", "problem"),
-    [(without(ZSRE_RECORD, "alt"), "missing"), (dict(ZSRE_RECORD, alt=" "), "empty string")],
+    [(copy_without(ZSRE_RECORD, "alt"), "missing"), (dict(ZSRE_RECORD, alt=" "), "empty string")],
 )
 def test_zsre_alt_only_matters_to_easyedit(
     tmp_path: Path, record: dict[str, Any], problem: str
@@ -654,7 +630,7 @@ def test_hub_id_goes_to_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def fake_hub(name: str, split: str) -> list[Any]:
         calls.append((name, split))
-        return [ROME_RECORD, without(ROME_RECORD, "requested_rewrite", "subject")]
+        return [ROME_RECORD, copy_without(ROME_RECORD, "requested_rewrite", "subject")]
 
     monkeypatch.setattr(readers, "_load_hub", fake_hub)
     with pytest.raises(
@@ -691,7 +667,7 @@ def test_sniff_and_undetectable(tmp_path: Path) -> None:
     assert sniff_format(ROME_RECORD) == "counterfact_rome"
     assert sniff_format(EASYEDIT_RECORD) == "counterfact_easyedit"
     assert sniff_format(ZSRE_RECORD) == "zsre_mend"
-    assert sniff_format(without(ZSRE_RECORD, "alt")) == "zsre_mend"
+    assert sniff_format(copy_without(ZSRE_RECORD, "alt")) == "zsre_mend"
     assert sniff_format(BUILTIN_RECORD) == "builtin"
     assert sniff_format({"question": "q"}) is None
     path = write_json(tmp_path / "other.json", [{"question": "q", "answer": "a"}])
