@@ -426,18 +426,20 @@ def format_trajectory_table(table: dict[str, Any], key: str, title: str, fmt: st
 
 
 def plot_suite(table: dict[str, Any], path: Path) -> None:
-    """The suite's ``figure.png``: a panel per quantity of :data:`SUITE_PANELS` against the
-    number of edits; a colour per editor, solid with SPHERE and dashed without."""
+    """The suite's ``figure.png``: a panel per quantity of :data:`SUITE_PANELS` some run logged,
+    against the number of edits; a colour per editor, solid with SPHERE and dashed without."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
+    # Panels no run logged are left out (all of them are drawn, marked, before anything is).
+    logged = [
         (key, title)
         for key, title in SUITE_PANELS
-        if key not in _OPTIONAL_PANELS or any(row["trajectories"].get(key) for row in table["rows"])
+        if any(row["trajectories"].get(key) for row in table["rows"])
     ]
+    panels = logged or [(k, t) for k, t in SUITE_PANELS if k not in _OPTIONAL_PANELS]
     columns = 4
     rows = math.ceil(len(panels) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.3 * rows), squeeze=False)
