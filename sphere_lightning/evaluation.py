@@ -19,6 +19,9 @@ from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models.batching import encode_target
 from sphere_lightning.scoring import ContinuationScores, padding_id, score_token_continuations
 
+#: The metrics of CounterFact and zsRE.
+EDIT_METRICS: tuple[str, ...] = ("efficacy", "generalization", "specificity")
+
 
 def score_continuations(
     model: PreTrainedModel,
@@ -263,7 +266,7 @@ def _per_request_mean(
     owners: list[int],
     kinds: list[str],
     num_requests: int,
-    names: Sequence[str] = ("efficacy", "generalization", "specificity"),
+    names: Sequence[str] = EDIT_METRICS,
 ) -> dict[str, torch.Tensor]:
     """Average ``values`` per (kind, request) for each kind of ``names``; NaN where a request has
     no prompt of a kind."""
@@ -296,8 +299,8 @@ class MetricFamily:
 
 #: The edit-metric families: name (``--data.metric_family``) → scorer.
 METRIC_FAMILIES: dict[str, MetricFamily] = {
-    "counterfact": MetricFamily(counterfact_scores, ("efficacy", "generalization", "specificity")),
-    "zsre": MetricFamily(zsre_scores, ("efficacy", "generalization", "specificity")),
+    "counterfact": MetricFamily(counterfact_scores, EDIT_METRICS),
+    "zsre": MetricFamily(zsre_scores, EDIT_METRICS),
     "knowedit": MetricFamily(knowedit_scores, KNOWEDIT_METRICS, needs_unedited=True),
 }
 

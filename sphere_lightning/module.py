@@ -604,17 +604,11 @@ class EditingModule(LightningModule):
             return
         names = self.edited_parameter_names
         evaluated = self._compute_evaluated_weights(names)
-        live = {name: self.edited_weight(name).detach().clone() for name in names}
         self._evaluating = True
         try:
-            with torch.no_grad():
-                for name in names:
-                    self.edited_weight(name).copy_(evaluated[name])
-            yield
+            with self._weights_swapped(evaluated):
+                yield
         finally:
-            with torch.no_grad():
-                for name in names:
-                    self.edited_weight(name).copy_(live[name])
             self._evaluating = False
             # The copies back bump the versions; the contents are those cached.
             self._evaluated_cache = (self._weight_versions(names), evaluated)
@@ -710,18 +704,24 @@ class EditingModule(LightningModule):
     def unedited_weights(self) -> Iterator[None]:
         """Within the block every edited weight is its unedited W₀; on exit (also on error) the
         weights there before are put back bit for bit."""
-        names = self.edited_parameter_names
-        before = {name: self.edited_weight(name).detach().clone() for name in names}
+        with self._weights_swapped(self.original_weights):
+            yield
+
+    @contextmanager
+    def _weights_swapped(self, replacement: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Within the block each edited weight named in ``replacement`` holds its tensor there;
+        on exit (also on error) the weights there before are put back bit for bit."""
+        before = {name: self.edited_weight(name).detach().clone() for name in replacement}
         try:
             with torch.no_grad():
-                for name in names:
+                for name, tensor in replacement.items():
                     weight = self.edited_weight(name)
-                    weight.copy_(self.original_weights[name].to(weight.device, weight.dtype))
+                    weight.copy_(tensor.to(weight.device, weight.dtype))
             yield
         finally:
             with torch.no_grad():
-                for name in names:
-                    self.edited_weight(name).copy_(before[name])
+                for name, tensor in before.items():
+                    self.edited_weight(name).copy_(tensor)
 
     def fluency(self, requests: list[EditRequest]) -> float | None:
         """Fluency (×100) of the first ``fluency_prompts`` requests under ``fluency_protocol``;
