@@ -388,9 +388,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         lines += ["", "Not finished (still running, failed or stopped):", ""]
         lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
     for key, title, fmt in EVALUATION_TABLES:
-        if key in _OPTIONAL_PANELS and not any(
-            row["trajectories"].get(key) for row in table["rows"]
-        ):
+        if key in _OPTIONAL_PANELS and not _any_logged(table, key):
             continue
         lines += ["", *format_trajectory_table(table, key, title, fmt)]
     return "\n".join(lines) + "\n"
@@ -425,6 +423,11 @@ def format_trajectory_table(table: dict[str, Any], key: str, title: str, fmt: st
     return lines
 
 
+def _any_logged(table: dict[str, Any], key: str) -> bool:
+    """Whether any run of the suite ``table`` has a trajectory of ``key``."""
+    return any(row["trajectories"].get(key) for row in table["rows"])
+
+
 def plot_suite(table: dict[str, Any], path: Path) -> None:
     """The suite's ``figure.png``: a panel per quantity of :data:`SUITE_PANELS` some run logged,
     against the number of edits; a colour per editor, solid with SPHERE and dashed without."""
@@ -434,11 +437,7 @@ def plot_suite(table: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # Panels no run logged are left out (all of them are drawn, marked, before anything is).
-    logged = [
-        (key, title)
-        for key, title in SUITE_PANELS
-        if any(row["trajectories"].get(key) for row in table["rows"])
-    ]
+    logged = [(key, title) for key, title in SUITE_PANELS if _any_logged(table, key)]
     panels = logged or [(k, t) for k, t in SUITE_PANELS if k not in _OPTIONAL_PANELS]
     columns = 4
     rows = math.ceil(len(panels) / columns)
