@@ -18,15 +18,24 @@ from sphere_lightning.callbacks import (
     SphereProjectionCallback,
 )
 from sphere_lightning.cli import cli_main
-from sphere_lightning.editors import MEMIT, ROME, LocateThenEditEditor, TemplateOptions
+from sphere_lightning.editors import (
+    MEMIT,
+    ROME,
+    AlphaEdit,
+    LocateThenEditEditor,
+    StatisticsOptions,
+    TemplateOptions,
+)
 from sphere_lightning.editors import rome as rome_module
 from sphere_lightning.editors.base import value_norm_metrics
 from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
 from sphere_lightning.horizon import Evaluation, usable_horizon
+from sphere_lightning.models.architectures import architecture_of
 from tests.helpers import (
     ROOT,
+    TINY_ALPHAEDIT,
     ContextStub,
     tensorboard_scalars,
     tiny_alphaedit_flags,
@@ -357,6 +366,38 @@ def test_callback_logs_each_quantity_as_computed_plainly(
     resumed = CollapseDiagnosticsCallback()
     resumed.load_state_dict(callback.state_dict())
     assert resumed.history == callback.history
+
+
+def test_key_leak_reads_the_preserved_keys_of_the_unedited_model(
+    make_tiny_model, tokenizer, tmp_path
+):
+    """A resumed run's weights are already edited when the callback first reads C: it must still
+    be the unedited model's E[k kᵀ], the one AlphaEdit's null space was built from."""
+    model = make_tiny_model("llama")
+    options = dict(TINY_ALPHAEDIT)
+
+    def moments_of(model, cache: str) -> dict[int, torch.Tensor]:
+        stats = dataclasses.replace(options["statistics"], cache_dir=str(tmp_path / cache))
+        return AlphaEdit(**{**options, "statistics": stats}).second_moments(model, tokenizer)
+
+    unedited = moments_of(model, "unedited")
+    stats = StatisticsOptions(num_samples=8, max_length=12, cache_dir=str(tmp_path / "run"))
+    editor = AlphaEdit(**{**options, "statistics": stats})
+    module = ContextStub(model, tokenizer, editor=editor)
+    with torch.no_grad():  # the state a resume restores: layer 1 edited, so layer 2's keys move
+        module.edited_weight(module.edited_parameter_names[0]).mul_(3.0)
+    edited_weights = {n: module.edited_weight(n).clone() for n in module.edited_parameter_names}
+    edited = moments_of(model, "edited")
+    assert not torch.allclose(edited[2], unedited[2], rtol=1e-3)  # the test can tell them apart
+
+    moments = CollapseDiagnosticsCallback().key_moments(module)
+
+    spec = architecture_of(model)
+    assert set(moments) == {spec.weight_name(layer) for layer in editor.layers}
+    for layer in editor.layers:
+        torch.testing.assert_close(moments[spec.weight_name(layer)], unedited[layer])
+    for name, weight in edited_weights.items():  # the live weights are back, bit for bit
+        assert torch.equal(module.edited_weight(name), weight)
 
 
 def test_callback_collects_the_evaluations_behind_the_horizon():

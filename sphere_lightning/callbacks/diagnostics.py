@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from sphere_lightning.callbacks.drift import DriftCallback
+from sphere_lightning.callbacks.drift import DriftCallback, original_weights_swapped_in
 from sphere_lightning.callbacks.observer import EditObserver
 from sphere_lightning.callbacks.sphere import SphereProjectionCallback, short_name
 from sphere_lightning.context import EditingContext
@@ -160,8 +160,10 @@ class CollapseDiagnosticsCallback(EditObserver):
                 moments = editor.covariances
             elif self.key_leak and isinstance(editor, AlphaEdit | MEMIT):
                 # AlphaEdit keeps only the null-space projectors built from C; C itself comes
-                # from the statistics cache its setup wrote.
-                moments = editor.second_moments(pl_module.model, pl_module.tokenizer)
+                # from the statistics cache its setup wrote, read on the unedited model (a
+                # resumed run is edited here, and its keys would be other keys).
+                with original_weights_swapped_in(pl_module):
+                    moments = editor.second_moments(pl_module.model, pl_module.tokenizer)
             self._moments = {}
             if moments:
                 spec = architecture_of(pl_module.model)
