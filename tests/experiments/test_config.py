@@ -189,6 +189,49 @@ def test_the_horizon_suite_composes_its_entries(tmp_path):
     assert pairs[1].directory == tmp_path / "alphaedit_nas"
 
 
+def _sphere_args(config: dict) -> list[dict]:
+    return [
+        c.get("init_args", {})
+        for c in config["trainer"]["callbacks"]
+        if experiments.is_sphere_callback(c)
+    ]
+
+
+def test_the_horizon_follow_up_suites_set_what_they_vary(tmp_path):
+    parser = experiments.build_parser()
+
+    def loaded(name: str) -> dict[str, dict]:
+        suite = ROOT / "configs" / "horizon" / name
+        args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path)])
+        return {pair.name: pair.load() for pair in _pairs(parser, args)}
+
+    grid = loaded("sensitivity.yaml")
+    assert experiments.read_suite(ROOT / "configs/horizon/sensitivity.yaml").num_edits == 2000
+    cells = {name: config for name, config in grid.items() if name != "alphaedit"}
+    assert len(cells) == 9
+    for name, config in cells.items():
+        beta, alpha = (
+            float(part[len(key) :])
+            for part, key in zip(name.split("_"), ("beta", "alpha"), strict=True)
+        )
+        (sphere,) = _sphere_args(config)
+        assert (sphere["cumulative_ratio"], sphere["suppression"]) == (beta, alpha)
+        assert config["model"]["editor"]["class_path"].endswith("AlphaEdit")
+    assert {
+        (s["cumulative_ratio"], s["suppression"]) for c in cells.values() for s in _sphere_args(c)
+    } == {(b, a) for b in (0.3, 0.5, 0.7) for a in (0.5, 0.8, 1.0)}
+
+    for name, editor in (("seeds.yaml", "AlphaEdit"), ("seeds_ultraedit.yaml", "UltraEdit")):
+        runs = loaded(name)
+        assert sorted(config["data"]["seed"] for config in runs.values()) == [1, 2]
+        for config in runs.values():
+            assert config["model"]["editor"]["class_path"].endswith(editor)
+            assert _sphere_args(config)  # the with-SPHERE run; the runner derives the other
+    assert experiments.read_suite(ROOT / "configs/horizon/seeds_ultraedit.yaml").num_edits is None
+    for config in loaded("seeds_ultraedit.yaml").values():
+        assert config["data"]["num_edits"] == 10000  # ultraedit.yaml's own horizon
+
+
 def test_set_value_follows_dotted_keys_through_mappings_and_callback_lists():
     config = {
         "data": {"seed": 0},
