@@ -11,7 +11,8 @@ it and edit the batch again with a stronger SPHERE α, or undo it and leave the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -94,6 +95,26 @@ class EditingContext(Protocol):
 
     def log_now(self, metrics: dict[str, float]) -> None:
         """Send scalars to the loggers at ``global_step``."""
+
+
+@contextmanager
+def weights_swapped(
+    context: EditingContext, replacement: Mapping[str, torch.Tensor]
+) -> Iterator[None]:
+    """Within the block each edited weight named in ``replacement`` holds its tensor there; on
+    exit (also on error) the weights there before are put back bit for bit. Only those weights
+    are copied: memory is their size, not the model's."""
+    before = {name: context.edited_weight(name).detach().clone() for name in replacement}
+    try:
+        with torch.no_grad():
+            for name, tensor in replacement.items():
+                weight = context.edited_weight(name)
+                weight.copy_(tensor.to(weight.device, weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in before.items():
+                context.edited_weight(name).copy_(tensor)
 
 
 #: What a :class:`StepPolicy` may decide about an applied step.

@@ -19,7 +19,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from typing_extensions import override
 
-from sphere_lightning.context import StepDecision, StepPolicy
+from sphere_lightning.context import StepDecision, StepPolicy, weights_swapped
 from sphere_lightning.data.requests import EditBatch, EditRequest
 from sphere_lightning.deltas import DeltaPipeline, NonFiniteDeltaError, check_delta
 from sphere_lightning.distributed import Collective, EditDDPStrategy
@@ -606,7 +606,7 @@ class EditingModule(LightningModule):
         evaluated = self._compute_evaluated_weights(names)
         self._evaluating = True
         try:
-            with self._weights_swapped(evaluated):
+            with weights_swapped(self, evaluated):
                 yield
         finally:
             self._evaluating = False
@@ -704,24 +704,8 @@ class EditingModule(LightningModule):
     def unedited_weights(self) -> Iterator[None]:
         """Within the block every edited weight is its unedited W₀; on exit (also on error) the
         weights there before are put back bit for bit."""
-        with self._weights_swapped(self.original_weights):
+        with weights_swapped(self, self.original_weights):
             yield
-
-    @contextmanager
-    def _weights_swapped(self, replacement: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Within the block each edited weight named in ``replacement`` holds its tensor there;
-        on exit (also on error) the weights there before are put back bit for bit."""
-        before = {name: self.edited_weight(name).detach().clone() for name in replacement}
-        try:
-            with torch.no_grad():
-                for name, tensor in replacement.items():
-                    weight = self.edited_weight(name)
-                    weight.copy_(tensor.to(weight.device, weight.dtype))
-            yield
-        finally:
-            with torch.no_grad():
-                for name, tensor in before.items():
-                    self.edited_weight(name).copy_(tensor)
 
     def fluency(self, requests: list[EditRequest]) -> float | None:
         """Fluency (×100) of the first ``fluency_prompts`` requests under ``fluency_protocol``;

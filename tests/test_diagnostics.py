@@ -23,7 +23,6 @@ from sphere_lightning.editors import (
     ROME,
     AlphaEdit,
     LocateThenEditEditor,
-    StatisticsOptions,
     TemplateOptions,
 )
 from sphere_lightning.editors import rome as rome_module
@@ -376,13 +375,15 @@ def test_key_leak_reads_the_preserved_keys_of_the_unedited_model(
     model = make_tiny_model("llama")
     options = dict(TINY_ALPHAEDIT)
 
-    def moments_of(model, cache: str) -> dict[int, torch.Tensor]:
+    def editor_caching_in(cache: str) -> AlphaEdit:
         stats = dataclasses.replace(options["statistics"], cache_dir=str(tmp_path / cache))
-        return AlphaEdit(**{**options, "statistics": stats}).second_moments(model, tokenizer)
+        return AlphaEdit(**{**options, "statistics": stats})
+
+    def moments_of(model, cache: str) -> dict[int, torch.Tensor]:
+        return editor_caching_in(cache).second_moments(model, tokenizer)
 
     unedited = moments_of(model, "unedited")
-    stats = StatisticsOptions(num_samples=8, max_length=12, cache_dir=str(tmp_path / "run"))
-    editor = AlphaEdit(**{**options, "statistics": stats})
+    editor = editor_caching_in("run")
     module = ContextStub(model, tokenizer, editor=editor)
     with torch.no_grad():  # the state a resume restores: layer 1 edited, so layer 2's keys move
         module.edited_weight(module.edited_parameter_names[0]).mul_(3.0)

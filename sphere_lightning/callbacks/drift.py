@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +13,17 @@ from lightning.pytorch import Trainer
 from typing_extensions import override
 
 from sphere_lightning.callbacks.observer import EditObserver
-from sphere_lightning.context import EditingContext
+from sphere_lightning.context import EditingContext, weights_swapped
 from sphere_lightning.editors.statistics import generate_corpus
 from sphere_lightning.errors import ConfigError, MissingFileError, callback_flag
 from sphere_lightning.models.batching import model_device
 from sphere_lightning.tags import DRIFT_KL, DRIFT_PERPLEXITY
 
 
-@contextmanager
-def original_weights_swapped_in(pl_module: EditingContext) -> Iterator[None]:
-    """Temporarily put ``pl_module.original_weights`` back into the edited layers.
-
-    The current weights are cloned first and copied back on exit (also on error), so they are
-    restored bit for bit. Only the edited layers are copied: memory is their size, not the
-    model's.
-    """
-    current: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, original in pl_module.original_weights.items():
-            weight = pl_module.edited_weight(name)
-            current[name] = weight.detach().clone()
-            weight.copy_(original)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, saved in current.items():
-                pl_module.edited_weight(name).copy_(saved)
+def original_weights_swapped_in(pl_module: EditingContext) -> AbstractContextManager[None]:
+    """Temporarily put ``pl_module.original_weights`` back into the edited layers; on exit (also
+    on error) the current weights are restored bit for bit (:func:`weights_swapped`)."""
+    return weights_swapped(pl_module, pl_module.original_weights)
 
 
 def next_token_drift(
