@@ -254,6 +254,7 @@ SUITE_COLUMNS = (
     SuiteColumn("key_leak", "key leak", ".3f"),
     SuiteColumn("v_norm", "‖v*‖", ".2f"),
     SuiteColumn("edit_seconds", "edit seconds", ".0f"),
+    SuiteColumn("measured_seconds", "measured seconds", ".0f"),
     SuiteColumn("wall_seconds", "wall seconds", ".0f"),
 )
 
@@ -380,6 +381,8 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "- edit seconds: time spent computing, transforming and applying the edits "
         f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
         "resumes;",
+        "- measured seconds: every phase of `phase_seconds` summed (edits, evaluations, HE), the "
+        "run's whole measured work, also across resumes (model loading and start-up excluded);",
         "- wall seconds: `wall_seconds` of the run's last `fit` process, evaluations included (a "
         "resumed run counts from its resume);",
         f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",

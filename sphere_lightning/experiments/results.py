@@ -275,8 +275,9 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
     change is ``general.<task>.final.accuracy`` minus its ``baseline``; drift KL is ``drift.kl``;
     HE change is the mean over the edited layers of ``energy.<layer>.final − baseline``; edit
     seconds are the sum of ``phase_seconds`` over :data:`EDIT_PHASES` (kept across resumes by
-    the checkpoints), wall seconds ``wall_seconds``. A value the run did not record is
-    ``None``.
+    the checkpoints), measured seconds the sum over every phase (edits, evaluations, HE: the
+    run's whole measured work, across resumes), wall seconds ``wall_seconds``. A value the run
+    did not record is ``None``.
     """
     values: dict[str, float | int | None] = {}
     num_edited = summary.get("num_edited")
@@ -304,6 +305,10 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
     phases = summary.get("phase_seconds") or {}
     edit_seconds = [_number(phases.get(phase)) for phase in EDIT_PHASES]
     values["edit_seconds"] = None if None in edit_seconds else sum(edit_seconds)
+    measured = [_number(seconds) for seconds in phases.values()]
+    values["measured_seconds"] = (
+        sum(measured) if measured and None not in measured else None
+    )
     values["wall_seconds"] = _number(summary.get("wall_seconds"))
     return values
 

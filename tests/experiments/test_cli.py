@@ -329,6 +329,7 @@ def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
             assert values["edit_seconds"] == pytest.approx(
                 phases["compute_deltas"] + phases["transform_and_apply"] + phases["after_apply"]
             )
+            assert values["measured_seconds"] == pytest.approx(sum(phases.values()))
         assert len(markdown_rows((out / "table.md").read_text())) == 4
 
     code = main([*args, "--parallel", "2"])

@@ -94,6 +94,7 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "key_leak": (0.25 + 0.5) / 2,  # each layer's last measured value
         "v_norm": 4.5,
         "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
+        "measured_seconds": 718.75,  # every phase, setup and evaluation too
         "wall_seconds": 1234.4,
         **dict.fromkeys(KNOWEDIT_COLUMNS),  # not KnowEdit data: no such metric, no column
     }
@@ -101,8 +102,8 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
     rows = markdown_rows(markdown.read_text())
     assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
                        "+0.250", "+0.000", "0.0625", "—", "3", "1.35", "0.40", "0.250", "0.150",
-                       "0.375", "4.50", "610", "1234"]  # fmt: skip
-    assert rows[0] == ["x", "without"] + ["—"] * 19
+                       "0.375", "4.50", "610", "719", "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 20
     assert "y with SPHERE: `" in markdown.read_text()
 
 
