@@ -327,6 +327,9 @@ def build_suite_table(
                     "label": run.label,
                     "log_dir": str(directory),
                     "finished": log.finished,
+                    # A summary.json without scalars (written by a version that did not keep
+                    # them) gives final values but no horizon or trajectories.
+                    "without_scalars": log.summary is not None and not log.scalars,
                     "values": values,
                     "trajectories": run_trajectories(log) if log.summary is not None else {},
                 }
@@ -390,6 +393,16 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     if unfinished:
         lines += ["", "Not finished (still running, failed or stopped):", ""]
         lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
+    without_scalars = [row for row in table["rows"] if row.get("without_scalars")]
+    if without_scalars:
+        lines += [
+            "",
+            "No logged scalars in `summary.json` (written by an older version of this project), "
+            "so no usable horizon and no row in the tables below; the TensorBoard event files in "
+            "the folder hold every evaluation:",
+            "",
+        ]
+        lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in without_scalars]
     for key, title, fmt in EVALUATION_TABLES:
         if key in _OPTIONAL_PANELS and not _any_logged(table, key):
             continue

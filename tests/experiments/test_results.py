@@ -105,6 +105,11 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
                        "0.375", "4.50", "610", "719", "1234"]  # fmt: skip
     assert rows[0] == ["x", "without"] + ["—"] * 20
     assert "y with SPHERE: `" in markdown.read_text()
+    # x with SPHERE finished with a summary.json that holds no scalars: said, not silently "—".
+    assert [r["without_scalars"] for r in table["rows"]] == [False, True, False, False]
+    said = markdown.read_text().split("No logged scalars in `summary.json`")[1]
+    assert f"- x with SPHERE: `{tmp_path / 'x' / 'with_sphere'}`" in said
+    assert "x without SPHERE" not in said and "y with SPHERE" not in said.split("##")[0]
 
 
 def test_knowedit_metrics_get_columns_and_tables_only_where_a_run_has_them(tmp_path):
