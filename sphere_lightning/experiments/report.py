@@ -346,6 +346,13 @@ def build_suite_table(
     }
 
 
+def _run_list(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines listing ``rows`` (editor, run, folder) under ``title``; none if empty."""
+    if not rows:
+        return []
+    return ["", title, "", *(f"- {r['editor']} {r['label']}: `{r['log_dir']}`" for r in rows)]
+
+
 def format_suite_markdown(table: dict[str, Any]) -> str:
     """The suite's ``table.md``: one row per editor × {without, with SPHERE}."""
     columns = table["columns"]
@@ -390,19 +397,13 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "resumed run counts from its resume);",
         f"- {MISSING}: not recorded (the run logs no such metric, or has no `summary.json`).",
     ]
-    if unfinished:
-        lines += ["", "Not finished (still running, failed or stopped):", ""]
-        lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in unfinished]
-    without_scalars = [row for row in table["rows"] if row.get("without_scalars")]
-    if without_scalars:
-        lines += [
-            "",
-            "No logged scalars in `summary.json` (written by an older version of this project), "
-            "so no usable horizon and no row in the tables below; the TensorBoard event files in "
-            "the folder hold every evaluation:",
-            "",
-        ]
-        lines += [f"- {row['editor']} {row['label']}: `{row['log_dir']}`" for row in without_scalars]
+    lines += _run_list("Not finished (still running, failed or stopped):", unfinished)
+    lines += _run_list(
+        "No logged scalars in `summary.json` (written by an older version of this project), so "
+        "no usable horizon and no row in the tables below; the TensorBoard event files in the "
+        "folder hold every evaluation:",
+        [row for row in table["rows"] if row.get("without_scalars")],
+    )
     for key, title, fmt in EVALUATION_TABLES:
         if key in _OPTIONAL_PANELS and not _any_logged(table, key):
             continue

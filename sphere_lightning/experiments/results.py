@@ -306,9 +306,7 @@ def summary_values(summary: dict[str, Any]) -> dict[str, float | int | None]:
     edit_seconds = [_number(phases.get(phase)) for phase in EDIT_PHASES]
     values["edit_seconds"] = None if None in edit_seconds else sum(edit_seconds)
     measured = [_number(seconds) for seconds in phases.values()]
-    values["measured_seconds"] = (
-        sum(measured) if measured and None not in measured else None
-    )
+    values["measured_seconds"] = sum(measured) if measured and None not in measured else None
     values["wall_seconds"] = _number(summary.get("wall_seconds"))
     return values
 
