@@ -26,6 +26,7 @@ import contextlib
 import inspect
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +48,34 @@ KL_PROMPT = "{} is a"
 #: Values of :attr:`TargetOptions.early_stop`.
 EARLY_STOPS = ("loss", "most_probable")
 #: Values of :attr:`TargetOptions.precision`.
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16", "auto")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively: a CUDA device that supports bf16,
+    or a CPU with AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU, say) bf16 matmuls are
+    emulated and run about 20x slower than float32 ones."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision v* runs in: ``auto`` is ``bf16`` where :func:`native_bf16`, else
+    ``float32``. An explicit ``bf16`` without native support runs as asked, with a warning."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "float32"
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(
+            f"{editor_flag('target.precision')} is bf16, but this {device.type} has no native "
+            "bfloat16 matmuls (no AVX512-BF16 or AMX on a CPU): they are emulated and v* runs "
+            "many times slower than in float32; `auto` picks float32 here",
+            stacklevel=2,
+        )
+    return precision
 
 
 @dataclass(frozen=True)
@@ -77,11 +105,13 @@ class TargetOptions:
         early_stop: When a request stops before ``num_steps``: ``loss`` once its loss is below
             ``loss_threshold`` (ROME); ``most_probable`` also as soon as ``target_new`` is the
             argmax at every target token of every prompt, teacher-forced (ENCORE).
-        precision: ``float32``, or ``bf16``: the blocks above the edit point under bfloat16
+        precision: ``float32``; ``bf16``: the blocks above the edit point under bfloat16
             autocast (on the model's device type), in the pass without δ and in the forward and
             backward passes of the Adam steps, and the lm head's matmul in bf16 on the positions
             the loss reads; h (block ``layer``'s output, v*'s origin) and every block up to
-            ``layer``, δ, log-softmax (of the upcast logits), KL, the loss and Adam stay float32.
+            ``layer``, δ, log-softmax (of the upcast logits), KL, the loss and Adam stay float32;
+            ``auto``: ``bf16`` where the device computes bf16 natively (:func:`native_bf16`),
+            else ``float32``.
     """
 
     num_steps: int = 25
@@ -485,6 +515,8 @@ class TargetOptimisation:
         self.layer = layer
         self.context_templates = context_templates
         self.device = model_device(model)
+        #: ``float32`` or ``bf16``: :attr:`TargetOptions.precision` with ``auto`` resolved.
+        self.precision = resolve_precision(self.opts.precision, self.device)
         self.blocks = spec.blocks(model)
         self.block = self.blocks[layer]
         self.lm_head = model.get_output_embeddings()
@@ -527,7 +559,7 @@ class TargetOptimisation:
         """With ``precision="bf16"``: the blocks above the edit point in bf16 and a bf16 copy of
         the lm head's matrix for :meth:`_log_probs` (a copy: the head may share its weight with
         the input embedding, which the float32 part of the model reads). Else nothing."""
-        if self.opts.precision != "bf16":
+        if self.precision != "bf16":
             yield
             return
         head = self.lm_head

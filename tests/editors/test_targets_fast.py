@@ -1,15 +1,17 @@
 """The v* speed options: most-probable early stopping against a plain per-prompt check, bf16
-autocast against float32, and the defaults leaving the float32 / loss-stop arithmetic alone."""
+autocast against float32, ``auto`` precision against the path it resolves to, and the defaults
+leaving the float32 / loss-stop arithmetic alone."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.editors import AlphaEdit
+from sphere_lightning.editors import AlphaEdit, targets
 from sphere_lightning.editors.hooks import encode_with_subject
 from sphere_lightning.editors.targets import (
     TargetOptimisation,
@@ -306,3 +308,40 @@ def test_a_template_prefix_runs_once_and_changes_nothing(
     torch.testing.assert_close(results[True].initial, results[False].initial, rtol=0, atol=1e-5)
     torch.testing.assert_close(results[True].values, results[False].values, rtol=0, atol=1e-4)
     assert results[True].steps == results[False].steps
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"),
+    [(False, False, False), (True, False, True), (False, True, True)],
+)
+def test_native_bf16_reads_the_cpu(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert targets.native_bf16(torch.device("cpu")) is native
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_bf16_only_where_it_is_native(
+    monkeypatch, native, make_tiny_model, tokenizer, requests
+):
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(targets, "native_bf16", lambda device: native)
+    expected = "bf16" if native else "float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the explicit run of the native path does not warn
+        reference = _optimisation(model, tokenizer, requests, num_steps=4, precision=expected)
+        auto = _optimisation(model, tokenizer, requests, num_steps=4, precision="auto")
+    assert auto.precision == reference.precision == expected
+    # The same path: bit for bit the same v*, losses and steps as the precision it resolved to.
+    a, r = auto.run(progress=False), reference.run(progress=False)
+    assert torch.equal(a.values, r.values) and a.losses == r.losses and a.steps == r.steps
+
+
+def test_explicit_bf16_without_native_support_warns_and_runs_bf16(
+    monkeypatch, make_tiny_model, tokenizer, requests
+):
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(targets, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match=r"target\.precision` is bf16.*emulated.*`auto`"):
+        low = _optimisation(model, tokenizer, requests, precision="bf16")
+    assert low.precision == "bf16"
