@@ -259,6 +259,9 @@ def _report(
     thresholds: tuple[float, float] = (EFFICACY_THRESHOLD, DRIFT_KL_THRESHOLD),
 ) -> int:
     for pair in pairs:
+        if suite and not pair.directory.is_dir():  # the suite's table lists it as not run
+            print(f"No runs of '{pair.name}' under {pair.directory} yet")
+            continue
         markdown, data, figure = write_report(pair.directory, *thresholds)
         if not suite:
             print(markdown.read_text())

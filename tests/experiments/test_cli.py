@@ -23,6 +23,7 @@ from tests.helpers import (
     ROOT,
     RUNS_ORDER,
     markdown_rows,
+    write_run_summary,
 )
 
 
@@ -376,3 +377,22 @@ def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
     resumed = json.loads((killed / "summary.json").read_text())
     assert resumed["global_step"] == first["global_step"] == 2
     check_table()
+
+
+def test_report_only_of_a_suite_passes_over_entries_not_run_yet(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"configs": [str(c) for c in EXPERIMENT_CONFIGS[:2]]}))
+    out = tmp_path / "out"
+    first, second = (c.stem for c in EXPERIMENT_CONFIGS[:2])
+    write_run_summary(
+        out / first / WITH_SPHERE.name,
+        {0: {"edit/efficacy": 0.3}, 10: {"edit/efficacy": 0.9}},
+        num_edited=1000,
+    )
+    assert main(["--suite", str(suite), "--out", str(out), "--report-only"]) == 0
+    printed = capsys.readouterr().out
+    assert f"No runs of '{second}' under {out / second} yet" in printed
+    assert not (out / second).exists(), "nothing is written for an entry that has not run"
+    assert (out / first / "table.md").is_file() and (out / "table.md").is_file()
+    # The suite's table still names the entry that has not run.
+    assert second in (out / "table.md").read_text()
