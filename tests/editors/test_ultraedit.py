@@ -136,8 +136,11 @@ def assert_state_equals(editor: UltraEdit, normalisers: dict) -> None:
     assert sorted(state) == sorted(f"{d_in}x{d_out}" for d_in, d_out in normalisers)
     for (d_in, d_out), naive in normalisers.items():
         ours = state[f"{d_in}x{d_out}"]
+        # The keys and gradients come from float32 passes, batched and padded here and one
+        # unpadded request at a time in the reference: they agree to float32 rounding (2e-6
+        # relative seen on an AVX2-only CPU); a missed or doubled row moves them far more.
         for key in ("n", "mean", "var", "std"):
-            torch.testing.assert_close(ours[key], getattr(naive, key), rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ours[key], getattr(naive, key), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
