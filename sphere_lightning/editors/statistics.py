@@ -7,7 +7,9 @@ layer, corpus and sample count. Beside each cached ``<key>.pt`` a ``<key>.json``
 entry was computed from and what it cost (texts, tokens, seconds).
 
 Cache files are written atomically (a temporary file renamed into place), so a run that stops
-mid-write, or two runs sharing the cache, never leave a half-written entry. An entry that cannot be
+mid-write, or two runs sharing the cache, never leave a half-written entry. Runs that need the same
+entries at once (the experiment runner's parallel runs) take turns on a lock file beside them: the
+first collects, the others wait and load what it wrote. An entry that cannot be
 loaded anyway (truncated, not a tensor, the wrong shape, NaN/inf) is reported, deleted and
 computed again; it is never used.
 """
@@ -18,13 +20,15 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -271,6 +275,30 @@ def _load_cached(file: Path, dim: int) -> torch.Tensor | None:
     return moment.float()
 
 
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold the inter-process lock ``lock_file`` (waiting, with a message, while another process
+    holds it). Where no lock file can be made (a read-only cache), go on without one."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_file)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info(
+                "Waiting for another run collecting the same key statistics (lock %s)", lock_file
+            )
+            lock.acquire()
+    except OSError as error:
+        log.warning("No lock on the statistics cache (%s); collecting without one", error)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def collect_second_moments(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -317,18 +345,51 @@ def collect_second_moments(
         }
         digest = hashlib.sha256(json.dumps(metas[layer], sort_keys=True).encode())
         keys[layer] = digest.hexdigest()[:24]
-    results: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        dim = linear_weight(model.get_submodule(spec.mlp_out_name(layer))).shape[1]
-        moment = _load_cached(cache / f"{keys[layer]}.pt", dim)
-        if moment is not None:
-            results[layer] = moment
-    missing = [layer for layer in layers if layer not in results]
-    if not missing:
-        log.info("Loaded cached second moments for layers %s from %s", layers, cache)
-        record = _read_record(cache / f"{keys[layers[0]]}.json")
-        return SecondMoments(results, record, from_cache=True)
+    # Runs started together (the experiment runner's parallel runs) would each collect the
+    # same moments; the first collects them, the others wait for it and load its cache entries.
+    lock = cache / f".{hashlib.sha256(' '.join(keys.values()).encode()).hexdigest()[:24]}.lock"
+    with _exclusive(lock):
+        results: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            dim = linear_weight(model.get_submodule(spec.mlp_out_name(layer))).shape[1]
+            moment = _load_cached(cache / f"{keys[layer]}.pt", dim)
+            if moment is not None:
+                results[layer] = moment
+        missing = [layer for layer in layers if layer not in results]
+        if not missing:
+            log.info("Loaded cached second moments for layers %s from %s", layers, cache)
+            record = _read_record(cache / f"{keys[layers[0]]}.json")
+            return SecondMoments(results, record, from_cache=True)
 
+        collected, record = _collect(
+            model, tokenizer, spec, missing, corpus, num_samples, max_length, batch_size, seed
+        )
+        for layer, moment in collected.items():
+            results[layer] = moment
+            # The record first: the tensor's file is what makes an entry a cache hit.
+            entry = json.dumps({"meta": metas[layer], "record": asdict(record)}, indent=1)
+            write = partial(Path.write_text, data=entry, encoding="utf-8")
+            atomic_write(cache / f"{keys[layer]}.json", write)
+            atomic_write(cache / f"{keys[layer]}.pt", partial(torch.save, moment))
+        log.info(
+            "Collected second moments over %d tokens for layers %s", record.num_tokens, missing
+        )
+        return SecondMoments(results, record, from_cache=False)
+
+
+def _collect(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: ArchitectureSpec,
+    layers: Sequence[int],
+    corpus: str,
+    num_samples: int,
+    max_length: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[dict[int, torch.Tensor], CollectionRecord]:
+    """``{layer: E[k kᵀ]}`` of ``layers`` over the corpus (arguments of
+    :func:`collect_second_moments`), in one forward pass per batch of texts, and its record."""
     start = time.perf_counter()
     if corpus == GENERATED:
         texts = generate_corpus(model, tokenizer, num_samples, max_length, seed=seed)
@@ -337,7 +398,7 @@ def collect_second_moments(
     text_seconds = time.perf_counter() - start
     start = time.perf_counter()
     device = model_device(model)
-    names = [spec.mlp_out_name(layer) for layer in missing]
+    names = [spec.mlp_out_name(layer) for layer in layers]
     sums: dict[str, torch.Tensor] = {}
     count = 0
     for begin in tqdm(range(0, len(texts), batch_size), desc="Key statistics", leave=False):
@@ -356,16 +417,10 @@ def collect_second_moments(
             keys_ = acts[name][mask].double()
             sums[name] = sums.get(name, 0) + keys_.T @ keys_
     record = CollectionRecord(len(texts), count, text_seconds, time.perf_counter() - start)
-    for layer, name in zip(missing, names, strict=True):
-        results[layer] = (sums[name] / count).float().cpu()
-        # The record first: the tensor's file is what makes an entry a cache hit.
-        entry = json.dumps({"meta": metas[layer], "record": asdict(record)}, indent=1)
-        atomic_write(
-            cache / f"{keys[layer]}.json", partial(Path.write_text, data=entry, encoding="utf-8")
-        )
-        atomic_write(cache / f"{keys[layer]}.pt", partial(torch.save, results[layer]))
-    log.info("Collected second moments over %d tokens for layers %s", count, missing)
-    return SecondMoments(results, record, from_cache=False)
+    moments = {
+        layer: (sums[name] / count).float().cpu() for layer, name in zip(layers, names, strict=True)
+    }
+    return moments, record
 
 
 def second_moments(*args: Any, **kwargs: Any) -> dict[int, torch.Tensor]:

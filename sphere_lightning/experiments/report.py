@@ -358,7 +358,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
     columns = table["columns"]
     header = ["editor", "SPHERE", *(c["label"] for c in columns)]
     lines = [
-        "# Every base editor without and with SPHERE",
+        f"# Every run of the suite `{table.get('suite', '')}`",
         "",
         "| " + " | ".join(header) + " |",
         "|---|---|" + "---:|" * len(columns),
@@ -491,7 +491,10 @@ def plot_suite(table: dict[str, Any], path: Path) -> None:
     )
     if handles:
         fig.legend(handles, labels, loc="lower right", fontsize="small", ncol=2)
-    fig.suptitle("Every base editor without (dashed) and with (solid) SPHERE")
+    fig.suptitle(
+        f"Every run of the suite '{table.get('suite', '')}': "
+        "without SPHERE dashed, with SPHERE solid"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -503,9 +506,10 @@ def write_suite_report(
     efficacy_threshold: float = EFFICACY_THRESHOLD,
     drift_kl_threshold: float = DRIFT_KL_THRESHOLD,
 ) -> tuple[Path, Path, Path]:
-    """Write the combined ``table.md``, ``table.json`` and ``figure.png`` into ``out``; returns
-    their paths."""
+    """Write the combined ``table.md``, ``table.json`` and ``figure.png`` into ``out``, titled
+    after the folder (the suite's name by default); returns their paths."""
     table = build_suite_table(pairs, efficacy_threshold, drift_kl_threshold)
+    table["suite"] = out.resolve().name
     return _write_outputs(out, table, format_suite_markdown, plot_suite)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -169,3 +171,44 @@ def test_collection_record_counts_texts_and_tokens(tiny_gpt2, tokenizer, tmp_pat
         entry.unlink()
     third = statistics.collect_second_moments(tiny_gpt2, tokenizer, spec, [0, 1], **options)
     assert third.from_cache and third.record is None
+
+
+def test_runs_needing_the_same_moments_at_once_collect_them_once(
+    tiny_gpt2, tokenizer, tmp_path, monkeypatch
+):
+    """Two runs started together: one collects while the other waits on the cache's lock, then
+    loads the entries the first wrote instead of collecting them a second time."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(HUB_TEXTS), encoding="utf-8")
+    options = {"corpus": str(corpus), "num_samples": 3, "max_length": 10, "batch_size": 2}
+    spec = architecture_of(tiny_gpt2)
+    collecting = threading.Event()
+    collections = []
+    real_collect = statistics._collect
+
+    def slow_collect(*args, **kwargs):
+        collections.append(args[3])
+        collecting.set()
+        time.sleep(0.5)  # long enough for the second run to reach the cache meanwhile
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(statistics, "_collect", slow_collect)
+    results = {}
+
+    def run(name):
+        results[name] = statistics.collect_second_moments(
+            tiny_gpt2, tokenizer, spec, [0, 1], **options
+        )
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert collecting.wait(timeout=30)
+    second = threading.Thread(target=run, args=("second",))
+    second.start()
+    first.join(timeout=60)
+    second.join(timeout=60)
+
+    assert collections == [[0, 1]]
+    assert not results["first"].from_cache and results["second"].from_cache
+    for layer in (0, 1):
+        assert torch.equal(results["second"].moments[layer], results["first"].moments[layer])

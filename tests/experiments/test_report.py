@@ -210,6 +210,7 @@ def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
     assert trajectory["edit/efficacy"] == [[0, 0.25], [200, 0.75]]
     assert trajectory["energy_change/mean"] == [[0, 0.0], [100, 1.5], [200, 3.0]]
     text = markdown.read_text()
+    assert text.startswith("# Every run of the suite `suite`\n")  # named after its folder
     efficacy = markdown_rows(text, table=1)
     assert efficacy == [
         ["alphaedit", "without", "—", "—"],
