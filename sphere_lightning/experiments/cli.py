@@ -166,6 +166,8 @@ def _pairs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Pa
                 entry.files[:-1],
                 entry.settings,
                 runs,
+                entry.group,
+                entry.seed,
             )
         )
     return pairs

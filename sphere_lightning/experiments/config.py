@@ -135,6 +135,10 @@ class Pair:
     settings: tuple[tuple[str, Any], ...] = ()
     #: The runs this pair makes (``None``: the command's ``--runs``, else both).
     runs: tuple[Run, ...] | None = None
+    #: The suite entry this pair is one edit order of (a suite's ``seeds``), and that order's
+    #: seed; ``None`` for a pair that is not.
+    group: str | None = None
+    seed: int | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -238,16 +242,63 @@ class SuiteEntry:
     files: tuple[Path, ...]
     settings: tuple[tuple[str, Any], ...] = ()
     runs: str | None = None
+    #: With a suite's ``seeds``: the entry's own name, and the edit order's seed of this copy.
+    group: str | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
 class Suite:
-    """A suite file: its entries, ``num_edits`` (``None``: each config's own) and ``runs``
-    (``None``: both, unless the command's ``--runs`` says otherwise)."""
+    """A suite file: its entries, ``num_edits`` (``None``: each config's own), ``runs``
+    (``None``: both, unless the command's ``--runs`` says otherwise) and ``seeds`` (``None``: one
+    run of each entry, in its config's edit order)."""
 
     entries: tuple[SuiteEntry, ...]
     num_edits: int | None = None
     runs: str | None = None
+    seeds: tuple[int, ...] | None = None
+
+
+#: The dotted key a suite's ``seeds`` sets in each copy of an entry: the edit order's seed.
+SEED_KEY = "data.seed"
+
+
+def _seeds(path: Path, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise ConfigError(
+            f"--suite {path}: `seeds` should be a list of distinct integers ≥ 0, got {value!r}"
+        )
+    return tuple(value)
+
+
+def _with_seeds(path: Path, entries: list[SuiteEntry], seeds: tuple[int, ...]) -> list[SuiteEntry]:
+    """Each entry once per seed: named ``<name>_seed<seed>``, with ``data.seed`` set."""
+    copies = []
+    for entry in entries:
+        if any(key == SEED_KEY for key, _ in entry.settings):
+            raise ConfigError(
+                f"--suite {path}: entry {entry.name} sets `{SEED_KEY}`, which the suite's "
+                "`seeds` sets for each of its runs; remove one of the two"
+            )
+        copies += [
+            SuiteEntry(
+                f"{entry.name}_seed{seed}",
+                entry.files,
+                (*entry.settings, (SEED_KEY, seed)),
+                entry.runs,
+                group=entry.name,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
+    return copies
 
 
 def _runs_choice(path: Path, where: str, value: Any) -> str | None:
@@ -267,19 +318,27 @@ def read_suite(path: Path) -> Suite:
     of files merged in order, as ``fit --config a.yaml --config b.yaml`` merges them) and
     optionally ``set`` (``{dotted key: value}`` set after the merge, :func:`set_value`) and
     ``runs`` (``both``, ``with_sphere`` or ``without_sphere``: which of the pair's runs to make;
-    default the suite's ``runs``).
+    default the suite's ``runs``). With ``seeds: [0, 1, 2]`` every entry runs once per seed, as
+    ``<name>_seed<seed>`` with ``data.seed`` set (the order of the facts), and the report adds
+    the mean ± standard deviation over the seeds.
     """
     content = yaml.safe_load(path.read_text()) or {}
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
         raise ConfigError(f"--suite {path}: expected `configs:` with a list of config files")
+    unknown = sorted(set(content) - {"configs", "num_edits", "runs", "seeds"})
+    if unknown:
+        raise ConfigError(
+            f"--suite {path}: unknown keys {unknown} (allowed: configs, num_edits, runs, seeds)"
+        )
     num_edits = content.get("num_edits")
     if num_edits is not None and (
         isinstance(num_edits, bool) or not isinstance(num_edits, int) or num_edits < 1
     ):
         raise ConfigError(f"--suite {path}: `num_edits` should be an integer ≥ 1, got {num_edits}")
     runs = _runs_choice(path, "", content.get("runs"))
-    entries = []
+    seeds = _seeds(path, content.get("seeds"))
+    entries: list[SuiteEntry] = []
     for index, entry in enumerate(configs):
         if not isinstance(entry, dict):
             entries.append(SuiteEntry(Path(str(entry)).stem, (path.parent / str(entry),)))
@@ -309,4 +368,6 @@ def read_suite(path: Path) -> Suite:
                 _runs_choice(path, f"configs[{index}] ({name}): ", entry.get("runs")),
             )
         )
-    return Suite(tuple(entries), num_edits, runs)
+    if seeds is not None:
+        entries = _with_seeds(path, entries, seeds)
+    return Suite(tuple(entries), num_edits, runs, seeds)

@@ -322,6 +322,8 @@ def build_suite_table(
             rows.append(
                 {
                     "editor": pair.name,
+                    "group": pair.group,
+                    "seed": pair.seed,
                     "config": pair.describe(),
                     "run": run.name,
                     "label": run.label,
@@ -343,7 +345,120 @@ def build_suite_table(
         "columns": [{"key": c.key, "label": c.label, "fmt": c.fmt} for c in columns],
         "rows": rows,
         "horizon_thresholds": {"efficacy": efficacy_threshold, "drift_kl": drift_kl_threshold},
+        "seeds": seed_statistics(rows, [c.key for c in columns if c.fmt != "s"]),
     }
+
+
+def mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
+    """``{"n", "mean", "sd"}`` of ``values``: ``sd`` the sample standard deviation (n − 1),
+    ``None`` below two values; ``mean`` ``None`` without any."""
+    n = len(values)
+    mean = sum(values) / n if n else None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "sd": sd}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def seed_statistics(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The suite's runs that are edit orders of one entry (a suite's ``seeds``), one item per
+    entry × run: its seeds, which of them finished, the usable horizon of each, the
+    :func:`mean_sd` of every final value in ``keys`` over the finished runs, and of every metric
+    of :data:`EVALUATION_TABLES` at each number of edits over the runs that logged it there."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("group") is not None:
+            groups.setdefault((row["group"], row["run"]), []).append(row)
+    items = []
+    for (group, run), members in groups.items():
+        finished = [r for r in members if r["finished"]]
+        final = {
+            key: mean_sd([v for r in finished if _finite(v := r["values"].get(key))])
+            for key in keys
+        }
+        evaluations = {}
+        for key, _, _ in EVALUATION_TABLES:
+            points: dict[int, list[float]] = {}
+            for r in members:
+                for edits, value in r["trajectories"].get(key, []):
+                    points.setdefault(int(edits), []).append(value)
+            if points:
+                evaluations[key] = {str(e): mean_sd(points[e]) for e in sorted(points)}
+        items.append(
+            {
+                "group": group,
+                "run": run,
+                "label": members[0]["label"],
+                "seeds": [r["seed"] for r in members],
+                "finished_seeds": [r["seed"] for r in finished],
+                "usable_horizon": [r["values"].get("usable_horizon") for r in members],
+                "final": final,
+                "evaluations": evaluations,
+            }
+        )
+    return items
+
+
+def _mean_sd_cell(stat: dict[str, Any] | None, fmt: str, of: int | None = None) -> str:
+    """``mean ± sd`` (``mean`` alone from one value, ``—`` from none), with ``(n=k)`` where
+    fewer than ``of`` values went into it."""
+    if not stat or stat["mean"] is None:
+        return MISSING
+    fmt = ".0f" if fmt == "d" else fmt  # a mean of counts is a float
+    text = format(stat["mean"], fmt)
+    if stat["sd"] is not None:
+        text += " ± " + format(stat["sd"], fmt.lstrip("+"))
+    if of is not None and stat["n"] < of:
+        text += f" (n={stat['n']})"
+    return text
+
+
+def format_seed_tables(table: dict[str, Any]) -> list[str]:
+    """Markdown lines of the suite's seed statistics (:func:`seed_statistics`); none without."""
+    items = table.get("seeds") or []
+    if not items:
+        return []
+    columns = [c for c in table["columns"] if c["fmt"] != "s"]
+    header = ["entry", "SPHERE", "seeds finished", *(c["label"] for c in columns)]
+    lines = [
+        "",
+        "## Over the edit orders (seeds): mean ± standard deviation",
+        "",
+        "Each entry ran once per seed of the suite's `seeds` (`data.seed`, the order of the "
+        "facts); ± is the sample standard deviation (n − 1) over the runs that finished, "
+        "(n=k) marks a value from fewer runs than the entry's seeds.",
+        "",
+        "| " + " | ".join([*header, "usable horizon per seed"]) + " |",
+        "|---|---|---|" + "---:|" * len(columns) + "---|",
+    ]
+    for item in items:
+        seeds = f"{len(item['finished_seeds'])} of {len(item['seeds'])}"
+        cells = [item["group"], item["label"].split()[0], seeds]
+        cells += [_mean_sd_cell(item["final"].get(c["key"]), c["fmt"]) for c in columns]
+        horizons = ", ".join(
+            f"{seed}: {h if h is not None else MISSING}"
+            for seed, h in zip(item["seeds"], item["usable_horizon"], strict=True)
+        )
+        lines.append("| " + " | ".join([*cells, horizons]) + " |")
+    for key, title, fmt in EVALUATION_TABLES:
+        edits = sorted({int(e) for item in items for e in item["evaluations"].get(key, {})})
+        if not edits:
+            continue
+        lines += [
+            "",
+            f"### {title} at every evaluation, mean ± sd over the seeds",
+            "",
+            "| entry | SPHERE | " + " | ".join(str(e) for e in edits) + " |",
+            "|---|---|" + "---:|" * len(edits),
+        ]
+        for item in items:
+            points = item["evaluations"].get(key, {})
+            cells = [item["group"], item["label"].split()[0]]
+            cells += [_mean_sd_cell(points.get(str(e)), fmt, len(item["seeds"])) for e in edits]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _run_list(title: str, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -404,6 +519,7 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "folder hold every evaluation:",
         [row for row in table["rows"] if row.get("without_scalars")],
     )
+    lines += format_seed_tables(table)
     for key, title, fmt in EVALUATION_TABLES:
         if key in _OPTIONAL_PANELS and not _any_logged(table, key):
             continue

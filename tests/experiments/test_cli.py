@@ -379,6 +379,59 @@ def test_suite_runs_every_pair_skips_finished_runs_and_resumes_a_killed_one(
     check_table()
 
 
+def test_suite_seeds_run_each_entry_once_per_edit_order(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"seed": 7, "num_edits": 10}}))
+    suite = tmp_path / "suite.yaml"
+    entries = [{"name": "a", "configs": ["base.yaml"], "runs": "with_sphere"}, "base.yaml"]
+    suite.write_text(yaml.safe_dump({"seeds": [2, 0], "configs": entries}))
+
+    read = experiments.read_suite(suite)
+
+    assert read.seeds == (2, 0)
+    assert [(e.name, e.group, e.seed, e.settings, e.runs) for e in read.entries] == [
+        ("a_seed2", "a", 2, (("data.seed", 2),), "with_sphere"),
+        ("a_seed0", "a", 0, (("data.seed", 0),), "with_sphere"),
+        ("base_seed2", "base", 2, (("data.seed", 2),), None),
+        ("base_seed0", "base", 0, (("data.seed", 0),), None),
+    ]
+    parser = experiments.build_parser()
+    args = parser.parse_args(["--suite", str(suite), "--out", str(tmp_path / "o")])
+    pairs = {p.name: p for p in _pairs(parser, args)}
+    assert {name: (p.group, p.seed, p.load()["data"]["seed"]) for name, p in pairs.items()} == {
+        "a_seed2": ("a", 2, 2),
+        "a_seed0": ("a", 0, 0),
+        "base_seed2": ("base", 2, 2),
+        "base_seed0": ("base", 0, 0),
+    }
+    assert pairs["a_seed0"].directory == tmp_path / "o" / "a_seed0"
+
+
+@pytest.mark.parametrize(
+    ("content", "settings", "message"),
+    [
+        ({"seeds": [0, 0]}, {}, "`seeds` should be a list of distinct integers ≥ 0, got [0, 0]"),
+        ({"seeds": 3}, {}, "`seeds` should be a list of distinct integers ≥ 0, got 3"),
+        ({"seeds": [1, -1]}, {}, "`seeds` should be a list of distinct integers ≥ 0"),
+        ({"seeds": [True]}, {}, "`seeds` should be a list of distinct integers ≥ 0"),
+        ({"seed": [1, 2]}, {}, "unknown keys ['seed'] (allowed: configs, num_edits, runs, seeds)"),
+        (
+            {"seeds": [1]},
+            {"data.seed": 4},
+            "entry x sets `data.seed`, which the suite's `seeds` sets for each of its runs",
+        ),
+    ],
+    ids=["repeated", "not-a-list", "negative", "bool", "misspelt", "set-by-the-entry"],
+)
+def test_bad_suite_seeds_are_refused(tmp_path, content, settings, message):
+    suite = tmp_path / "suite.yaml"
+    entry = {"name": "x", "configs": ["x.yaml"], "set": settings}
+    suite.write_text(yaml.safe_dump({"configs": [entry], **content}, allow_unicode=True))
+    with pytest.raises(ValueError) as error:
+        experiments.read_suite(suite)
+    assert message in str(error.value)
+
+
 def test_report_only_of_a_suite_passes_over_entries_not_run_yet(tmp_path, capsys):
     suite = tmp_path / "suite.yaml"
     suite.write_text(yaml.safe_dump({"configs": [str(c) for c in EXPERIMENT_CONFIGS[:2]]}))

@@ -223,7 +223,9 @@ def test_the_horizon_follow_up_suites_set_what_they_vary(tmp_path):
 
     for name, editor in (("seeds.yaml", "AlphaEdit"), ("seeds_ultraedit.yaml", "UltraEdit")):
         runs = loaded(name)
-        assert sorted(config["data"]["seed"] for config in runs.values()) == [1, 2]
+        assert sorted(config["data"]["seed"] for config in runs.values()) == [0, 1, 2]
+        stem = "alphaedit" if editor == "AlphaEdit" else "ultraedit"
+        assert sorted(runs) == [f"{stem}_seed{seed}" for seed in (0, 1, 2)]
         for config in runs.values():
             assert config["model"]["editor"]["class_path"].endswith(editor)
             assert _sphere_args(config)  # the with-SPHERE run; the runner derives the other

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sphere_lightning import experiments
 from sphere_lightning.experiments.results import KNOWEDIT_COLUMNS
 from tests.helpers import (
@@ -170,3 +172,81 @@ def test_an_unfinished_run_has_its_logged_scalars_but_no_final_values(tmp_path):
     assert row["values"]["efficacy"] is None  # the final values wait for the run's end
     assert row["values"]["usable_horizon"] == "beyond 200"
     assert row["trajectories"]["edit/efficacy"] == [[0, 0.25], [200, 0.875]]
+
+
+def test_suite_seeds_give_mean_and_standard_deviation_over_the_edit_orders(tmp_path):
+    """Three edit orders of one entry: two finished, one still running. The final values'
+    statistics are over the finished two; each evaluation's over every run that logged it."""
+    from statistics import mean, stdev
+
+    finals = {0: (0.75, 0.5, 1.5), 1: (0.625, 0.25, 2.5)}  # efficacy, SST-2 change, drift KL
+    efficacy_at = {0: {1000: 0.875, 2000: 0.75}, 1: {1000: 0.75, 2000: 0.625}, 2: {1000: 0.5}}
+    pairs = []
+    for seed in (0, 1, 2):
+        name = f"ue_seed{seed}"
+        pairs.append(
+            experiments.Pair(
+                name, Path("ue.yaml"), tmp_path / name, runs=(RUNS_ORDER[1],), group="ue", seed=seed
+            )  # fmt: skip
+        )
+        scalars = {0: {"edit/efficacy": 0.25, "drift/kl": 0.0}}
+        for edits, value in efficacy_at[seed].items():
+            scalars[edits // 100] = {"edit/num_edited": float(edits), "edit/efficacy": value}
+        entries = {}
+        if seed in finals:
+            efficacy, sst2, drift = finals[seed]
+            entries = {
+                "edit": {"final": {"efficacy": efficacy}},
+                "general": {
+                    "sst2": {"baseline": {"accuracy": 0.5}, "final": {"accuracy": 0.5 + sst2}}
+                },  # fmt: skip
+                "drift": {"kl": drift},
+            }
+        write_run_summary(
+            tmp_path / name / "with_sphere",
+            scalars,
+            finished=seed in finals,
+            num_edited=2000 if seed in finals else 1000,
+            **entries,
+        )
+
+    markdown, data, _ = experiments.write_suite_report(tmp_path, pairs)
+
+    (item,) = json.loads(data.read_text())["seeds"]
+    assert (item["group"], item["run"], item["seeds"], item["finished_seeds"]) == (
+        "ue", "with_sphere", [0, 1, 2], [0, 1]
+    )  # fmt: skip
+    for key, index in (("efficacy", 0), ("sst2_accuracy_change", 1), ("drift_kl", 2)):
+        values = [finals[seed][index] for seed in (0, 1)]
+        stat = item["final"][key]
+        assert stat["n"] == 2
+        assert stat["mean"] == pytest.approx(mean(values))
+        assert stat["sd"] == pytest.approx(stdev(values))
+    assert item["final"]["generalization"] == {"n": 0, "mean": None, "sd": None}
+    at = item["evaluations"]["edit/efficacy"]
+    assert at["1000"]["n"] == 3
+    assert at["1000"]["mean"] == pytest.approx(mean([0.875, 0.75, 0.5]))
+    assert at["1000"]["sd"] == pytest.approx(stdev([0.875, 0.75, 0.5]))
+    assert at["2000"]["n"] == 2
+    assert at["2000"]["sd"] == pytest.approx(stdev([0.75, 0.625]))
+    assert item["usable_horizon"] == ["2000", "1000", "1000"]
+
+    text = markdown.read_text()
+    (row,) = markdown_rows(text.split("## Over the edit orders")[1], table=0)
+    assert row[:4] == ["ue", "with", "2 of 3", "2000 ± 0"]
+    assert row[4] == f"{mean([0.75, 0.625]):.3f} ± {stdev([0.75, 0.625]):.3f}"
+    assert row[-1] == "0: 2000, 1: 1000, 2: 1000"
+    (efficacy_row,) = markdown_rows(text.split("### Efficacy at every evaluation")[1], table=0)
+    assert efficacy_row[2:] == [
+        "0.250 ± 0.000",  # before the first edit
+        f"{mean([0.875, 0.75, 0.5]):.3f} ± {stdev([0.875, 0.75, 0.5]):.3f}",
+        f"{mean([0.75, 0.625]):.3f} ± {stdev([0.75, 0.625]):.3f} (n=2)",
+    ]
+
+
+def test_a_suite_without_seeds_has_no_seed_tables(tmp_path):
+    pairs = [experiments.Pair("x", Path("x.yaml"), tmp_path / "x", runs=RUNS_ORDER)]
+    write_run_summary(tmp_path / "x" / "with_sphere", {0: {"edit/efficacy": 0.5}}, num_edited=1)
+    markdown, data, _ = experiments.write_suite_report(tmp_path, pairs)
+    assert json.loads(data.read_text())["seeds"] == []
+    assert "Over the edit orders" not in markdown.read_text()
