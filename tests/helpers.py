@@ -112,8 +112,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUNS_ORDER = (WITHOUT_SPHERE, WITH_SPHERE)
 
 
-def markdown_rows(text: str, table: int = 0) -> list[list[str]]:
-    """The body rows of the ``table``-th markdown table of ``text``."""
+def markdown_rows(text: str, table: int = 0, header: bool = False) -> list[list[str]]:
+    """The body rows of the ``table``-th markdown table of ``text`` (its header row first with
+    ``header``)."""
     tables: list[list[str]] = []
     previous = ""
     for line in text.splitlines():
@@ -123,7 +124,9 @@ def markdown_rows(text: str, table: int = 0) -> list[list[str]]:
             tables[-1].append(line)
         previous = line
     rows = tables[table] if table < len(tables) else []
-    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+    return [
+        [cell.strip() for cell in row.strip("|").split("|")] for row in rows[0 if header else 1 :]
+    ]
 
 
 # ---------------------------------------------------------------------- the callbacks' view

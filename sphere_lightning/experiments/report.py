@@ -420,7 +420,12 @@ def format_seed_tables(table: dict[str, Any]) -> list[str]:
     items = table.get("seeds") or []
     if not items:
         return []
-    columns = [c for c in table["columns"] if c["fmt"] != "s"]
+    # The columns some finished run recorded (none until one has finished).
+    columns = [
+        c
+        for c in table["columns"]
+        if any((item["final"].get(c["key"]) or {}).get("n") for item in items)
+    ]
     header = ["entry", "SPHERE", "seeds finished", *(c["label"] for c in columns)]
     lines = [
         "",

@@ -233,6 +233,12 @@ def test_suite_seeds_give_mean_and_standard_deviation_over_the_edit_orders(tmp_p
 
     text = markdown.read_text()
     (row,) = markdown_rows(text.split("## Over the edit orders")[1], table=0)
+    header = markdown_rows(text.split("## Over the edit orders")[1], table=0, header=True)[0]
+    # Only what the finished runs recorded: no generalization, HE or diagnostics here.
+    assert header == [
+        "entry", "SPHERE", "seeds finished", "edits", "efficacy", "SST-2 Δacc", "drift KL",
+        "usable horizon per seed",
+    ]  # fmt: skip
     assert row[:4] == ["ue", "with", "2 of 3", "2000 ± 0"]
     assert row[4] == f"{mean([0.75, 0.625]):.3f} ± {stdev([0.75, 0.625]):.3f}"
     assert row[-1] == "0: 2000, 1: 1000, 2: 1000"
