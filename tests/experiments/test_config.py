@@ -168,7 +168,7 @@ def test_the_horizon_suite_composes_its_entries(tmp_path):
     read = experiments.read_suite(suite)
     assert read.num_edits == 10000
     names = [entry.name for entry in read.entries]
-    assert names == ["alphaedit", "alphaedit_nas", "ultraedit", "memit"]
+    assert names == ["memit", "alphaedit_nas", "alphaedit", "ultraedit"]
     files = {entry.name: entry.files for entry in read.entries}
     nas = experiments.load_config(files["alphaedit_nas"])
     editor = nas["model"]["editor"]
