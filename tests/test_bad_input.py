@@ -492,9 +492,12 @@ def test_corrupt_cache_file_is_replaced_and_recomputed(
         assert torch.equal(result.moments[layer], fresh_moments[layer])
     replaced = torch.load(bad, weights_only=True)
     assert any(torch.equal(replaced, fresh_moments[layer]) for layer in (0, 1))
-    assert sorted(p.name for p in cache.iterdir()) == sorted(
+    # Nothing else is left behind (no temporary file) but the collection's lock file.
+    left = sorted(p.name for p in cache.iterdir() if p.suffix != ".lock")
+    assert left == sorted(
         [e.name for e in entries] + [e.with_suffix(".json").name for e in entries]
     )
+    assert [p.stat().st_size for p in cache.glob(".*.lock")] == [0]
 
 
 def test_corrupt_record_is_ignored(tiny_gpt2, tokenizer, tmp_path, caplog):

@@ -41,12 +41,12 @@ def header_compositions(path: Path) -> list[tuple[str, ...]]:
 
 def suite_files() -> list[Path]:
     """Experiment suites: files whose top level is ``configs:`` (a list of experiment configs
-    for ``sphere-lightning experiments --suite``) and optionally ``num_edits:``."""
+    for ``sphere-lightning experiments --suite``) and optionally the other suite keys."""
     return [
         path
         for path in sorted(CONFIGS.rglob("*.yaml"))
         if "configs" in (keys := set(yaml.safe_load(path.read_text()) or {}))
-        and keys <= {"configs", "num_edits", "runs"}
+        and keys <= set(experiments.SUITE_KEYS)
     ]
 
 

@@ -259,6 +259,9 @@ class Suite:
     seeds: tuple[int, ...] | None = None
 
 
+#: The top-level keys of a suite file.
+SUITE_KEYS = ("configs", "num_edits", "runs", "seeds")
+
 #: The dotted key a suite's ``seeds`` sets in each copy of an entry: the edit order's seed.
 SEED_KEY = "data.seed"
 
@@ -326,10 +329,10 @@ def read_suite(path: Path) -> Suite:
     configs = content.get("configs") if isinstance(content, dict) else None
     if not isinstance(configs, list) or not configs:
         raise ConfigError(f"--suite {path}: expected `configs:` with a list of config files")
-    unknown = sorted(set(content) - {"configs", "num_edits", "runs", "seeds"})
+    unknown = sorted(set(content) - set(SUITE_KEYS))
     if unknown:
         raise ConfigError(
-            f"--suite {path}: unknown keys {unknown} (allowed: configs, num_edits, runs, seeds)"
+            f"--suite {path}: unknown keys {unknown} (allowed: {', '.join(SUITE_KEYS)})"
         )
     num_edits = content.get("num_edits")
     if num_edits is not None and (
