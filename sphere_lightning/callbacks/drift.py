@@ -84,7 +84,8 @@ class DriftCallback(EditObserver):
     Args:
         text: A local ``.txt`` file whose paragraphs (separated by blank lines) are the held-out
             texts; by default the model writes them itself before the first edit (sampled with
-            ``seed``, from the original weights).
+            ``seed``, from the original weights, on the model's device: a CPU and a GPU write
+            different texts from the same seed, so their drift KL compares only with a file).
         every_n_steps: Measure after every n-th step.
         num_texts: Number of texts (the first ``num_texts`` paragraphs of a file).
         max_length: Tokens per text (longer texts are truncated; generated texts are this long).
