@@ -233,6 +233,27 @@ def test_the_horizon_follow_up_suites_set_what_they_vary(tmp_path):
     for config in loaded("seeds_ultraedit.yaml").values():
         assert config["data"]["num_edits"] == 10000  # ultraedit.yaml's own horizon
 
+    # NAS where AlphaEdit collapses, per edit order: the settings of nas_collapse.yaml
+    collapse = loaded("nas_collapse.yaml")
+    runs = loaded("seeds_nas.yaml")
+    assert experiments.read_suite(ROOT / "configs/horizon/seeds_nas.yaml").num_edits == 2000
+    assert sorted(runs) == [
+        f"{stem}_seed{seed}"
+        for stem in ("alphaedit_l2-1", "alphaedit_nas_l2-1")
+        for seed in (0, 1, 2)
+    ]
+    for name, config in runs.items():
+        stem, seed = name.rsplit("_seed", 1)
+        assert config["data"]["seed"] == int(seed)
+        reference = collapse[stem]["model"]["editor"]["init_args"]
+        editor = config["model"]["editor"]["init_args"]
+        assert editor["l2"] == reference["l2"] == 1.0
+        assert editor["statistics"] == reference["statistics"]
+        assert editor["templates"] == reference["templates"]
+        assert editor["nullspace_threshold"] == reference["nullspace_threshold"] == 0.02
+        assert bool((editor.get("nas") or {}).get("enabled")) == ("nas" in stem)
+        assert _sphere_args(config)
+
 
 def test_set_value_follows_dotted_keys_through_mappings_and_callback_lists():
     config = {
