@@ -30,6 +30,7 @@ from sphere_lightning.editors.base import value_norm_metrics
 from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
+from sphere_lightning.functional.diagnostics import share_in
 from sphere_lightning.horizon import Evaluation, usable_horizon
 from sphere_lightning.models.architectures import architecture_of
 from tests.helpers import (
@@ -110,6 +111,16 @@ def test_principal_share_of_zero_or_without_directions_is_zero():
     assert rank == 0 and float(share) == 0.0
     with pytest.raises(ValueError, match="shape of `weight`"):
         principal_share(torch.randn(6, 7), weight, 0.5)
+
+
+def test_share_in_a_given_basis_matches_the_explicit_projector():
+    g = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(10, 3, generator=g, dtype=torch.float64))
+    delta = torch.randn(7, 10, generator=g)
+    assert float(share_in(delta, basis)) == pytest.approx(plain_share(delta, basis), rel=1e-6)
+    assert float(share_in(delta, basis[:, :0])) == 0.0
+    with pytest.raises(ValueError, match="10 rows"):
+        share_in(delta, basis[:9])
 
 
 def test_key_leak_matches_explicit_preserved_keys():
@@ -349,6 +360,13 @@ def test_callback_logs_each_quantity_as_computed_plainly(
             plain_share(delta, basis), rel=1e-5
         )
         assert logged[f"diag/principal_share_random/{layer}"] == basis.shape[1] / len(basis)
+        # The accumulated update W − W₀ (here the earlier +0.5 and this batch), in the same space.
+        accumulated = after - original
+        if neuron_rows == "stored":
+            accumulated = accumulated.T
+        assert logged[f"diag/update_principal_share/{layer}"] == pytest.approx(
+            plain_share(accumulated, basis), rel=1e-5
+        )
         assert logged[f"diag/key_leak/{layer}"] == pytest.approx(
             plain_leak(applied[name], before[name], keys[name]), rel=1e-4
         )

@@ -15,7 +15,8 @@ from sphere_lightning.callbacks.sphere import SphereProjectionCallback, short_na
 from sphere_lightning.context import EditingContext
 from sphere_lightning.editors import MEMIT, AlphaEdit
 from sphere_lightning.errors import ConfigError, callback_flag
-from sphere_lightning.functional.diagnostics import key_leak, principal_share
+from sphere_lightning.functional.diagnostics import key_leak, share_in
+from sphere_lightning.functional.projection import principal_directions
 from sphere_lightning.horizon import (
     DRIFT_KL_THRESHOLD,
     EFFICACY_THRESHOLD,
@@ -51,6 +52,11 @@ class CollapseDiagnosticsCallback(EditObserver):
       (out × in) view;
     - ``principal_share_random``: r/d, the expected share of a direction drawn at random (r =
       dim U, d = the weight's input size), to read ``principal_share`` against;
+    - ``update_principal_share``: the same share for the accumulated update W − W₀ (after the
+      batch, in the same U). Updates whose principal parts point the same way batch after batch
+      add up there faster than their other parts, which add like a random walk; then this share
+      exceeds the per-batch ``principal_share``, and a projection that removes a few percent of
+      each batch removes much more of the sum;
     - ``key_leak`` (AlphaEdit and MEMIT, with ``key_leak``): ‖ΔW K₀‖ / ‖W K₀‖ of the applied
       update on the preserved keys K₀, from the editor's key second moment C = E[k kᵀ] (the
       statistics AlphaEdit builds its null-space projector from):
@@ -220,10 +226,9 @@ class CollapseDiagnosticsCallback(EditObserver):
                 layer = short_name(name)
                 weight = pl_module.edited_weight(name).detach()
                 original = pl_module.original_weights[name].to(weight.device)
+                accumulated = weight.to(torch.float32) - original.to(torch.float32)
                 values[f"{DIAG}weight_norm/{layer}"] = _norm(weight)
-                values[f"{DIAG}update_norm/{layer}"] = _norm(
-                    weight.to(torch.float32) - original.to(torch.float32)
-                )
+                values[f"{DIAG}update_norm/{layer}"] = _norm(accumulated)
                 applied = pl_module.applied_deltas.get(name)
                 raw = pl_module.editor_deltas.get(name)
                 if name not in before or applied is None or raw is None:
@@ -236,11 +241,15 @@ class CollapseDiagnosticsCallback(EditObserver):
                 use_original = sphere is not None and sphere.reference == "original"
                 reference = original if use_original else weight_before
                 raw = raw.to(weight.device)
-                if sphere is not None and sphere.stored_transposed(pl_module, name):
+                transposed = sphere is not None and sphere.stored_transposed(pl_module, name)
+                if transposed:
                     raw, reference = raw.mT, reference.mT  # its neurons: Conv1D's stored rows
-                share, rank = principal_share(raw, reference, ratio)
-                values[f"{DIAG}principal_share/{layer}"] = float(share)
-                values[f"{DIAG}principal_share_random/{layer}"] = rank / reference.shape[1]
+                basis = principal_directions(reference, ratio)
+                values[f"{DIAG}principal_share/{layer}"] = float(share_in(raw, basis))
+                values[f"{DIAG}principal_share_random/{layer}"] = basis.shape[1] / len(basis)
+                values[f"{DIAG}update_principal_share/{layer}"] = float(
+                    share_in(accumulated.mT if transposed else accumulated, basis)
+                )
                 moment = self.key_moments(pl_module).get(name)
                 if moment is not None:
                     values[f"{DIAG}key_leak/{layer}"] = float(

@@ -252,6 +252,7 @@ SUITE_COLUMNS = (
     SuiteColumn("principal_share", "principal share", ".3f"),
     SuiteColumn("principal_share_random", "r/d", ".3f"),
     SuiteColumn("key_leak", "key leak", ".3f"),
+    SuiteColumn("update_principal_share", "principal share of W−W₀", ".3f", optional=True),
     SuiteColumn("v_norm", "‖v*‖", ".2f"),
     SuiteColumn("edit_seconds", "edit seconds", ".0f"),
     SuiteColumn("measured_seconds", "measured seconds", ".0f"),
@@ -269,13 +270,14 @@ SUITE_PANELS = (
     ("update_ratio", "‖W − W₀‖ / ‖W₀‖"),
     ("principal_excess", "principal share of ΔW ÷ r/d"),
     ("key_leak", "key leak ‖ΔW K₀‖ / ‖W K₀‖"),
+    ("update_principal_excess", "principal share of W − W₀ ÷ r/d"),
     ("v_norm", "mean ‖v*‖"),
 )
 #: Panels shown only where some run logged them.
 _OPTIONAL_PANELS = {f"{EDIT}{key}" for key in KNOWEDIT_TRAJECTORIES}
 #: Panels whose trajectory has a point per batch (the others: per evaluation).
 _PER_BATCH = {HE_CHANGE.key, "weight_growth", "update_ratio", "principal_excess", "key_leak",
-              "v_norm"}  # fmt: skip
+              "update_principal_excess", "v_norm"}  # fmt: skip
 
 
 def run_trajectories(log: RunLog) -> dict[str, list[list[float]]]:
@@ -507,7 +509,9 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "‖W‖/‖W₀‖ and ‖W−W₀‖/‖W₀‖ after the last edit against the unedited weight; principal "
         "share: the share of the editor's ΔW (before SPHERE) in SPHERE's principal space, mean "
         "over every batch, next to r/d, a random direction's share; key leak: ‖ΔW K₀‖/‖W K₀‖ of "
-        "the last batch on the preserved keys; ‖v*‖: the last batch's mean target-value norm;",
+        "the last batch on the preserved keys; principal share of W−W₀ (where measured): the "
+        "share of the accumulated update in the same space after the last edit; ‖v*‖: the last "
+        "batch's mean target-value norm;",
         "- edit seconds: time spent computing, transforming and applying the edits "
         f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
         "resumes;",

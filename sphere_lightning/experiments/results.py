@@ -219,10 +219,11 @@ class RunLog:
         )
 
     def diagnostics(self, step: int) -> dict[str, float | None]:
-        """The collapse diagnostics of :data:`DIAGNOSTIC_TRAJECTORIES` at ``step``, each a mean
+        """The collapse diagnostics at ``step`` (the figure's per-batch panels), each a mean
         over the edited layers: ‖W‖/‖W₀‖ and ‖W − W₀‖/‖W₀‖ (W₀: the weight_norm logged at step
         0), the principal share of the batch's ΔW over r/d (1: as a random direction), the key
-        leak and the mean ‖v*‖ (``None`` where not logged)."""
+        leak, the accumulated update's principal share over r/d, and the mean ‖v*‖ (``None``
+        where not logged)."""
         weights = self.layer_values("weight_norm", step)
         initial = self.layer_values("weight_norm", 0)
         updates = self.layer_values("update_norm", step)
@@ -230,11 +231,15 @@ class RunLog:
         randoms = self.layer_values("principal_share_random", step)
         leaks = self.layer_values("key_leak", step)
         share, random = _mean(shares.values()), _mean(randoms.values())
+        accumulated = _mean(self.layer_values("update_principal_share", step).values())
         return {
             "weight_growth": _mean(w / initial[k] for k, w in weights.items() if initial.get(k)),
             "update_ratio": _mean(u / initial[k] for k, u in updates.items() if initial.get(k)),
             "principal_excess": None if share is None or not random else share / random,
             "key_leak": _mean(leaks.values()),
+            "update_principal_excess": (
+                None if accumulated is None or not random else accumulated / random
+            ),
             "v_norm": self.value(f"{DIAG}v_norm_mean", step),
         }
 
@@ -320,6 +325,8 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
     - ``principal_share`` and ``principal_share_random`` (r/d): mean over every measured batch
       too, the share of the editor's ΔW in the principal space against a random direction's;
     - ``key_leak``: its last value;
+    - ``update_principal_share``: the last share of the accumulated update W − W₀ in the
+      principal space;
     - ``v_norm``: the last batch's mean ‖v*‖.
 
     ``None`` for what the run did not measure (no CollapseDiagnosticsCallback: all).
@@ -344,5 +351,8 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
         "principal_share": _mean(shares),
         "principal_share_random": _mean(randoms),
         "key_leak": _mean(v[-1] for v in per_layer("key_leak").values() if v),
+        "update_principal_share": _mean(
+            v[-1] for v in per_layer("update_principal_share").values() if v
+        ),
         "v_norm": v_norms[-1] if v_norms else None,
     }

@@ -23,7 +23,7 @@ from sphere_lightning.functional.projection import (
     principal_directions,
 )
 
-__all__ = ["key_energy", "key_leak", "principal_share"]
+__all__ = ["key_energy", "key_leak", "principal_share", "share_in"]
 
 
 def principal_share(
@@ -43,13 +43,24 @@ def principal_share(
             f"got {tuple(delta.shape)}"
         )
     basis = principal_directions(weight.detach(), cumulative_ratio, dtype=dtype)
-    rank = basis.shape[1]
+    return share_in(delta, basis), basis.shape[1]
+
+
+def share_in(delta: Tensor, basis: Tensor) -> Tensor:
+    """``‖ΔW U‖² / ‖ΔW‖²``: the share of ``delta``'s (``m x d``) energy in the span of the
+    orthonormal columns of ``basis`` (``d x r``), a float64 scalar on ``delta``'s device; 0 for an
+    all-zero ``delta`` or ``r = 0``. One basis serves several updates of the same weight."""
+    if basis.shape[0] != delta.shape[1]:
+        raise ValueError(
+            f"`basis` must have {delta.shape[1]} rows (the columns of `delta`), "
+            f"got {tuple(basis.shape)}"
+        )
     delta = delta.detach().to(torch.float64)
     total = delta.square().sum()
-    if rank == 0 or total == 0:
-        return torch.zeros((), dtype=torch.float64, device=delta.device), rank
+    if basis.shape[1] == 0 or total == 0:
+        return torch.zeros((), dtype=torch.float64, device=delta.device)
     inside = (delta @ basis.to(device=delta.device, dtype=torch.float64)).square().sum()
-    return inside / total, rank
+    return inside / total
 
 
 def key_energy(

@@ -166,6 +166,7 @@ def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
     share = {1: (0.2, 0.4), 2: (0.3, 0.1)}
     random = {1: (0.1, 0.1), 2: (0.1, 0.1)}
     leak = {1: (0.5, 0.25), 2: (0.75, 0.5)}
+    summed = {1: (0.4, 0.2), 2: (0.6, 0.5)}  # the accumulated update's share
     log: dict[int, dict[str, float]] = {0: {"edit/efficacy": 0.25, "drift/kl": 0.0}}
     for step in (0, 1, 2):
         row = log.setdefault(step, {})
@@ -178,6 +179,7 @@ def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
                 row[f"diag/principal_share/{layer}"] = share[step][i]
                 row[f"diag/principal_share_random/{layer}"] = random[step][i]
                 row[f"diag/key_leak/{layer}"] = leak[step][i]
+                row[f"diag/update_principal_share/{layer}"] = summed[step][i]
         if step:
             row["edit/num_edited"] = 100.0 * step
             row["diag/v_norm_mean"] = 2.0 * step
@@ -200,9 +202,12 @@ def test_suite_trajectories_and_figure_follow_the_logged_diagnostics(tmp_path):
             return sum(update[step][i] / weight[0][i] for i in range(2)) / 2
         if quantity == "principal_excess":
             return (sum(share[step]) / 2) / (sum(random[step]) / 2)
+        if quantity == "update_principal_excess":
+            return (sum(summed[step]) / 2) / (sum(random[step]) / 2)
         return sum(leak[step]) / 2
 
-    for quantity in ("weight_growth", "update_ratio", "principal_excess", "key_leak"):
+    quantities = ("weight_growth", "update_ratio", "principal_excess", "key_leak")
+    for quantity in (*quantities, "update_principal_excess"):
         assert [x for x, _ in trajectory[quantity]] == [100, 200], quantity
         expected = [plain(s, quantity) for s in (1, 2)]
         assert [y for _, y in trajectory[quantity]] == pytest.approx(expected, rel=1e-6)
