@@ -241,14 +241,14 @@ class CollapseDiagnosticsCallback(EditObserver):
                 use_original = sphere is not None and sphere.reference == "original"
                 reference = original if use_original else weight_before
                 raw = raw.to(weight.device)
-                transposed = sphere is not None and sphere.stored_transposed(pl_module, name)
-                if transposed:
-                    raw, reference = raw.mT, reference.mT  # its neurons: Conv1D's stored rows
+                if sphere is not None and sphere.stored_transposed(pl_module, name):
+                    # its neurons: Conv1D's stored rows
+                    raw, reference, accumulated = raw.mT, reference.mT, accumulated.mT
                 basis = principal_directions(reference, ratio)
                 values[f"{DIAG}principal_share/{layer}"] = float(share_in(raw, basis))
                 values[f"{DIAG}principal_share_random/{layer}"] = basis.shape[1] / len(basis)
                 values[f"{DIAG}update_principal_share/{layer}"] = float(
-                    share_in(accumulated.mT if transposed else accumulated, basis)
+                    share_in(accumulated, basis)
                 )
                 moment = self.key_moments(pl_module).get(name)
                 if moment is not None:

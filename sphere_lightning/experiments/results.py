@@ -230,16 +230,18 @@ class RunLog:
         shares = self.layer_values("principal_share", step)
         randoms = self.layer_values("principal_share_random", step)
         leaks = self.layer_values("key_leak", step)
-        share, random = _mean(shares.values()), _mean(randoms.values())
-        accumulated = _mean(self.layer_values("update_principal_share", step).values())
+        random = _mean(randoms.values())
+        accumulated = self.layer_values("update_principal_share", step)
+
+        def over_random(share: float | None) -> float | None:
+            return None if share is None or not random else share / random
+
         return {
             "weight_growth": _mean(w / initial[k] for k, w in weights.items() if initial.get(k)),
             "update_ratio": _mean(u / initial[k] for k, u in updates.items() if initial.get(k)),
-            "principal_excess": None if share is None or not random else share / random,
+            "principal_excess": over_random(_mean(shares.values())),
             "key_leak": _mean(leaks.values()),
-            "update_principal_excess": (
-                None if accumulated is None or not random else accumulated / random
-            ),
+            "update_principal_excess": over_random(_mean(accumulated.values())),
             "v_norm": self.value(f"{DIAG}v_norm_mean", step),
         }
 
