@@ -30,7 +30,7 @@ from sphere_lightning.editors.base import value_norm_metrics
 from sphere_lightning.editors.rome import ROME_TARGET
 from sphere_lightning.errors import ConfigError
 from sphere_lightning.functional import key_energy, key_leak, principal_share
-from sphere_lightning.functional.diagnostics import share_in
+from sphere_lightning.functional.diagnostics import share_in, subspace_overlap
 from sphere_lightning.horizon import Evaluation, usable_horizon
 from sphere_lightning.models.architectures import architecture_of
 from tests.helpers import (
@@ -121,6 +121,43 @@ def test_share_in_a_given_basis_matches_the_explicit_projector():
     assert float(share_in(delta, basis[:, :0])) == 0.0
     with pytest.raises(ValueError, match="10 rows"):
         share_in(delta, basis[:9])
+
+
+def plain_overlap(first: torch.Tensor, second: torch.Tensor) -> float:
+    """tr(P_A P_B) / min(r_A, r_B) with the explicit d x d projectors P = U Uᵀ."""
+    p_first = first.double() @ first.double().T
+    p_second = second.double() @ second.double().T
+    return float(torch.trace(p_first @ p_second) / min(first.shape[1], second.shape[1]))
+
+
+def test_subspace_overlap_matches_the_explicit_projectors():
+    g = torch.Generator().manual_seed(6)
+    first, _ = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64))
+    second, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=torch.float64))
+    value = float(subspace_overlap(first, second))
+    assert value == pytest.approx(plain_overlap(first, second), rel=1e-10)
+    assert 0 < value < 1
+    # The same subspace in another basis; one inside a larger one; an orthogonal one.
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    assert float(subspace_overlap(first, first @ rotation)) == pytest.approx(1.0)
+    full, _ = torch.linalg.qr(torch.cat([first, second], dim=1))
+    assert float(subspace_overlap(first, full)) == pytest.approx(1.0)
+    complement = full[:, 4:] - first @ (first.T @ full[:, 4:])
+    complement, _ = torch.linalg.qr(complement)
+    assert float(subspace_overlap(first, complement)) == pytest.approx(0.0, abs=1e-12)
+    assert float(subspace_overlap(first, second[:, :0])) == 0.0
+    with pytest.raises(ValueError, match="same number of rows"):
+        subspace_overlap(first, second[:11])
+
+
+def test_random_subspaces_overlap_by_about_r_over_d():
+    g = torch.Generator().manual_seed(7)
+    values = []
+    for _ in range(200):
+        first, _ = torch.linalg.qr(torch.randn(40, 5, generator=g, dtype=torch.float64))
+        second, _ = torch.linalg.qr(torch.randn(40, 10, generator=g, dtype=torch.float64))
+        values.append(float(subspace_overlap(first, second)))
+    assert sum(values) / len(values) == pytest.approx(10 / 40, abs=0.02)
 
 
 def test_key_leak_matches_explicit_preserved_keys():
@@ -367,6 +404,21 @@ def test_callback_logs_each_quantity_as_computed_plainly(
         assert logged[f"diag/update_principal_share/{layer}"] == pytest.approx(
             plain_share(accumulated, basis), rel=1e-5
         )
+        # And in U₀, the unedited weight's principal space, against which the current U turns.
+        unedited = module.original_weights[name]
+        original_basis = plain_principal_basis(
+            unedited.T if neuron_rows == "stored" else unedited, beta
+        )
+        assert logged[f"diag/original_principal_share/{layer}"] == pytest.approx(
+            plain_share(accumulated, original_basis), rel=1e-5
+        )
+        assert logged[f"diag/principal_overlap/{layer}"] == pytest.approx(
+            plain_overlap(original_basis, basis), rel=1e-5
+        )
+        if sphere_reference == "original":
+            assert logged[f"diag/principal_overlap/{layer}"] == pytest.approx(1.0)
+        elif name == name0:  # the weight moved (+0.5 everywhere), and its principal space too
+            assert logged[f"diag/principal_overlap/{layer}"] < 0.999
         assert logged[f"diag/key_leak/{layer}"] == pytest.approx(
             plain_leak(applied[name], before[name], keys[name]), rel=1e-4
         )
@@ -511,7 +563,15 @@ def test_cli_run_logs_the_diagnostics_and_the_horizon(
     for layer in layers:
         for quantity in ("weight_norm", "update_norm"):
             assert set(scalars[f"diag/{quantity}/{layer}"]) == {0, 1, 2}
-        for quantity in ("delta_ratio", "principal_share", "principal_share_random", "key_leak"):
+        for quantity in (
+            "delta_ratio",
+            "principal_share",
+            "principal_share_random",
+            "update_principal_share",
+            "original_principal_share",
+            "principal_overlap",
+            "key_leak",
+        ):
             assert set(scalars[f"diag/{quantity}/{layer}"]) == {1, 2}
         assert 0 < scalars[f"diag/principal_share/{layer}"][2] <= 1
         final = cli.model.edited_weight(f"{layer}.weight").double()

@@ -15,7 +15,7 @@ from sphere_lightning.callbacks.sphere import SphereProjectionCallback, short_na
 from sphere_lightning.context import EditingContext
 from sphere_lightning.editors import MEMIT, AlphaEdit
 from sphere_lightning.errors import ConfigError, callback_flag
-from sphere_lightning.functional.diagnostics import key_leak, share_in
+from sphere_lightning.functional.diagnostics import key_leak, share_in, subspace_overlap
 from sphere_lightning.functional.projection import principal_directions
 from sphere_lightning.horizon import (
     DRIFT_KL_THRESHOLD,
@@ -57,6 +57,14 @@ class CollapseDiagnosticsCallback(EditObserver):
       add up there faster than their other parts, which add like a random walk; then this share
       exceeds the per-batch ``principal_share``, and a projection that removes a few percent of
       each batch removes much more of the sum;
+    - ``original_principal_share``: the share of W − W₀ in U₀, the principal space of the
+      unedited weight W₀ (same β and neurons; found once). Below r/d when a projection keeps the
+      updates out of the directions that were principal before editing, even where
+      ``update_principal_share`` (in the current U) is not: an accumulated update as large as
+      the weight turns the weight's principal space towards itself;
+    - ``principal_overlap``: ‖U₀ᵀ U‖²_F / min(r₀, r), how much of U₀ the current U still spans
+      (:func:`~sphere_lightning.functional.diagnostics.subspace_overlap`; 1: unchanged, about
+      r/d for unrelated subspaces);
     - ``key_leak`` (AlphaEdit and MEMIT, with ``key_leak``): ‖ΔW K₀‖ / ‖W K₀‖ of the applied
       update on the preserved keys K₀, from the editor's key second moment C = E[k kᵀ] (the
       statistics AlphaEdit builds its null-space projector from):
@@ -84,9 +92,9 @@ class CollapseDiagnosticsCallback(EditObserver):
     ``crossed_by``, ``num_edited`` and the thresholds).
 
     Cost per measured batch and layer: one eigendecomposition as SPHERE's (on the smaller of
-    n × n and d × d), a copy of the weight before the update, and with ``key_leak`` two products
-    with C (d_in²) and C itself held per layer (read once from the editor's statistics cache;
-    MEMIT's own C is shared).
+    n × n and d × d; one more per layer for U₀, once per run, U₀ then held), a copy of the
+    weight before the update, and with ``key_leak`` two products with C (d_in²) and C itself
+    held per layer (read once from the editor's statistics cache; MEMIT's own C is shared).
 
     Args:
         every_n_steps: Measure after every n-th batch.
@@ -143,6 +151,7 @@ class CollapseDiagnosticsCallback(EditObserver):
         # (step, {name: weight before the update}) of the batch being applied.
         self._before: tuple[int, dict[str, torch.Tensor]] | None = None
         self._moments: dict[str, torch.Tensor] | None = None
+        self._original_bases: dict[str, tuple[float, torch.Tensor]] = {}
 
     # -- what is measured against what ---------------------------------------------------------
 
@@ -175,6 +184,18 @@ class CollapseDiagnosticsCallback(EditObserver):
                 spec = architecture_of(pl_module.model)
                 self._moments = {spec.weight_name(layer): c for layer, c in moments.items()}
         return self._moments
+
+    def original_basis(
+        self, name: str, original: torch.Tensor, transposed: bool, ratio: float
+    ) -> torch.Tensor:
+        """U₀, the principal space of the unedited weight ``name`` (its neurons as SPHERE reads
+        them: the stored rows where ``transposed``), found once per run and β."""
+        held = self._original_bases.get(name)
+        if held is None or held[0] != ratio:
+            weight = original.mT if transposed else original
+            held = (ratio, principal_directions(weight, ratio))
+            self._original_bases[name] = held
+        return held[1]
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -241,14 +262,21 @@ class CollapseDiagnosticsCallback(EditObserver):
                 use_original = sphere is not None and sphere.reference == "original"
                 reference = original if use_original else weight_before
                 raw = raw.to(weight.device)
-                if sphere is not None and sphere.stored_transposed(pl_module, name):
-                    # its neurons: Conv1D's stored rows
+                transposed = sphere is not None and sphere.stored_transposed(pl_module, name)
+                if transposed:  # its neurons: Conv1D's stored rows
                     raw, reference, accumulated = raw.mT, reference.mT, accumulated.mT
                 basis = principal_directions(reference, ratio)
                 values[f"{DIAG}principal_share/{layer}"] = float(share_in(raw, basis))
                 values[f"{DIAG}principal_share_random/{layer}"] = basis.shape[1] / len(basis)
                 values[f"{DIAG}update_principal_share/{layer}"] = float(
                     share_in(accumulated, basis)
+                )
+                original_basis = self.original_basis(name, original, transposed, ratio)
+                values[f"{DIAG}original_principal_share/{layer}"] = float(
+                    share_in(accumulated, original_basis)
+                )
+                values[f"{DIAG}principal_overlap/{layer}"] = float(
+                    subspace_overlap(original_basis, basis)
                 )
                 moment = self.key_moments(pl_module).get(name)
                 if moment is not None:

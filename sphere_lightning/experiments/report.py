@@ -253,6 +253,8 @@ SUITE_COLUMNS = (
     SuiteColumn("principal_share_random", "r/d", ".3f"),
     SuiteColumn("key_leak", "key leak", ".3f"),
     SuiteColumn("update_principal_share", "principal share of W−W₀", ".3f", optional=True),
+    SuiteColumn("original_principal_share", "W−W₀ share in W₀'s space", ".3f", optional=True),
+    SuiteColumn("principal_overlap", "overlap with W₀'s space", ".3f", optional=True),
     SuiteColumn("v_norm", "‖v*‖", ".2f"),
     SuiteColumn("edit_seconds", "edit seconds", ".0f"),
     SuiteColumn("measured_seconds", "measured seconds", ".0f"),
@@ -510,8 +512,10 @@ def format_suite_markdown(table: dict[str, Any]) -> str:
         "share: the share of the editor's ΔW (before SPHERE) in SPHERE's principal space, mean "
         "over every batch, next to r/d, a random direction's share; key leak: ‖ΔW K₀‖/‖W K₀‖ of "
         "the last batch on the preserved keys; principal share of W−W₀ (where measured): the "
-        "share of the accumulated update in the same space after the last edit; ‖v*‖: the last "
-        "batch's mean target-value norm;",
+        "share of the accumulated update in the same space after the last edit; W−W₀ share in "
+        "W₀'s space and overlap with W₀'s space (where measured): its share in the unedited "
+        "weight's principal space, and how much of that space the current one still spans (1: "
+        "unchanged); ‖v*‖: the last batch's mean target-value norm;",
         "- edit seconds: time spent computing, transforming and applying the edits "
         f"(`phase_seconds` of {', '.join(EDIT_PHASES)}), summed over every batch, also across "
         "resumes;",

@@ -328,7 +328,8 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
       too, the share of the editor's ΔW in the principal space against a random direction's;
     - ``key_leak``: its last value;
     - ``update_principal_share``: the last share of the accumulated update W − W₀ in the
-      principal space;
+      principal space; ``original_principal_share``: its last share in the unedited weight's
+      principal space; ``principal_overlap``: the last overlap of the two spaces;
     - ``v_norm``: the last batch's mean ‖v*‖.
 
     ``None`` for what the run did not measure (no CollapseDiagnosticsCallback: all).
@@ -353,8 +354,13 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
         "principal_share": _mean(shares),
         "principal_share_random": _mean(randoms),
         "key_leak": _mean(v[-1] for v in per_layer("key_leak").values() if v),
-        "update_principal_share": _mean(
-            v[-1] for v in per_layer("update_principal_share").values() if v
-        ),
+        **{
+            quantity: _mean(v[-1] for v in per_layer(quantity).values() if v)
+            for quantity in (
+                "update_principal_share",
+                "original_principal_share",
+                "principal_overlap",
+            )
+        },
         "v_norm": v_norms[-1] if v_norms else None,
     }

@@ -1,6 +1,12 @@
 """Pure-torch maths of SPHERE: hyperspherical energy and sparse-space projection."""
 
-from sphere_lightning.functional.diagnostics import key_energy, key_leak, principal_share
+from sphere_lightning.functional.diagnostics import (
+    key_energy,
+    key_leak,
+    principal_share,
+    share_in,
+    subspace_overlap,
+)
 from sphere_lightning.functional.energy import hyperspherical_energy
 from sphere_lightning.functional.projection import (
     normalize_rows,
@@ -17,5 +23,7 @@ __all__ = [
     "principal_directions",
     "principal_share",
     "project_delta",
+    "share_in",
     "sparse_space_projector",
+    "subspace_overlap",
 ]

@@ -23,7 +23,7 @@ from sphere_lightning.functional.projection import (
     principal_directions,
 )
 
-__all__ = ["key_energy", "key_leak", "principal_share", "share_in"]
+__all__ = ["key_energy", "key_leak", "principal_share", "share_in", "subspace_overlap"]
 
 
 def principal_share(
@@ -61,6 +61,28 @@ def share_in(delta: Tensor, basis: Tensor) -> Tensor:
         return torch.zeros((), dtype=torch.float64, device=delta.device)
     inside = (delta @ basis.to(device=delta.device, dtype=torch.float64)).square().sum()
     return inside / total
+
+
+def subspace_overlap(first: Tensor, second: Tensor) -> Tensor:
+    """``‖Aᵀ B‖²_F / min(r_A, r_B)`` of two orthonormal bases A (``d x r_A``) and B (``d x r_B``):
+    the mean squared cosine of their principal angles, as a float64 scalar on ``first``'s device.
+
+    1 when the smaller subspace lies inside the larger one, 0 when they are orthogonal; two
+    subspaces drawn at random overlap by about ``max(r_A, r_B) / d``. Read for the principal
+    space of an edited weight against the unedited weight's: how far the directions SPHERE
+    protects have turned. 0 when either basis is empty.
+    """
+    if first.shape[0] != second.shape[0]:
+        raise ValueError(
+            f"the bases must have the same number of rows, got {tuple(first.shape)} and "
+            f"{tuple(second.shape)}"
+        )
+    rank = min(first.shape[1], second.shape[1])
+    if rank == 0:
+        return torch.zeros((), dtype=torch.float64, device=first.device)
+    first = first.detach().to(torch.float64)
+    second = second.detach().to(device=first.device, dtype=torch.float64)
+    return (first.T @ second).square().sum() / rank
 
 
 def key_energy(

@@ -60,6 +60,10 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
                 "diag/key_leak/b": [None, 0.5, None],  # not measured at the last step
                 "diag/update_principal_share/a": [None, 0.3, 0.6],
                 "diag/update_principal_share/b": [None, 0.2, None],
+                "diag/original_principal_share/a": [None, 0.05, 0.1],
+                "diag/original_principal_share/b": [None, 0.0, 0.3],
+                "diag/principal_overlap/a": [None, 0.9, 0.5],
+                "diag/principal_overlap/b": [None, 0.8, 0.7],
                 "diag/v_norm_mean": [None, 3.0, 4.5],
             }
         },
@@ -97,6 +101,8 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
         "principal_share_random": (0.1 + 0.1 + 0.2 + 0.2) / 4,
         "key_leak": (0.25 + 0.5) / 2,  # each layer's last measured value
         "update_principal_share": (0.6 + 0.2) / 2,  # so is the accumulated update's share
+        "original_principal_share": (0.1 + 0.3) / 2,  # and its share in W₀'s principal space
+        "principal_overlap": (0.5 + 0.7) / 2,
         "v_norm": 4.5,
         "edit_seconds": 609.75,  # compute_deltas + transform_and_apply + after_apply
         "measured_seconds": 718.75,  # every phase, setup and evaluation too
@@ -107,8 +113,9 @@ def test_suite_table_takes_every_value_from_summary_json(tmp_path):
     rows = markdown_rows(markdown.read_text())
     assert rows[1] == ["x", "with", "300", "0.750", "0.500", "0.625", "480.2", "-0.125",
                        "+0.250", "+0.000", "0.0625", "—", "3", "1.35", "0.40", "0.250", "0.150",
-                       "0.375", "0.400", "4.50", "610", "719", "1234"]  # fmt: skip
-    assert rows[0] == ["x", "without"] + ["—"] * 21
+                       "0.375", "0.400", "0.200", "0.600", "4.50", "610", "719",
+                       "1234"]  # fmt: skip
+    assert rows[0] == ["x", "without"] + ["—"] * 23
     assert "y with SPHERE: `" in markdown.read_text()
     # x with SPHERE finished with a summary.json that holds no scalars: said, not silently "—".
     assert [r["without_scalars"] for r in table["rows"]] == [False, True, False, False]
