@@ -265,13 +265,14 @@ class CollapseDiagnosticsCallback(EditObserver):
                 transposed = sphere is not None and sphere.stored_transposed(pl_module, name)
                 if transposed:  # its neurons: Conv1D's stored rows
                     raw, reference, accumulated = raw.mT, reference.mT, accumulated.mT
-                basis = principal_directions(reference, ratio)
+                original_basis = self.original_basis(name, original, transposed, ratio)
+                # Against the unedited weight, U is U₀, held: no eigendecomposition per batch.
+                basis = original_basis if use_original else principal_directions(reference, ratio)
                 values[f"{DIAG}principal_share/{layer}"] = float(share_in(raw, basis))
                 values[f"{DIAG}principal_share_random/{layer}"] = basis.shape[1] / len(basis)
                 values[f"{DIAG}update_principal_share/{layer}"] = float(
                     share_in(accumulated, basis)
                 )
-                original_basis = self.original_basis(name, original, transposed, ratio)
                 values[f"{DIAG}original_principal_share/{layer}"] = float(
                     share_in(accumulated, original_basis)
                 )

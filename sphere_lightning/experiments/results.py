@@ -353,10 +353,10 @@ def diagnostic_values(summary: dict[str, Any]) -> dict[str, float | None]:
         "update_ratio": _mean(v[-1] / first[k] for k, v in updates.items() if v and k in first),
         "principal_share": _mean(shares),
         "principal_share_random": _mean(randoms),
-        "key_leak": _mean(v[-1] for v in per_layer("key_leak").values() if v),
-        **{
+        **{  # each layer's last measured value
             quantity: _mean(v[-1] for v in per_layer(quantity).values() if v)
             for quantity in (
+                "key_leak",
                 "update_principal_share",
                 "original_principal_share",
                 "principal_overlap",
