@@ -6,6 +6,12 @@ corpus below, and the models are built from config objects with random (seeded) 
 
 from __future__ import annotations
 
+import os
+
+# Nor does any test reach the hub: offline, a hub id is refused at once rather than after the hub
+# client's connection retries (about 45 s here). Set before transformers reads it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import copy
 import re
 from collections.abc import Callable

@@ -39,18 +39,20 @@ def header_compositions(path: Path) -> list[tuple[str, ...]]:
     return compositions
 
 
-def suite_files() -> list[Path]:
+@cache
+def suite_files() -> tuple[Path, ...]:
     """Experiment suites: files whose top level is ``configs:`` (a list of experiment configs
     for ``sphere-lightning experiments --suite``) and optionally the other suite keys."""
-    return [
+    return tuple(
         path
         for path in sorted(CONFIGS.rglob("*.yaml"))
         if "configs" in (keys := set(yaml.safe_load(path.read_text()) or {}))
         and keys <= set(experiments.SUITE_KEYS)
-    ]
+    )
 
 
-def compositions_to_check() -> list[tuple[str, ...]]:
+@cache
+def compositions_to_check() -> tuple[tuple[str, ...], ...]:
     """Each file's header commands that name the file itself, or else the file alone."""
     found: dict[tuple[str, ...], None] = {}
     for path in sorted(CONFIGS.rglob("*.yaml")):
@@ -60,7 +62,7 @@ def compositions_to_check() -> list[tuple[str, ...]]:
         own = [c for c in header_compositions(path) if relative in c]
         for composition in own or [(relative,)]:
             found[composition] = None
-    return list(found)
+    return tuple(found)
 
 
 @pytest.fixture(autouse=True)

@@ -124,7 +124,10 @@ def _collective_worker(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 def test_map_gather_and_broadcast_on_two_gloo_processes(tmp_path):
-    mp.spawn(_collective_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    # Forked, the workers start at once instead of importing torch and Lightning again.
+    mp.start_processes(
+        _collective_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="fork"
+    )
     results = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["map"] == {"x": [0.0, 10.0, 20.0, 30.0, 40.0], "y": [[1.0, 1.0]] * 5}
