@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES, knowedit_metric_name
 from sphere_lightning.data.requests import EditRequest
 from sphere_lightning.models.batching import encode_target
 from sphere_lightning.scoring import ContinuationScores, padding_id, score_token_continuations
@@ -143,11 +143,6 @@ def zsre_scores(
 #: The unedited model's argmax tokens at each answer position of (prompt, answer) pairs:
 #: ``unedited(prompts, answers)``, one tuple per pair (KnowEdit's locality compares them).
 UneditedPredictions = Callable[[Sequence[str], Sequence[str]], Sequence[Sequence[int]]]
-
-
-def knowedit_metric_name(kind: str, family: str | None = None) -> str:
-    """``portability``, ``locality`` or one family's ``portability_subject_aliasing``, ..."""
-    return kind if family is None else f"{kind}_{family.lower()}"
 
 
 #: KnowEdit's metrics: EasyEdit's (edit success, rephrase accuracy as generalization,

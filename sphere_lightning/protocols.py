@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES, knowedit_metric_name
 from sphere_lightning.data.requests import EditRequest
-from sphere_lightning.evaluation import knowedit_metric_name
 from sphere_lightning.fluency import FLUENCY_PROTOCOLS
 
 #: Prompts per fact in ROME's own CounterFact layout.

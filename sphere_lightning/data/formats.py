@@ -350,6 +350,11 @@ KNOWEDIT_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
+def knowedit_metric_name(kind: str, family: str | None = None) -> str:
+    """``portability``, ``locality`` or one family's ``portability_subject_aliasing``, ..."""
+    return kind if family is None else f"{kind}_{family.lower()}"
+
+
 def _aliases(rec: Record, value: Any, field: str) -> tuple[str, ...]:
     """Every string of a KnowEdit ground truth (a string, a list, or a list of lists), in
     order, stripped (blank ones included: the first is the one EasyEdit scores, and a probe

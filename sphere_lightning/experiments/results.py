@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sphere_lightning.data.formats import KNOWEDIT_FAMILIES
-from sphere_lightning.evaluation import knowedit_metric_name
+from sphere_lightning.data.formats import KNOWEDIT_FAMILIES, knowedit_metric_name
 from sphere_lightning.experiments.config import RUNS, Run
 from sphere_lightning.horizon import (
     DRIFT_KL_THRESHOLD,

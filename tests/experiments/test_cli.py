@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,20 @@ from tests.helpers import (
     markdown_rows,
     write_run_summary,
 )
+
+
+def test_the_runner_starts_without_torch():
+    """The runner's own process only plans, starts and reads runs: `--help` and `--report-only`
+    answer without importing torch, transformers or Lightning (seconds on a slow machine)."""
+    heavy = ("torch", "transformers", "lightning")
+    code = (
+        "import sys, sphere_lightning.experiments, sphere_lightning.__main__\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, "many"])
