@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-# Nor does any test reach the hub: offline, a hub id is refused at once rather than after the hub
+# No test reaches the hub either: offline, a hub id is refused at once rather than after the hub
 # client's connection retries (about 45 s here). Set before transformers reads it at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
