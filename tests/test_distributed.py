@@ -235,15 +235,34 @@ EDITORS = {
 }
 
 
-def _run(
-    tmp_path: Path, name: str, model_dir: str, data: Path, editor: str, extra: list[str]
-) -> Path:
-    out = tmp_path / name
-    out.mkdir(exist_ok=True)  # a resumed run goes on in its folder
-    general = tmp_path / "general"
-    general.mkdir(exist_ok=True)
+#: The flags of a two-process run.
+DDP = ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """What every run of this module shares: the helper module, the general-ability data and the
+    key-statistics cache (one set of statistics)."""
+    home = tmp_path_factory.mktemp("ddp")
+    (home / "helpers").mkdir()
+    (home / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
+    general = home / "general"
+    general.mkdir()
     for task, records in (("sst2", SST2), ("nq_open", NQ)):
         (general / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return home
+
+
+@pytest.fixture(scope="module")
+def two_process_alphaedit(home, tiny_model_dir, nine_facts) -> Path:
+    """The uninterrupted two-process AlphaEdit run, which two tests compare against."""
+    return _run(home, "two-alphaedit", tiny_model_dir, nine_facts, "alphaedit", DDP)
+
+
+def _run(home: Path, name: str, model_dir: str, data: Path, editor: str, extra: list[str]) -> Path:
+    out = home / name
+    out.mkdir(exist_ok=True)  # a resumed run goes on in its folder
+    general = home / "general"
     callbacks = [
         {"class_path": "ddp_helpers.SaveEditedState"},
         {
@@ -277,11 +296,8 @@ def _run(
         *[f"--trainer.callbacks+={json.dumps(c)}" for c in callbacks],
         *extra,
     ]
-    env = {
-        "SPHERE_LIGHTNING_CACHE": str(tmp_path / "cache"),  # shared: one set of statistics
-        "DDP_TEST_OUT": str(out),
-    }
-    done = run_cli(args, tmp_path / "helpers", env)
+    env = {"SPHERE_LIGHTNING_CACHE": str(home / "cache"), "DDP_TEST_OUT": str(out)}
+    done = run_cli(args, home / "helpers", env)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -293,18 +309,14 @@ def _optimised(out: Path, rank: int, kind: str = "optimised") -> list[list[int]]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("editor", list(EDITORS))
-def test_two_gloo_processes_edit_as_one_process_does(tmp_path, tiny_model_dir, nine_facts, editor):
-    (tmp_path / "helpers").mkdir()
-    (tmp_path / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
-    one = _run(tmp_path, "one", tiny_model_dir, nine_facts, editor, [])
-    two = _run(
-        tmp_path,
-        "two",
-        tiny_model_dir,
-        nine_facts,
-        editor,
-        ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"],
-    )
+def test_two_gloo_processes_edit_as_one_process_does(
+    request, home, tiny_model_dir, nine_facts, editor
+):
+    one = _run(home, f"one-{editor}", tiny_model_dir, nine_facts, editor, [])
+    if editor == "alphaedit":
+        two = request.getfixturevalue("two_process_alphaedit")
+    else:
+        two = _run(home, f"two-{editor}", tiny_model_dir, nine_facts, editor, DDP)
 
     if editor == "alphaedit":
         # Every request's v* is optimised exactly once, each batch split 1 + 2 between ranks.
@@ -361,23 +373,14 @@ def _base_weights(model_dir: str, names: list[str]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_a_two_process_run_stopped_and_resumed_ends_as_the_uninterrupted_one(
-    tmp_path, tiny_model_dir, nine_facts
+    home, tiny_model_dir, nine_facts, two_process_alphaedit
 ):
-    (tmp_path / "helpers").mkdir()
-    (tmp_path / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
-    ddp = ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
-    straight = _run(tmp_path, "straight", tiny_model_dir, nine_facts, "alphaedit", ddp)
-    stopped = _run(
-        tmp_path,
-        "stopped",
-        tiny_model_dir,
-        nine_facts,
-        "alphaedit",
-        [*ddp, "--trainer.max_steps=2"],
-    )
+    straight = two_process_alphaedit
+    stop = [*DDP, "--trainer.max_steps=2"]
+    stopped = _run(home, "stopped", tiny_model_dir, nine_facts, "alphaedit", stop)
     (checkpoint,) = (stopped / "logs").rglob("last.ckpt")
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
-    _run(tmp_path, "stopped", tiny_model_dir, nine_facts, "alphaedit", [*ddp, "--ckpt_path=last"])
+    _run(home, "stopped", tiny_model_dir, nine_facts, "alphaedit", [*DDP, "--ckpt_path=last"])
     assert len(list((stopped / "logs").rglob("summary.json"))) == 1, "the same run folder"
 
     # Each request optimised once across the stop, by the same process as without it.
