@@ -149,16 +149,16 @@ _TRAIN_PROGRESS = re.compile(r"Epoch \d+:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
 def log_progress(log: Path, width: int = 60) -> str:
-    """What a run is doing, from the end of its log: the batch count of Lightning's progress
-    bar (``batch 7/20``) and the last line (up to ``width`` characters), if that is something
-    else (e.g. validation)."""
+    """What a run is doing, from the end of its log: the count of finished batches on
+    Lightning's progress bar (``7/20 batches done``: the eighth is running) and the last line
+    (up to ``width`` characters), if that is something else (e.g. validation)."""
     tail = _log_tail(log)
     batches = _TRAIN_PROGRESS.findall(tail)
     lines = [s.strip() for s in re.split(r"[\r\n]", tail) if s.strip()]
     last = lines[-1] if lines else ""
     parts = []
     if batches:
-        parts.append(f"batch {batches[-1][0]}/{batches[-1][1]}")
+        parts.append(f"{batches[-1][0]}/{batches[-1][1]} batches done")
     if last and not _TRAIN_PROGRESS.search(last):
         parts.append(last if len(last) <= width else last[: width - 1] + "…")
     return " · ".join(parts)

@@ -281,7 +281,7 @@ def test_runner_runs_both_and_writes_the_report(tmp_path, tiny_model_dir, reques
     for run in (WITH_SPHERE, WITHOUT_SPHERE):
         assert (out / run.name / "summary.json").is_file()
         # The status line reads Lightning's progress bar from the log.
-        assert experiments.log_progress(out / run.name / "fit.log").startswith("batch 2/2")
+        assert experiments.log_progress(out / run.name / "fit.log").startswith("2/2 batches done")
     sphere_tags = {
         run.name: [t for t in experiments.RunLog.read(out / run.name).scalars if "sphere/" in t]
         for run in (WITH_SPHERE, WITHOUT_SPHERE)

@@ -77,10 +77,13 @@ def test_status_shows_the_batch_count_and_what_the_run_does_now(tmp_path):
     log = tmp_path / "fit.log"
     bar = "Epoch 0:  35%|███▌      | 7/20 [12:01<22:03,  0.01it/s]"
     log.write_text(f"Loading weights\n{bar}\rValidation DataLoader 0:  50%|█████| 2/4\r")
-    assert experiments.log_progress(log) == "batch 7/20 · Validation DataLoader 0:  50%|█████| 2/4"
-    assert experiments.log_progress(log, width=12) == "batch 7/20 · Validation …"
+    assert (
+        experiments.log_progress(log)
+        == "7/20 batches done · Validation DataLoader 0:  50%|█████| 2/4"
+    )
+    assert experiments.log_progress(log, width=12) == "7/20 batches done · Validation …"
     log.write_text(f"Loading weights\n{bar}")
-    assert experiments.log_progress(log) == "batch 7/20"
+    assert experiments.log_progress(log) == "7/20 batches done"
     log.write_text("Generating text\n")
     assert experiments.log_progress(log) == "Generating text"
     assert experiments.log_progress(tmp_path / "not-yet.log") == ""
