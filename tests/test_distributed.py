@@ -242,7 +242,7 @@ DDP = ["--trainer.strategy=edit_ddp", "--trainer.devices=2", "--trainer.accelera
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """What every run of this module shares: the helper module, the general-ability data and the
-    key-statistics cache (one set of statistics)."""
+    key-statistics caches."""
     home = tmp_path_factory.mktemp("ddp")
     (home / "helpers").mkdir()
     (home / "helpers" / "ddp_helpers.py").write_text(textwrap.dedent(HELPERS))
@@ -259,7 +259,16 @@ def two_process_alphaedit(home, tiny_model_dir, nine_facts) -> Path:
     return _run(home, "two-alphaedit", tiny_model_dir, nine_facts, "alphaedit", DDP)
 
 
-def _run(home: Path, name: str, model_dir: str, data: Path, editor: str, extra: list[str]) -> Path:
+def _run(
+    home: Path,
+    name: str,
+    model_dir: str,
+    data: Path,
+    editor: str,
+    extra: list[str],
+    cache: str = "cache",
+) -> Path:
+    """Run ``fit`` in ``home / name``, with the key statistics cached in ``home / cache``."""
     out = home / name
     out.mkdir(exist_ok=True)  # a resumed run goes on in its folder
     general = home / "general"
@@ -296,7 +305,7 @@ def _run(home: Path, name: str, model_dir: str, data: Path, editor: str, extra: 
         *[f"--trainer.callbacks+={json.dumps(c)}" for c in callbacks],
         *extra,
     ]
-    env = {"SPHERE_LIGHTNING_CACHE": str(home / "cache"), "DDP_TEST_OUT": str(out)}
+    env = {"SPHERE_LIGHTNING_CACHE": str(home / cache), "DDP_TEST_OUT": str(out)}
     done = run_cli(args, home / "helpers", env)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -312,7 +321,9 @@ def _optimised(out: Path, rank: int, kind: str = "optimised") -> list[list[int]]
 def test_two_gloo_processes_edit_as_one_process_does(
     request, home, tiny_model_dir, nine_facts, editor
 ):
-    one = _run(home, f"one-{editor}", tiny_model_dir, nine_facts, editor, [])
+    # One process caches its own statistics: the two-process runs compute theirs (rank 0 first,
+    # the other rank reading its cache), and the stopped run below reads theirs.
+    one = _run(home, f"one-{editor}", tiny_model_dir, nine_facts, editor, [], "cache-one")
     if editor == "alphaedit":
         two = request.getfixturevalue("two_process_alphaedit")
     else:
